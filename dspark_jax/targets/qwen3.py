@@ -1,0 +1,187 @@
+"""Qwen3 dense and Qwen3-MoE targets with tapped hidden states and a KV cache."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dspark_jax.cache import KVCache, causal_cache_mask, write_rows
+from dspark_jax.config import ConfigError, TargetConfig
+from dspark_jax.nn.attention import Attention
+from dspark_jax.nn.linear import embed, linear
+from dspark_jax.nn.mlp import SwiGLU
+from dspark_jax.nn.moe import MoE
+from dspark_jax.nn.norm import RMSNorm
+from dspark_jax.nn.rope import rope_cos_sin, rope_inv_freq
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TargetOutput:
+    """What a target forward returns.
+
+    logits: ``[B, S, V]`` (or ``[B, K, V]`` at ``logits_at`` indices; None if not asked for).
+    taps: ``[B, S, Lt*H]`` tapped hidden states in ``tap_layer_ids`` order (None if no taps).
+    last_hidden: ``[B, S, H]`` final post-norm hidden state.
+    cache: the updated KV cache (None when called without one).
+    """
+
+    logits: jax.Array | None
+    taps: jax.Array | None
+    last_hidden: jax.Array
+    cache: KVCache | None
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TargetConfig, layer_idx: int, *, dtype, param_dtype, attention_impl, rngs):
+        std = cfg.initializer_range
+        self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                                   eps=cfg.rms_norm_eps, bias=cfg.attention_bias, dtype=dtype,
+                                   param_dtype=param_dtype, init_std=std, attention_impl=attention_impl, rngs=rngs)
+        if cfg.is_moe_layer(layer_idx):
+            self.mlp = MoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
+                           norm_topk_prob=cfg.norm_topk_prob, dtype=dtype, param_dtype=param_dtype, init_std=std,
+                           rngs=rngs)
+        else:
+            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype,
+                              init_std=std, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+
+    def __call__(self, h, cos, sin, kv_cache, start, mask):
+        """``h [B,S,H]``; ``kv_cache`` (k, v) ``[B,C,nkv,hd]`` or None; returns (h, (k, v) written)."""
+        x = self.input_layernorm(h)
+        q = self.self_attn.queries(x, cos, sin)
+        k, v = self.self_attn.keys_values(x, cos, sin)
+        if kv_cache is not None:
+            k = write_rows(kv_cache[0], k, start)
+            v = write_rows(kv_cache[1], v, start)
+        h = h + self.self_attn.attend(q, k, v, mask)
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, (k, v)
+
+
+class Qwen3ForCausalLM(nnx.Module):
+    """Qwen3 / Qwen3-MoE causal LM (``model_type`` 'qwen3' or 'qwen3_moe').
+
+    ``config`` is the :class:`TargetConfig`; ``tokenizer`` is attached by ``load_target`` when the
+    checkpoint directory has one (None otherwise).
+    """
+
+    def __init__(self, config: TargetConfig, *, dtype=jnp.float32, param_dtype=None, attention_impl: str = "auto",
+                 rngs: nnx.Rngs | None = None):
+        if not isinstance(config, TargetConfig):
+            raise TypeError(f"config must be a TargetConfig, got {type(config).__name__}")
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        param_dtype = dtype if param_dtype is None else param_dtype
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.tokenizer = None
+        std = config.initializer_range
+        self.embed_tokens = embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                  init_std=std, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, i, dtype=dtype, param_dtype=param_dtype,
+                                             attention_impl=attention_impl, rngs=rngs)
+                                for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head = None if config.tie_word_embeddings else linear(
+            config.hidden_size, config.vocab_size, ("embed", "vocab"), dtype=dtype, param_dtype=param_dtype,
+            init_std=std, rngs=rngs)
+        inv_freq, self.rope_scaling = rope_inv_freq(config.rope, config.head_dim, config.max_position_embeddings)
+        self.rope_inv_freq = tuple(float(f) for f in inv_freq)
+
+    # ---- pieces reused by drafts and decoding ------------------------------------------
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.embed_tokens(input_ids)
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        """``[..., H]`` post-norm hidden -> ``[..., V]`` logits."""
+        if self.lm_head is None:
+            return self.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
+
+    def rope(self, positions: jax.Array):
+        return rope_cos_sin(positions, np.asarray(self.rope_inv_freq, np.float32), self.rope_scaling)
+
+    def init_cache(self, batch: int, capacity: int, dtype=None) -> KVCache:
+        c = self.config
+        return KVCache.create(c.num_hidden_layers, batch, capacity, c.num_key_value_heads, c.head_dim,
+                              dtype or self.dtype)
+
+    def check_tap_layer_ids(self, tap_layer_ids: Sequence[int]) -> tuple[int, ...]:
+        ids = tuple(int(i) for i in tap_layer_ids)
+        n = self.config.num_hidden_layers
+        bad = [i for i in ids if not -1 <= i < n]
+        if bad:
+            raise ValueError(f"tap_layer_ids {bad} outside [-1, {n}) for a {n}-layer target")
+        return ids
+
+    # ---- forward ------------------------------------------------------------------------
+    def __call__(self, input_ids: jax.Array, cache: KVCache | None = None, *, num_new: jax.Array | None = None,
+                 tap_layer_ids: Sequence[int] = (), logits_at: jax.Array | None = None,
+                 return_logits: bool = True) -> TargetOutput:
+        """Runs the target.
+
+        Args:
+          input_ids: ``[B, S]`` int token ids. Without a cache, row ``b`` token ``i`` sits at position ``i``
+            (right padding is harmless: attention is causal). With a cache, it sits at
+            ``cache.lengths[b] + i``.
+          cache: a :class:`KVCache` to extend; the returned cache has ``lengths + num_new``.
+          num_new: ``[B]`` how many of the S tokens are real per row (default S); the rest are padding
+            whose keys are written but left beyond the row's length, so they are never attended to.
+          tap_layer_ids: decoder-layer ids to tap: ``l`` = output of layer ``l`` (HF ``hidden_states[l+1]``),
+            ``-1`` = the embeddings (HF ``hidden_states[0]``).
+          logits_at: optional ``[B, K]`` sequence indices: logits only there (saves the ``[B,S,V]`` matmul).
+          return_logits: False skips the LM head.
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+        taps_wanted = self.check_tap_layer_ids(tap_layer_ids)
+        b, s = input_ids.shape
+        if cache is None:
+            start = jnp.zeros((b,), jnp.int32)
+            mask = jnp.tril(jnp.ones((s, s), bool))[None]
+        else:
+            if cache.batch != b:
+                raise ValueError(f"cache batch {cache.batch} != input batch {b}")
+            if cache.capacity < s:
+                raise ValueError(f"cache capacity {cache.capacity} < {s} new tokens")
+            start = cache.lengths
+            mask = causal_cache_mask(start, s, cache.capacity)
+        positions = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
+        cos, sin = self.rope(positions)
+
+        h = self.embed(input_ids)
+        tapped = {-1: h} if -1 in taps_wanted else {}
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            h, (k, v) = layer(h, cos, sin, kv, start, mask)
+            new_keys.append(k)
+            new_values.append(v)
+            if i in taps_wanted:
+                tapped[i] = h
+        last_hidden = self.norm(h)
+
+        new_cache = None
+        if cache is not None:
+            grow = jnp.full((b,), s, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
+            new_cache = KVCache(tuple(new_keys), tuple(new_values), start + grow)
+        taps = jnp.concatenate([tapped[i] for i in taps_wanted], axis=-1) if taps_wanted else None
+        logits = None
+        if return_logits:
+            hid = last_hidden if logits_at is None else jnp.take_along_axis(last_hidden, logits_at[..., None], 1)
+            logits = self.compute_logits(hid)
+        return TargetOutput(logits=logits, taps=taps, last_hidden=last_hidden, cache=new_cache)
+
+
+def build_target(config: TargetConfig, *, dtype="float32", seed: int = 0, attention_impl: str = "auto"):
+    """A randomly initialised target (N(0, initializer_range) linears, unit norms) for ``config``."""
+    if config.model_type not in ("qwen3", "qwen3_moe"):
+        raise ConfigError(f"model_type={config.model_type!r} has no target family")
+    return Qwen3ForCausalLM(config, dtype=jnp.dtype(dtype), attention_impl=attention_impl, rngs=nnx.Rngs(seed))
