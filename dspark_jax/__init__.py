@@ -1,0 +1,24 @@
+"""dspark-jax: DSpark speculative decoding in JAX/Flax.
+
+Public API (stable names, see docs/DESIGN.md §4)::
+
+    import dspark_jax as dj
+    target = dj.load_target("hf_dir", dtype="float32")
+    dj.save_target(target, "out_dir")
+    out = dj.generate(target, prompts, max_new_tokens=256, temperature=0.0, seed=0)
+"""
+
+from dspark_jax.config import ConfigError, RopeConfig, TargetConfig
+from dspark_jax.convert.hf import load_target, save_target
+from dspark_jax.convert.safetensors_io import CheckpointError
+from dspark_jax.decode.autoregressive import generate
+from dspark_jax.decode.output import GenerationOutput
+from dspark_jax.decode.sampling import SamplingConfig
+from dspark_jax.targets.qwen3 import build_target
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load_target", "save_target", "generate", "build_target",
+    "TargetConfig", "RopeConfig", "SamplingConfig", "GenerationOutput", "ConfigError", "CheckpointError",
+]

@@ -208,25 +208,42 @@ class TargetConfig:
                 raise ConfigError(f"{where}: missing field {name!r}")
             return d[name]
 
-        hidden = int(req("hidden_size"))
-        heads = int(req("num_attention_heads"))
-        head_dim = d.get("head_dim")
+        def integer(name, value):
+            # int(value) would truncate 32.5 and fail on "32" without naming the field
+            if isinstance(value, bool) or not (isinstance(value, int) or
+                                               (isinstance(value, float) and value.is_integer())):
+                raise ConfigError(f"{where}: {name} must be an integer, got {value!r}")
+            return int(value)
+
+        def req_int(name):
+            return integer(name, req(name))
+
+        def opt_int(name, default):
+            return default if d.get(name) is None else integer(name, d[name])
+
+        hidden = req_int("hidden_size")
+        heads = req_int("num_attention_heads")
+        head_dim = opt_int("head_dim", None)
         if head_dim is None:
+            if heads <= 0:
+                raise ConfigError(f"{where}: num_attention_heads must be a positive integer, got {heads}")
             if hidden % heads:
                 raise ConfigError(f"{where}: no head_dim and hidden_size={hidden} not divisible by heads={heads}")
             head_dim = hidden // heads
-        num_experts = int(d.get("num_experts", d.get("num_local_experts", 0)) or 0)
+        num_experts = opt_int("num_experts", None)
+        if num_experts is None:
+            num_experts = opt_int("num_local_experts", 0)
         if model_type == "qwen3":
             num_experts = 0
         kwargs = dict(
             model_type=model_type,
-            vocab_size=int(req("vocab_size")),
+            vocab_size=req_int("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(req("intermediate_size")),
-            num_hidden_layers=int(req("num_hidden_layers")),
+            intermediate_size=req_int("intermediate_size"),
+            num_hidden_layers=req_int("num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
+            num_key_value_heads=opt_int("num_key_value_heads", heads),
+            head_dim=head_dim,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope=_rope_from_hf(d, where),
             max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
@@ -242,11 +259,11 @@ class TargetConfig:
         if num_experts:
             kwargs.update(
                 num_experts=num_experts,
-                num_experts_per_tok=int(req("num_experts_per_tok")),
-                moe_intermediate_size=int(req("moe_intermediate_size")),
+                num_experts_per_tok=req_int("num_experts_per_tok"),
+                moe_intermediate_size=req_int("moe_intermediate_size"),
                 norm_topk_prob=bool(d.get("norm_topk_prob", False)),
-                decoder_sparse_step=int(d.get("decoder_sparse_step", 1)),
-                mlp_only_layers=tuple(int(i) for i in (d.get("mlp_only_layers") or ())),
+                decoder_sparse_step=opt_int("decoder_sparse_step", 1),
+                mlp_only_layers=tuple(integer("mlp_only_layers", i) for i in (d.get("mlp_only_layers") or ())),
                 router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
             )
         try:

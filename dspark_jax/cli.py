@@ -1,0 +1,153 @@
+"""The ``dspark`` command line: ``dspark demo``, ``dspark generate`` (more commands arrive with their issues).
+
+Every command prints a human summary and writes machine-readable JSON beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-token-ids", type=str, default=None,
+                   help="comma-separated ids; default: the config's eos_token_id; '' = never stop early")
+
+
+def _parse_ids(text: str, what: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise SystemExit(f"error: {what} must be comma-separated integers, got {text!r}") from None
+
+
+def _stop_ids(arg):
+    return None if arg is None else _parse_ids(arg, "--stop-token-ids")
+
+
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def cmd_demo(args) -> int:
+    """Builds a small random Qwen3 target in HF format, loads it back and generates from a prompt."""
+    import numpy as np
+
+    import dspark_jax as dj
+    from dspark_jax.config import tiny_qwen3_config
+
+    out_dir = os.path.abspath(args.out)
+    target_dir = os.path.join(out_dir, "target")
+    cfg = tiny_qwen3_config(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=32, initializer_range=0.1,
+                            eos_token_id=None)
+    print(f"[demo] building a random Qwen3 target (H={cfg.hidden_size}, layers={cfg.num_hidden_layers}, "
+          f"V={cfg.vocab_size}) and saving it in Hugging Face format to {target_dir}")
+    dj.save_target(dj.build_target(cfg, seed=args.seed), target_dir)
+    target = dj.load_target(target_dir)
+    prompt = [int(t) for t in np.random.default_rng(args.seed).integers(0, cfg.vocab_size, 12)]
+    print(f"[demo] prompt ids: {prompt}")
+    first = dj.generate(target, [prompt], max_new_tokens=args.max_new_tokens, seed=args.seed, stop_token_ids=())
+    t0 = time.perf_counter()
+    out = dj.generate(target, [prompt], max_new_tokens=args.max_new_tokens, seed=args.seed, stop_token_ids=())
+    wall = time.perf_counter() - t0
+    assert out.tokens.tolist() == first.tokens.tolist(), "greedy generation is not deterministic"
+    print(f"[demo] generated ({out.lengths[0]} tokens): {out.token_lists()[0]}")
+    print(f"[demo] first call (with compilation) {first.stats['seconds']:.2f}s; "
+          f"second call {wall * 1e3:.1f} ms = {out.stats['tokens_per_s']:.0f} tokens/s")
+    result = {"target_dir": target_dir, "prompt": prompt, "tokens": out.token_lists()[0],
+              "first_call_seconds": first.stats["seconds"], "stats": out.stats}
+    _write_json(os.path.join(out_dir, "demo.json"), result)
+    print(f"[demo] wrote {os.path.join(out_dir, 'demo.json')}")
+    return 0
+
+
+def _read_prompts(args) -> list:
+    prompts: list = []
+    if args.prompt:
+        prompts.extend(args.prompt)
+    if args.prompt_ids:
+        prompts.extend(_parse_ids(p, "--prompt-ids") for p in args.prompt_ids)
+    if args.prompts_file:
+        if not os.path.exists(args.prompts_file):
+            raise SystemExit(f"error: --prompts-file {args.prompts_file!r} does not exist")
+        with open(args.prompts_file) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"error: {args.prompts_file}:{n}: not valid JSON ({e.msg})") from None
+                if isinstance(rec, dict):
+                    rec = rec.get("input_ids", rec.get("prompt", rec.get("text")))
+                if not isinstance(rec, (str, list)):
+                    raise SystemExit(f"error: {args.prompts_file}:{n}: expected a string, a list of ids, or an "
+                                     "object with 'prompt'/'text'/'input_ids'")
+                prompts.append(rec)
+    if not prompts:
+        raise SystemExit("error: give at least one of --prompt, --prompt-ids, --prompts-file")
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    import dspark_jax as dj
+
+    target = dj.load_target(args.target, dtype=args.dtype)
+    prompts = _read_prompts(args)
+    out = dj.generate(target, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, stop_token_ids=_stop_ids(args.stop_token_ids),
+                      seed=args.seed)
+    rows = out.token_lists()
+    for i, toks in enumerate(rows):
+        text = f" {out.texts[i]!r}" if out.texts else ""
+        print(f"[{i}] {len(toks)} tokens:{text} {toks if not text else ''}".rstrip())
+    print(f"{out.stats['new_tokens']} tokens in {out.stats['seconds']:.2f}s "
+          f"({out.stats['tokens_per_s']:.1f} tokens/s, compilation included on a first call)")
+    if args.out:
+        _write_json(args.out, {"tokens": rows, "texts": out.texts, "stats": out.stats})
+        print(f"wrote {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dspark", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the main job on an embedded default (no downloads)",
+                       description=cmd_demo.__doc__)
+    p.add_argument("--out", default="demo_out", help="output directory (default ./demo_out)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="plain autoregressive generation with a target",
+                       description="Plain autoregressive generation from an HF checkpoint directory.")
+    p.add_argument("--target", required=True, help="HF checkpoint directory (config.json + safetensors)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--prompt", action="append", help="a text prompt (needs a tokenizer in the target dir)")
+    p.add_argument("--prompt-ids", action="append", help="a prompt as comma-separated token ids")
+    p.add_argument("--prompts-file", help="jsonl: one prompt per line (string, id list, or {'prompt': ...})")
+    p.add_argument("--out", help="write results as JSON here")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

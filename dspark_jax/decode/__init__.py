@@ -1,0 +1,1 @@
+"""Decoding: sampling rules, plain autoregressive generation, and (later) the speculative loop."""

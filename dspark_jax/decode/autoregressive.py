@@ -1,0 +1,91 @@
+"""Plain autoregressive generation: the baseline every speculative speed-up is measured against.
+
+One jitted program per (batch, prompt bucket, max_new_tokens, sampling) shape: prefill, then a
+``lax.while_loop`` that decodes one token per row per step with no host round trip, stopping early
+once every row has emitted a stop token.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dspark_jax.decode.output import GenerationOutput
+from dspark_jax.decode.prompts import encode_prompts, pad_batch
+from dspark_jax.decode.sampling import SamplingConfig, sample_tokens
+
+
+def generate(target, prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, stop_token_ids: Sequence[int] | None = None, seed: int = 0) -> GenerationOutput:
+    """Generates up to ``max_new_tokens`` per prompt with the target alone.
+
+    Args:
+      target: a target model (``dj.load_target``).
+      prompts: list of token-id lists (or strings when the target has a tokenizer), any lengths.
+      temperature, top_k, top_p: sampling (temperature 0 = greedy).
+      stop_token_ids: a row stops after emitting one of these (it is kept in the output);
+        None = the config's ``eos_token_id``; ``()`` = never stop early.
+      seed: PRNG seed; same seed, same output.
+    Returns:
+      :class:`GenerationOutput` (tokens ``[B, max_new_tokens]`` padded with -1, lengths, stats).
+    """
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
+    cfg = target.config
+    rows = encode_prompts(prompts, getattr(target, "tokenizer", None), cfg.vocab_size)
+    stops = tuple(cfg.eos_token_ids if stop_token_ids is None else (int(t) for t in stop_token_ids))
+    ids, lengths = pad_batch(rows)
+    capacity = ids.shape[1] + int(max_new_tokens)
+    graphdef, state = nnx.split(target)
+    t0 = time.perf_counter()
+    tokens, n_new, steps = _generate_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(lengths),
+                                         jax.random.key(seed), max_new_tokens=int(max_new_tokens),
+                                         capacity=capacity, sampling=sampling, stop_ids=stops)
+    tokens = np.asarray(jax.device_get(tokens))
+    seconds = time.perf_counter() - t0
+    n_new = np.asarray(n_new)
+    texts = None
+    tok = getattr(target, "tokenizer", None)
+    if tok is not None and any(isinstance(p, str) for p in prompts):
+        texts = [tok.decode(r[:n].tolist()) for r, n in zip(tokens, n_new)]
+    stats = {"seconds": seconds, "new_tokens": int(n_new.sum()), "tokens_per_s": float(n_new.sum() / seconds),
+             "decode_steps": int(steps), "batch": len(rows)}
+    return GenerationOutput(tokens=tokens, lengths=n_new, stats=stats, texts=texts)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "capacity", "sampling", "stop_ids"))
+def _generate_jit(graphdef, state, ids, lengths, key, *, max_new_tokens, capacity, sampling, stop_ids):
+    target = nnx.merge(graphdef, state)
+    batch = ids.shape[0]
+    stop_arr = jnp.asarray(stop_ids if stop_ids else (-2,), jnp.int32)
+
+    cache = target.init_cache(batch, capacity)
+    prefill = target(ids, cache, num_new=lengths, logits_at=(lengths - 1)[:, None])
+    key, sub = jax.random.split(key)
+    first = sample_tokens(prefill.logits[:, 0], sub, sampling)
+    out = jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, stop_arr)
+
+    def cond(carry):
+        step, _, _, _, done, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, last, cache, out, done, key = carry
+        res = target(jnp.where(done, 0, last)[:, None], cache)
+        key, sub = jax.random.split(key)
+        nxt = sample_tokens(res.logits[:, 0], sub, sampling)
+        nxt = jnp.where(done, -1, nxt)
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
+        return step + 1, nxt, res.cache, out, done | jnp.isin(nxt, stop_arr), key
+
+    steps, _, _, out, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), first, prefill.cache, out, done, key))
+    n_new = jnp.sum(out >= 0, axis=1)
+    return out, n_new, steps

@@ -1,0 +1,1 @@
+"""Training: mesh and sharding rules, data, loss, optimizer step and trainer."""
