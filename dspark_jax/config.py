@@ -209,7 +209,7 @@ class TargetConfig:
             return d[name]
 
         def integer(name, value):
-            # int(value) would truncate 32.5 and fail on "32" without naming the field
+            # int(value) would truncate 32.5 silently and fail on "big" without naming the field
             if isinstance(value, bool) or not (isinstance(value, int) or
                                                (isinstance(value, float) and value.is_integer())):
                 raise ConfigError(f"{where}: {name} must be an integer, got {value!r}")

@@ -81,6 +81,24 @@ def cpu_model_name() -> str:
     return platform.processor() or "unknown"
 
 
+def _machine_busy_s():
+    """Seconds of CPU time the whole machine has spent non-idle (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+    busy = sum(vals[:8]) - idle  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s():
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def _timed(fn, repeats):
     """One warm-up call (timed separately), then ``repeats`` timed calls. Returns (first_s, times, last_out)."""
     t = time.perf_counter()
@@ -218,9 +236,25 @@ def main(argv=None) -> int:
 
     worker_argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--skip-hf"]
     sides = ["ours"] + ([] if args.skip_hf else ["hf"])
+    foreign = {}
     for side in sides:
+        idle_busy = _machine_busy_s()
+        time.sleep(1.0)
+        idle_busy = None if idle_busy is None else _machine_busy_s() - idle_busy
+        if idle_busy is not None and idle_busy > 0.3:
+            print(f"WARNING: before the {side} run, other processes kept {idle_busy:.2f} CPUs busy; "
+                  f"timings will be noisy", flush=True)
+        busy0, child0, wall0 = _machine_busy_s(), _children_cpu_s(), time.perf_counter()
         subprocess.run([sys.executable, os.path.abspath(__file__), *worker_argv, "--worker", side,
                         "--workdir", workdir], check=True)
+        wall = time.perf_counter() - wall0
+        if busy0 is not None:
+            other = (_machine_busy_s() - busy0) - (_children_cpu_s() - child0)
+            foreign[side] = {"wall_s": wall, "other_cpu_s": max(other, 0.0),
+                             "other_cpus_avg": max(other, 0.0) / wall, "idle_check_busy_cpus": idle_busy}
+            if other / wall > 0.1:
+                print(f"WARNING: during the {side} run, other processes used {other:.1f} CPU-s "
+                      f"({other / wall:.2f} CPUs on average); timings are contaminated", flush=True)
     info = {s: json.load(open(os.path.join(workdir, f"info_{s}.json"))) for s in sides}
     toks = {s: np.load(os.path.join(workdir, f"tokens_{s}.npz")) for s in sides}
 
@@ -232,13 +266,13 @@ def main(argv=None) -> int:
         row = {"batch": b, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                "ours_first_call_s": o["first_call_s"], "ours_compile_s_est": o["first_call_s"] - ours_s,
                "ours_times_s": o["times_s"], "ours_inner_stats_seconds": o["inner_stats_seconds"],
-               "ours_s": ours_s, "ours_tok_s": total_new / ours_s}
+               "ours_s": ours_s, "ours_min_s": min(o["times_s"]), "ours_tok_s": total_new / ours_s}
         if "hf" in info:
             h = info["hf"]["runs"][key]
             hf_s = statistics.median(h["times_s"])
             a, c = toks["ours"][key], toks["hf"][key]
             same = a == c
-            row.update(hf_warmup_s=h["first_call_s"], hf_times_s=h["times_s"], hf_s=hf_s,
+            row.update(hf_warmup_s=h["first_call_s"], hf_times_s=h["times_s"], hf_s=hf_s, hf_min_s=min(h["times_s"]),
                        hf_tok_s=total_new / hf_s, ratio=hf_s / ours_s,
                        identical_rows=float(same.all(axis=1).mean()), identical_tokens=float(same.mean()),
                        first_divergence_positions=[int(np.argmin(r)) for r in same if not r.all()])
@@ -257,6 +291,9 @@ def main(argv=None) -> int:
     print(f"\nthreads: ours: {info['ours']['threads']}")
     if "hf" in info:
         print(f"         HF:   {info['hf']['threads']} (attn {info['hf']['attn_implementation']})")
+    if foreign:
+        print("CPU used by other processes during each side (avg CPUs busy, machine has "
+              f"{os.cpu_count()}): " + ", ".join(f"{k} {v['other_cpus_avg']:.2f}" for k, v in foreign.items()))
     print(f"versions: jax {info['ours']['jax']} on {info['ours']['devices']}"
           + (f"; torch {info['hf']['torch']}; transformers {info['hf']['transformers']}" if "hf" in info else ""))
 
@@ -273,6 +310,7 @@ def main(argv=None) -> int:
                "machine": machine, "model_params": n_params,
                "threads": {s: info[s]["threads"] for s in sides},
                "load_s": {s: info[s]["load_s"] for s in sides},
+               "foreign_cpu_load": foreign,
                "hf_attn_implementation": info.get("hf", {}).get("attn_implementation"),
                "results": results}
         with open(args.json_out, "w") as f:

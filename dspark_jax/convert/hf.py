@@ -119,7 +119,7 @@ def _read_into(abs_state, files, rules, ignored, dtype, sharding: ShardingFn | N
     matcher = _Matcher(rules)
     expected = {}  # nnx path -> (shape, logical_axes)
     for p, var in nnx.to_flat_state(abs_state):
-        expected[_path_str(p)] = (tuple(var.value.shape), var.get_metadata().get("logical_axes"))
+        expected[_path_str(p)] = (tuple(var.get_value().shape), var.get_metadata().get("logical_axes"))
     np_dtype = np.dtype(dtype)
 
     values: dict[str, jax.Array] = {}
@@ -165,8 +165,9 @@ def _read_into(abs_state, files, rules, ignored, dtype, sharding: ShardingFn | N
             if idx >= shape[0]:
                 unexpected.append(key)
                 continue
-            buf, filled, _ = expert_buffers.setdefault(
-                nnx_path, (np.zeros(shape, np_dtype), np.zeros(shape[0], bool), source))
+            if nnx_path not in expert_buffers:  # (setdefault would allocate a whole [E, ...] buffer per expert)
+                expert_buffers[nnx_path] = (np.zeros(shape, np_dtype), np.zeros(shape[0], bool), source)
+            buf, filled, _ = expert_buffers[nnx_path]
             if filled[idx]:
                 raise CheckpointError(f"{file}: expert tensor {key!r} is given twice")
             buf[idx] = _to_nnx(rule.kind, handle.read()).astype(np_dtype, copy=False)
@@ -209,7 +210,7 @@ def _check_shape(key, file, got, want):
 def _state_with(abs_state, values: dict[str, jax.Array]):
     flat = nnx.to_flat_state(abs_state)
     for p, var in flat:
-        var.value = values[_path_str(p)]
+        var.set_value(values[_path_str(p)])
     return nnx.from_flat_state(flat)
 
 
@@ -233,7 +234,7 @@ def target_to_torch_tensors(model: Qwen3ForCausalLM) -> dict[str, np.ndarray]:
         rule, groups = matcher.match_nnx(path)
         if rule is None:
             raise CheckpointError(f"parameter {path} has no checkpoint name (key table incomplete)")
-        arr = np.asarray(jax.device_get(var.value))
+        arr = np.asarray(jax.device_get(var.get_value()))
         if rule.kind == "expert":
             for e in range(arr.shape[0]):
                 out[rule.torch.format(**dict(groups, expert=e))] = np.ascontiguousarray(arr[e].T)

@@ -97,10 +97,9 @@ def test_save_is_what_transformers_writes_and_reads(kind, hf_models, jax_targets
     assert _checkpoint_keys(out) == _checkpoint_keys(hf_dir)
     # and the same bits: fp32 round trips through the transposes exactly
     saved = load_file(os.path.join(out, "model.safetensors"))
-    reference = {k: v.numpy() for k, v in hf_model.state_dict().items()}
+    reference = load_file(os.path.join(hf_dir, "model.safetensors"))
     for key, arr in saved.items():
-        if key in reference:
-            assert np.array_equal(arr, reference[key]), key
+        assert arr.dtype == reference[key].dtype and np.array_equal(arr, reference[key]), key
     assert dj.TargetConfig.from_json(out) == ours.config
 
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -135,6 +134,9 @@ def test_load_save_load_bf16_bit_identical(kind, hf_models, jax_targets, tmp_pat
     second = dj.load_target(out, dtype="bfloat16")
     _assert_params_identical(first, second)
     assert second(jnp.asarray(_ids())).logits.dtype == jnp.bfloat16
+    # a bf16 checkpoint loads into fp32 exactly (bf16 -> fp32 is lossless)
+    for k, v in _params(dj.load_target(out)).items():
+        assert v.dtype == jnp.float32 and np.array_equal(np.asarray(v), np.asarray(_params(first)[k], np.float32)), k
 
 
 def test_sharded_checkpoint_round_trip(hf_models, jax_targets, tmp_path):
@@ -190,6 +192,24 @@ def test_load_fused_experts_layout(hf_models, jax_targets, tmp_path):
     np.testing.assert_allclose(_our_logits(model, ids), _hf_logits(hf_model, ids), atol=TOL, rtol=0)
 
 
+def test_tokenizer_travels_with_the_checkpoint(hf_models, jax_targets, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "spark": 3}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    ckpt = _copy(hf_models["dense"][0], tmp_path / "ckpt")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(ckpt)
+
+    model = dj.load_target(ckpt)
+    assert model.tokenizer("hello spark world")["input_ids"] == [1, 3, 2]
+    assert dj.load_target(ckpt, load_tokenizer=False).tokenizer is None
+    assert jax_targets["dense"].tokenizer is None  # save_pretrained wrote no tokenizer there
+    out = dj.save_target(model, tmp_path / "saved")
+    assert dj.load_target(out).tokenizer("world hello")["input_ids"] == [2, 1]
+
+
 # ---- bad input --------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -214,6 +234,27 @@ def test_missing_expert(hf_models, tmp_path):
     _edit_tensors(ckpt, lambda t: t.pop("model.layers.2.mlp.experts.4.up_proj.weight"))
     with pytest.raises(dj.CheckpointError, match=r"layers\.2\.mlp\.up_proj: experts \[4\] are missing"):
         dj.load_target(ckpt)
+
+
+def test_expert_beyond_num_experts_is_unexpected(hf_models, tmp_path):
+    ckpt = _copy(hf_models["moe"][0], tmp_path / "ckpt")
+    _edit_tensors(ckpt, lambda t: t.update({"model.layers.0.mlp.experts.6.gate_proj.weight":
+                                            t["model.layers.0.mlp.experts.0.gate_proj.weight"]}))
+    with pytest.raises(dj.CheckpointError, match=r"unexpected key\(s\).*'model\.layers\.0\.mlp\.experts\.6\.gate_proj"):
+        dj.load_target(ckpt)
+
+
+def test_key_in_two_files(dense_copy):
+    tensors = load_file(os.path.join(dense_copy, "model.safetensors"))
+    save_file({"model.norm.weight": tensors["model.norm.weight"]}, os.path.join(dense_copy, "extra.safetensors"))
+    with pytest.raises(dj.CheckpointError, match=r"key 'model\.norm\.weight' appears in both .*extra\.safetensors "
+                                                 r"and .*model\.safetensors"):
+        dj.load_target(dense_copy)
+
+
+def test_unknown_dtype(dense_copy):
+    with pytest.raises(ValueError, match="dtype 'int8' is not one of"):
+        dj.load_target(dense_copy, dtype="int8")
 
 
 def test_wrong_shape(dense_copy):

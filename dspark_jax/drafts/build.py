@@ -1,0 +1,30 @@
+"""``dj.build_draft``: a fresh draft for a target, with the target's embedding and LM head copied in, frozen."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from dspark_jax.drafts.config import DraftConfig
+from dspark_jax.drafts.dspark import DSparkDraft
+
+
+def build_draft(target, config: DraftConfig, *, seed: int = 0, dtype=None, attention_impl: str = "auto"):
+    """Makes a draft for ``target``: config bound to the target (architecture deep-copied, checked), weights
+    initialised as spec §1.8 (N(0, initializer_range), zero biases, unit norms), then ``embed_tokens`` and
+    ``lm_head`` overwritten with copies of the target's (``Frozen``: never trained)."""
+    if not isinstance(config, DraftConfig):
+        raise TypeError(f"config must be a DraftConfig, got {type(config).__name__}")
+    cfg = config.bind(target.config)
+    if cfg.is_eagle3:
+        from dspark_jax.drafts.eagle3 import Eagle3Draft
+
+        cls = Eagle3Draft
+    else:
+        cls = DSparkDraft
+    draft = cls(cfg, dtype=dtype or target.dtype, attention_impl=attention_impl, rngs=nnx.Rngs(seed))
+    embed = target.embed_tokens.embedding[...]
+    head = embed if target.lm_head is None else target.lm_head.kernel[...].T
+    draft.embed_tokens[...] = jnp.array(embed, dtype=draft.embed_tokens[...].dtype)
+    draft.lm_head[...] = jnp.array(head, dtype=draft.lm_head[...].dtype)
+    return draft

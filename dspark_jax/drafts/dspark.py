@@ -1,0 +1,260 @@
+"""DSpark draft = parallel backbone + Markov head + confidence head (spec §1); DFlash = the same model with
+``markov_rank 0`` and no confidence head.
+
+Parameter names mirror DeepSpec's checkpoint keys (``fc``, ``hidden_norm``, ``layers.i.*``, ``norm``,
+``embed_tokens``, ``lm_head``, ``markov_head.*``, ``confidence_head.proj``) so the key table stays trivial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dspark_jax.cache import KVCache
+from dspark_jax.decode.sampling import SamplingConfig, sample_tokens
+from dspark_jax.drafts.backbone import DraftLayer, inference_mask, training_mask
+from dspark_jax.drafts.config import DraftConfig
+from dspark_jax.drafts.heads import ConfidenceHead, MarkovHead
+from dspark_jax.nn.frozen import Frozen
+from dspark_jax.nn.linear import linear
+from dspark_jax.nn.norm import RMSNorm
+from dspark_jax.nn.rope import rope_cos_sin, rope_inv_freq
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DraftTrainOutput:
+    """What ``train_forward`` returns (N blocks of Bs slots per sequence).
+
+    draft_logits ``[B,N,Bs,V]``: Markov-corrected, teacher-forced (None unless materialised).
+    target_logits ``[B,N,Bs,V]``: ``lm_head(last_hidden[max(label-1, 0)])`` (None unless materialised).
+    confidence_logits ``[B,N,Bs]`` fp32 (None without a confidence head).
+    target_ids, eval_mask ``[B,N,Bs]``.
+    draft_hidden ``[B,N,Bs,H]`` (post-norm), target_hidden ``[B,N,Bs,H]`` (aligned), markov_u ``[B,N,Bs,r]``
+    (None without Markov head), lm_head ``[V,H]``, markov_w2 ``[V,r]``: enough for a vocab-chunked loss.
+    """
+
+    draft_logits: jax.Array | None
+    target_logits: jax.Array | None
+    confidence_logits: jax.Array | None
+    target_ids: jax.Array
+    eval_mask: jax.Array
+    draft_hidden: jax.Array
+    target_hidden: jax.Array
+    markov_u: jax.Array | None
+    lm_head: jax.Array
+    markov_w2: jax.Array | None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Proposal:
+    """One proposed block per row: tokens ``[B,Bs]``; logits ``[B,Bs,V]`` (corrected; the distribution each
+    token was drawn from, before temperature); confidence_logits ``[B,Bs]`` or None; block_hidden
+    ``[B,Bs,H]``; cache (context only, lengths = start)."""
+
+    tokens: jax.Array
+    logits: jax.Array
+    confidence_logits: jax.Array | None
+    block_hidden: jax.Array
+    cache: KVCache
+
+
+class DSparkDraft(nnx.Module):
+    """DSpark / DFlash draft for a Qwen3(-MoE) target. ``config`` must be bound (``config.arch`` set)."""
+
+    def __init__(self, config: DraftConfig, *, dtype=jnp.float32, param_dtype=None, attention_impl: str = "auto",
+                 rngs: nnx.Rngs | None = None):
+        if config.arch is None:
+            raise ValueError("DraftConfig.arch is unset: use dj.build_draft(target, config) or config.bind(target)")
+        if config.is_eagle3:
+            raise ValueError("DSparkDraft is for Qwen3DSparkModel configs; use Eagle3Draft")
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        param_dtype = dtype if param_dtype is None else param_dtype
+        arch = config.arch
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        h, v, std = arch.hidden_size, arch.vocab_size, arch.initializer_range
+        init = nnx.initializers.normal(std)
+        self.embed_tokens = Frozen(init(rngs.params(), (v, h), param_dtype), logical_axes=("vocab", "embed"))
+        self.lm_head = Frozen(init(rngs.params(), (v, h), param_dtype), logical_axes=("vocab", "embed"))
+        self.fc = linear(config.num_taps * h, h, (None, "embed"), dtype=dtype, param_dtype=param_dtype,
+                         init_std=std, rngs=rngs)
+        self.hidden_norm = RMSNorm(h, arch.rms_norm_eps, param_dtype=param_dtype)
+        self.layers = nnx.List([DraftLayer(arch, dtype=dtype, param_dtype=param_dtype,
+                                           attention_impl=attention_impl, rngs=rngs)
+                                for _ in range(config.num_draft_layers)])
+        self.norm = RMSNorm(h, arch.rms_norm_eps, param_dtype=param_dtype)
+        r = config.markov_rank
+        self.markov_head = MarkovHead(v, h, r, config.markov_head_type, dtype=dtype, param_dtype=param_dtype,
+                                      init_std=std, rngs=rngs) if config.has_markov else None
+        self.confidence_head = ConfidenceHead(
+            h, r, config.confidence_head_with_markov and config.has_markov, dtype=dtype, param_dtype=param_dtype,
+            init_std=std, rngs=rngs) if config.has_confidence else None
+        inv_freq, self.rope_scaling = rope_inv_freq(arch.rope, arch.head_dim, arch.max_position_embeddings)
+        self.rope_inv_freq = tuple(float(f) for f in inv_freq)
+
+    # ---- shared pieces -------------------------------------------------------------------
+    def rope(self, positions):
+        return rope_cos_sin(positions, np.asarray(self.rope_inv_freq, np.float32), self.rope_scaling)
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens[...], ids, axis=0).astype(self.dtype)
+
+    def base_logits(self, hidden: jax.Array) -> jax.Array:
+        """``[..., H]`` -> ``lm_head(hidden)`` ``[..., V]`` (no extra norm for Qwen3)."""
+        return jnp.einsum("...h,vh->...v", hidden, self.lm_head[...].astype(self.dtype))
+
+    def fuse_context(self, taps: jax.Array) -> jax.Array:
+        """``[B, C, Lt*H]`` tapped target features -> ``hidden_norm(fc(taps))`` ``[B, C, H]``."""
+        want = self.config.num_taps * self.config.arch.hidden_size
+        if taps.shape[-1] != want:
+            raise ValueError(f"target features have width {taps.shape[-1]} but this draft fuses "
+                             f"{self.config.num_taps} taps x H={self.config.arch.hidden_size} = {want}")
+        return self.hidden_norm(self.fc(taps.astype(self.dtype)))
+
+    def backbone(self, block_h, block_pos, ctx, ctx_pos, mask, cache: KVCache | None = None, ctx_count=None):
+        """Runs the layers; returns (post-norm block hidden ``[B,Q,H]``, updated context cache or None)."""
+        block_rope, ctx_rope = self.rope(block_pos), self.rope(ctx_pos)
+        h = block_h
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            h, (k, v) = layer(h, block_rope, ctx, ctx_rope, mask, kv, None if cache is None else cache.lengths)
+            keys.append(k)
+            values.append(v)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(tuple(keys), tuple(values), cache.lengths + ctx_count.astype(jnp.int32))
+        return self.norm(h), new_cache
+
+    def markov_u(self, hidden: jax.Array, prev: jax.Array) -> jax.Array | None:
+        return None if self.markov_head is None else self.markov_head.teacher_forced(hidden, prev)
+
+    def confidence(self, hidden: jax.Array, prev: jax.Array) -> jax.Array | None:
+        if self.confidence_head is None:
+            return None
+        e = self.markov_head.prev_embedding(prev) if self.confidence_head.with_markov else None
+        return self.confidence_head(hidden, e)
+
+    # ---- training --------------------------------------------------------------------------
+    def train_forward(self, input_ids, loss_mask, target_hidden, target_last_hidden, anchors, block_keep, *,
+                      materialize_logits: bool = True) -> DraftTrainOutput:
+        """Teacher-forced forward over N anchored blocks per sequence (spec §3.3).
+
+        Args:
+          input_ids, loss_mask: ``[B, S]``; target_hidden: ``[B, S, Lt*H]`` taps; target_last_hidden ``[B, S, H]``.
+          anchors: ``[B, N]`` ascending anchor positions (dummies 0); block_keep: ``[B, N]`` bool.
+          materialize_logits: also return ``[B,N,Bs,V]`` draft/target logits (a chunked loss does not need them).
+        """
+        cfg = self.config
+        bs, mask_id = cfg.block_size, cfg.mask_token_id
+        b, s = input_ids.shape
+        n = anchors.shape[1]
+        _check_shape("target_hidden", target_hidden, (b, s, cfg.num_taps * cfg.arch.hidden_size))
+        _check_shape("target_last_hidden", target_last_hidden, (b, s, cfg.arch.hidden_size))
+        _check_shape("loss_mask", loss_mask, (b, s))
+        _check_shape("block_keep", block_keep, (b, n))
+        anchors = anchors.astype(jnp.int32)
+        keep = block_keep.astype(bool)
+        slots = jnp.arange(bs, dtype=jnp.int32)
+        anchor_tok = jnp.take_along_axis(input_ids, anchors, axis=1)                       # [B, N]
+        block_ids = jnp.concatenate([jnp.where(keep, anchor_tok, mask_id)[..., None],
+                                     jnp.full((b, n, bs - 1), mask_id, input_ids.dtype)], axis=-1)
+        block_pos = (anchors[..., None] + slots).reshape(b, n * bs)
+        ctx_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        mask = training_mask(anchors, keep, s, bs)
+        ctx = self.fuse_context(target_hidden)
+        out, _ = self.backbone(self.embed(block_ids.reshape(b, n * bs)), block_pos, ctx, ctx_pos, mask)
+        out = out.reshape(b, n, bs, -1)
+
+        lab = anchors[..., None] + 1 + slots                                                # [B, N, Bs]
+        safe = jnp.where(keep[..., None], jnp.minimum(lab, s - 1), 0)
+        flat = safe.reshape(b, n * bs)
+        target_ids = jnp.take_along_axis(input_ids, flat, axis=1).reshape(b, n, bs)
+        lm_at = jnp.take_along_axis(loss_mask, flat, axis=1).reshape(b, n, bs).astype(bool)
+        eval_mask = jnp.cumprod((lab < s) & lm_at & keep[..., None], axis=-1).astype(jnp.float32)
+        tgt_idx = jnp.maximum(flat - 1, 0)
+        tgt_hidden = jnp.take_along_axis(target_last_hidden, tgt_idx[..., None], axis=1).reshape(b, n, bs, -1)
+        tgt_hidden = jax.lax.stop_gradient(tgt_hidden.astype(self.dtype))
+        prev = jnp.concatenate([anchor_tok[..., None], target_ids[..., :-1]], axis=-1)
+
+        u = self.markov_u(out, prev)
+        conf = self.confidence(out, prev)
+        w2 = None if self.markov_head is None else self.markov_head.markov_w2[...]
+        draft_logits = target_logits = None
+        if materialize_logits:
+            draft_logits = self.base_logits(out)
+            if u is not None:
+                draft_logits = draft_logits + self.markov_head.bias(u)
+            target_logits = self.base_logits(tgt_hidden)
+        return DraftTrainOutput(draft_logits=draft_logits, target_logits=target_logits, confidence_logits=conf,
+                                target_ids=target_ids, eval_mask=eval_mask, draft_hidden=out,
+                                target_hidden=tgt_hidden, markov_u=u, lm_head=self.lm_head[...], markov_w2=w2)
+
+    # ---- inference -------------------------------------------------------------------------
+    def init_cache(self, batch: int, capacity: int, dtype=None) -> KVCache:
+        a = self.config.arch
+        return KVCache.create(self.config.num_draft_layers, batch, capacity, a.num_key_value_heads, a.head_dim,
+                              dtype or self.dtype)
+
+    def block_hidden(self, cache: KVCache, ctx_taps, ctx_count, anchor):
+        """The backbone part of a proposal (spec §4.2 steps 1-4).
+
+        Args:
+          cache: context-only KV cache (lengths c).
+          ctx_taps: ``[B, P, Lt*H]`` pending context features for positions ``c .. c+count-1`` (rest padding).
+          ctx_count: ``[B]`` pending rows per row; anchor: ``[B]`` the last committed token (at ``start``).
+        Returns: (block hidden ``[B, Bs, H]`` post-norm, cache with lengths ``start = c + count``).
+        """
+        bs, mask_id = self.config.block_size, self.config.mask_token_id
+        b, p = ctx_taps.shape[:2]
+        if cache.capacity < p:
+            raise ValueError(f"draft cache capacity {cache.capacity} < {p} pending context rows")
+        c = cache.lengths
+        start = c + ctx_count.astype(jnp.int32)
+        ctx_pos = c[:, None] + jnp.arange(p, dtype=jnp.int32)
+        block_pos = start[:, None] + jnp.arange(bs, dtype=jnp.int32)
+        block_ids = jnp.concatenate([anchor[:, None].astype(jnp.int32), jnp.full((b, bs - 1), mask_id, jnp.int32)], 1)
+        mask = inference_mask(start, cache.capacity, bs)
+        return self.backbone(self.embed(block_ids), block_pos, self.fuse_context(ctx_taps), ctx_pos, mask,
+                             cache, ctx_count)
+
+    def propose(self, cache: KVCache, ctx_taps, ctx_count, anchor, key, sampling: SamplingConfig = SamplingConfig()):
+        """Proposes one block per row (spec §4.2-4.3): backbone, then sequential Markov sampling.
+
+        Slot 0 uses the anchor as its previous token; each later slot uses the token sampled before it.
+        Returns a :class:`Proposal`; its cache holds context only (block keys are never stored).
+        """
+        out, cache = self.block_hidden(cache, ctx_taps, ctx_count, anchor)
+        base = self.base_logits(out)                                                        # [B, Bs, V]
+        bs = self.config.block_size
+        keys = jax.random.split(key, bs)
+        head = self.markov_head
+
+        def body(carry, xs):
+            prev, state = carry
+            h_k, base_k, key_k = xs
+            logits = base_k
+            if head is not None:
+                u, state = head.step(h_k, prev, state)
+                logits = logits + head.bias(u)
+            tok = sample_tokens(logits, key_k, sampling)
+            return (tok, state), (tok, logits, prev)
+
+        rank = self.config.markov_rank if head is not None else 1
+        init = (anchor.astype(jnp.int32), jnp.zeros((anchor.shape[0], rank), self.dtype))
+        _, (toks, logits, prevs) = jax.lax.scan(
+            body, init, (jnp.moveaxis(out, 1, 0), jnp.moveaxis(base, 1, 0), keys))
+        toks, logits, prevs = jnp.moveaxis(toks, 0, 1), jnp.moveaxis(logits, 0, 1), jnp.moveaxis(prevs, 0, 1)
+        return Proposal(tokens=toks, logits=logits, confidence_logits=self.confidence(out, prevs),
+                        block_hidden=out, cache=cache)
+
+
+def _check_shape(name: str, x, want: tuple) -> None:
+    if tuple(x.shape) != tuple(want):
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(want)}")

@@ -1,0 +1,157 @@
+"""DSpark / DFlash training loss (spec §3.4) and the logged metrics (spec §3.6).
+
+Per slot k of each block: CE of the Markov-corrected draft logits against the dataset token, the L1 distance
+``sum_v |p_d - p_t|`` to the target's distribution, and BCE-with-logits of the confidence head against the
+stop-gradient soft target ``clip(1 - L1/2, 0, 1)``; each weighted by ``eval_mask * exp(-k/gamma)`` and
+normalised by the weight sum.
+
+The per-slot vocab reductions come in two forms that agree to float precision: from materialised
+``[B,N,Bs,V]`` logits (the reference), or from hidden states in vocab chunks (a ``lax.scan`` with running
+max/sum, rematerialised in the backward pass) so ``[.., V]`` fp32 arrays never exist in full.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dspark_jax.drafts.config import DraftConfig
+
+
+def slot_weights(eval_mask: jax.Array, config: DraftConfig) -> jax.Array:
+    """``[B,N,Bs]`` loss weights ``eval_mask * exp(-k / gamma)`` (k = 0-based slot).
+
+    The paper's ``exp(-(k-1)/gamma)`` counts k from 1, which is the same curve; what differs is gamma
+    (paper: the block size, 7; code: 4.0). ``config.paper_loss_weights`` switches the gamma default."""
+    k = jnp.arange(eval_mask.shape[-1], dtype=jnp.float32)
+    return eval_mask.astype(jnp.float32) * jnp.exp(-k / config.gamma)
+
+
+def slot_ce_l1_reference(draft_logits, target_logits, target_ids):
+    """From materialised logits: (CE ``[B,N,Bs]``, L1 ``[B,N,Bs]``), fp32 softmaxes."""
+    logp_d = jax.nn.log_softmax(draft_logits.astype(jnp.float32), axis=-1)
+    ce = -jnp.take_along_axis(logp_d, target_ids[..., None], axis=-1)[..., 0]
+    p_t = jax.nn.softmax(target_logits.astype(jnp.float32), axis=-1)
+    l1 = jnp.sum(jnp.abs(jnp.exp(logp_d) - p_t), axis=-1)
+    return ce, l1
+
+
+def _chunk_size(vocab: int, wanted: int) -> int:
+    """The largest divisor of ``vocab`` that is <= ``wanted`` (and >= wanted/4), else ``wanted`` (padding)."""
+    for c in range(min(wanted, vocab), max(1, wanted // 4) - 1, -1):
+        if vocab % c == 0:
+            return c
+    return min(wanted, vocab)
+
+
+def slot_ce_l1_chunked(draft_hidden, target_hidden, markov_u, lm_head, markov_w2, target_ids, chunk: int):
+    """Same as :func:`slot_ce_l1_reference` without materialising ``[.., V]``.
+
+    Args: draft_hidden / target_hidden ``[..., H]``; markov_u ``[..., r]`` or None; lm_head ``[V, H]``;
+    markov_w2 ``[V, r]`` or None; target_ids ``[...]``; chunk: vocab rows per step.
+    """
+    vocab = lm_head.shape[0]
+    c = _chunk_size(vocab, chunk)
+    n_chunks = -(-vocab // c)
+    pad = n_chunks * c - vocab
+    f32 = jnp.float32
+    hd, ht = draft_hidden.astype(f32), target_hidden.astype(f32)
+    u = None if markov_u is None else markov_u.astype(f32)
+
+    def chunked(w):
+        w = w.astype(f32)
+        if pad:
+            w = jnp.pad(w, ((0, pad), (0, 0)))
+        return w.reshape(n_chunks, c, w.shape[-1])
+
+    w_head = chunked(lm_head)
+    w_markov = None if markov_w2 is None else chunked(markov_w2)
+    valid = (jnp.arange(n_chunks * c) < vocab).reshape(n_chunks, c)
+
+    def logits_of(i):
+        d = jnp.einsum("...h,vh->...v", hd, w_head[i])
+        if u is not None:
+            d = d + jnp.einsum("...r,vr->...v", u, w_markov[i])
+        t = jnp.einsum("...h,vh->...v", ht, w_head[i])
+        neg = jnp.where(valid[i], 0.0, -jnp.inf)
+        return d + neg, t + neg
+
+    @jax.checkpoint
+    def lse_body(carry, i):
+        md, sd, mt, st = carry
+        d, t = logits_of(i)
+        nmd, nmt = jnp.maximum(md, d.max(-1)), jnp.maximum(mt, t.max(-1))
+        sd = sd * jnp.exp(md - nmd) + jnp.exp(d - nmd[..., None]).sum(-1)
+        st = st * jnp.exp(mt - nmt) + jnp.exp(t - nmt[..., None]).sum(-1)
+        return (nmd, sd, nmt, st), None
+
+    lead = target_ids.shape
+    init = (jnp.full(lead, -jnp.inf, f32), jnp.zeros(lead, f32), jnp.full(lead, -jnp.inf, f32), jnp.zeros(lead, f32))
+    (md, sd, mt, st), _ = jax.lax.scan(lse_body, init, jnp.arange(n_chunks))
+    lse_d, lse_t = md + jnp.log(sd), mt + jnp.log(st)
+
+    @jax.checkpoint
+    def l1_body(acc, i):
+        d, t = logits_of(i)
+        return acc + jnp.abs(jnp.exp(d - lse_d[..., None]) - jnp.exp(t - lse_t[..., None])).sum(-1), None
+
+    l1, _ = jax.lax.scan(l1_body, jnp.zeros(lead, f32), jnp.arange(n_chunks))
+    tgt_logit = jnp.einsum("...h,...h->...", hd, jnp.take(lm_head, target_ids, axis=0).astype(f32))
+    if u is not None:
+        tgt_logit = tgt_logit + jnp.einsum("...r,...r->...", u, jnp.take(markov_w2, target_ids, axis=0).astype(f32))
+    return lse_d - tgt_logit, l1
+
+
+def dspark_loss(outputs, config: DraftConfig, *, vocab_chunk: int | None = None):
+    """Spec §3.4 loss and §3.6 metrics.
+
+    Args:
+      outputs: a :class:`DraftTrainOutput` from ``draft.train_forward``.
+      config: the draft's config (loss weights, gamma; DFlash = CE only).
+      vocab_chunk: if set, reduce over the vocab in chunks of this many rows (needs no materialised logits).
+    Returns:
+      (loss scalar, metrics dict of scalars: ce, l1, bce, accept_rate@k, tau_probabilistic, weight_sum,
+      conf_abs_error, conf_bias, conf_cumprod_bias).
+    """
+    if vocab_chunk is None and outputs.draft_logits is None:
+        raise ValueError("outputs carry no materialised logits: pass vocab_chunk or train_forward(materialize_logits=True)")
+    if vocab_chunk is None:
+        ce, l1 = slot_ce_l1_reference(outputs.draft_logits, outputs.target_logits, outputs.target_ids)
+    else:
+        ce, l1 = slot_ce_l1_chunked(outputs.draft_hidden, outputs.target_hidden, outputs.markov_u, outputs.lm_head,
+                                    outputs.markov_w2, outputs.target_ids, vocab_chunk)
+    mask = outputs.eval_mask.astype(jnp.float32)
+    w = slot_weights(mask, config)
+    w_sum = jnp.sum(w)
+    alpha_ce, alpha_l1, alpha_conf = config.loss_alphas
+    accept = jax.lax.stop_gradient(jnp.clip(1.0 - 0.5 * l1, 0.0, 1.0))
+    numer = alpha_ce * jnp.sum(w * ce) + alpha_l1 * jnp.sum(w * l1)
+    bce = None
+    if outputs.confidence_logits is not None:
+        z = outputs.confidence_logits
+        bce = jax.nn.softplus(z) - accept * z
+        numer = numer + alpha_conf * jnp.sum(w * bce)
+    loss = numer / (w_sum + 1e-6)
+    metrics = _metrics(ce, l1, bce, accept, w, w_sum, mask, outputs.confidence_logits)
+    return loss, metrics
+
+
+def _metrics(ce, l1, bce, accept, w, w_sum, mask, conf_logits):
+    sg = jax.lax.stop_gradient
+    safe_w = jnp.where(w_sum > 0, w_sum, 1.0)
+    m = {"ce": sg(jnp.sum(w * ce) / safe_w), "l1": sg(jnp.sum(w * l1) / safe_w), "weight_sum": sg(w_sum)}
+    per_k_mask = jnp.sum(mask, axis=(0, 1))
+    per_k = jnp.sum(accept * mask, axis=(0, 1)) / jnp.maximum(per_k_mask, 1.0)
+    for k in range(mask.shape[-1]):
+        m[f"accept_rate@{k}"] = per_k[k]
+    survive = jnp.cumprod(accept * mask, axis=-1)                         # [B, N, Bs]
+    block_valid = mask[..., 0]
+    m["tau_probabilistic"] = jnp.sum((1.0 + survive.sum(-1)) * block_valid) / jnp.maximum(block_valid.sum(), 1.0)
+    if bce is not None:
+        n_mask = jnp.maximum(mask.sum(), 1.0)
+        conf = jax.nn.sigmoid(sg(conf_logits))
+        m["bce"] = sg(jnp.sum(w * bce) / safe_w)
+        m["conf_abs_error"] = jnp.sum(jnp.abs(conf - accept) * mask) / n_mask
+        m["conf_bias"] = jnp.sum((conf - accept) * mask) / n_mask
+        m["conf_cumprod_bias"] = jnp.sum((jnp.cumprod(conf, -1) - jnp.cumprod(accept, -1)) * mask) / n_mask
+    return m
