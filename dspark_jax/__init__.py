@@ -6,19 +6,30 @@ Public API (stable names, see docs/DESIGN.md §4)::
     target = dj.load_target("hf_dir", dtype="float32")
     dj.save_target(target, "out_dir")
     out = dj.generate(target, prompts, max_new_tokens=256, temperature=0.0, seed=0)
+    draft = dj.build_draft(target, dj.DraftConfig(...))
+    draft = dj.load_draft("deepspec_draft_dir");  dj.save_draft(draft, "out_dir")
+    outs = draft.train_forward(input_ids, loss_mask, target_hidden, target_last_hidden, anchors, block_keep)
+    loss, metrics = dj.dspark_loss(outs, draft.config)
 """
 
 from dspark_jax.config import ConfigError, RopeConfig, TargetConfig
+from dspark_jax.convert.deepspec import load_draft, save_draft
 from dspark_jax.convert.hf import load_target, save_target
 from dspark_jax.convert.safetensors_io import CheckpointError
 from dspark_jax.decode.autoregressive import generate
 from dspark_jax.decode.output import GenerationOutput
 from dspark_jax.decode.sampling import SamplingConfig
+from dspark_jax.drafts.build import build_draft
+from dspark_jax.drafts.config import DraftConfig
 from dspark_jax.targets.qwen3 import build_target
+from dspark_jax.train.anchors import sample_anchors
+from dspark_jax.train.loss import dspark_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "load_target", "save_target", "generate", "build_target",
-    "TargetConfig", "RopeConfig", "SamplingConfig", "GenerationOutput", "ConfigError", "CheckpointError",
+    "build_draft", "load_draft", "save_draft", "dspark_loss", "sample_anchors",
+    "TargetConfig", "DraftConfig", "RopeConfig", "SamplingConfig", "GenerationOutput", "ConfigError",
+    "CheckpointError",
 ]

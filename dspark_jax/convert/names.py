@@ -22,6 +22,9 @@ CHOICES = {
     "qk_norm": r"q_norm|k_norm",
     "mlp_proj": r"gate_proj|up_proj|down_proj",
     "layer_norm": r"input_layernorm|post_attention_layernorm",
+    "eagle_norm": r"input_layernorm|post_attention_layernorm|hidden_norm",
+    "markov_w": r"markov_w1|markov_w2",
+    "markov_proj": r"gate_proj|joint_proj",
 }
 
 
@@ -71,3 +74,41 @@ QWEN3_TARGET_RULES: tuple[KeyRule, ...] = (
 
 # Buffers some checkpoints carry that are recomputed here.
 QWEN3_IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"),)
+
+
+def _draft_layer_rules(norm_choice: str) -> tuple[KeyRule, ...]:
+    return (
+        KeyRule(f"layers.{{layer}}.{{{norm_choice}}}.weight", f"layers.{{layer}}.{{{norm_choice}}}.weight"),
+        KeyRule("layers.{layer}.self_attn.{attn_proj}.weight", "layers.{layer}.self_attn.{attn_proj}.kernel",
+                "transpose"),
+        KeyRule("layers.{layer}.self_attn.{attn_proj}.bias", "layers.{layer}.self_attn.{attn_proj}.bias"),
+        KeyRule("layers.{layer}.self_attn.{qk_norm}.weight", "layers.{layer}.self_attn.{qk_norm}.weight"),
+        KeyRule("layers.{layer}.mlp.{mlp_proj}.weight", "layers.{layer}.mlp.{mlp_proj}.kernel", "transpose"),
+    )
+
+
+# DeepSpec draft checkpoints (spec §1.9): no "model." prefix; embed_tokens / lm_head stored [V, H].
+DEEPSPEC_DSPARK_RULES: tuple[KeyRule, ...] = (
+    KeyRule("embed_tokens.weight", "embed_tokens"),
+    KeyRule("lm_head.weight", "lm_head"),
+    KeyRule("fc.weight", "fc.kernel", "transpose"),
+    KeyRule("hidden_norm.weight", "hidden_norm.weight"),
+    KeyRule("norm.weight", "norm.weight"),
+    *_draft_layer_rules("layer_norm"),
+    KeyRule("markov_head.{markov_w}.weight", "markov_head.{markov_w}"),
+    KeyRule("markov_head.{markov_proj}.weight", "markov_head.{markov_proj}.kernel", "transpose"),
+    KeyRule("markov_head.{markov_proj}.bias", "markov_head.{markov_proj}.bias"),
+    KeyRule("confidence_head.proj.weight", "confidence_head.proj.kernel", "transpose"),
+    KeyRule("confidence_head.proj.bias", "confidence_head.proj.bias"),
+)
+
+DEEPSPEC_EAGLE3_RULES: tuple[KeyRule, ...] = (
+    KeyRule("embed_tokens.weight", "embed_tokens"),
+    KeyRule("lm_head.weight", "lm_head"),
+    KeyRule("fc.weight", "fc.kernel", "transpose"),
+    KeyRule("norm.weight", "norm.weight"),
+    *_draft_layer_rules("eagle_norm"),
+)
+
+# torch.compile wraps modules as "_orig_mod."; DeepSpec strips it on save, we strip it on load too.
+DEEPSPEC_IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"),)

@@ -84,7 +84,7 @@ def save_shards(tensors: Mapping[str, np.ndarray], directory: str, max_shard_byt
         size += arr.nbytes
     # stale files from an earlier save would be picked up by the *.safetensors fallback
     for name in os.listdir(directory):
-        if name.endswith(".safetensors") or name == INDEX_NAME:
+        if (name.startswith("model") and name.endswith(".safetensors")) or name == INDEX_NAME:
             os.remove(os.path.join(directory, name))
     if len(shards) == 1:
         names = [SINGLE_NAME]
