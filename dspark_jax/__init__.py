@@ -23,13 +23,14 @@ from dspark_jax.drafts.build import build_draft
 from dspark_jax.drafts.config import DraftConfig
 from dspark_jax.targets.qwen3 import build_target
 from dspark_jax.train.anchors import sample_anchors
+from dspark_jax.train.eagle3_loss import eagle3_loss
 from dspark_jax.train.loss import dspark_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "load_target", "save_target", "generate", "build_target",
-    "build_draft", "load_draft", "save_draft", "dspark_loss", "sample_anchors",
+    "build_draft", "load_draft", "save_draft", "dspark_loss", "eagle3_loss", "sample_anchors",
     "TargetConfig", "DraftConfig", "RopeConfig", "SamplingConfig", "GenerationOutput", "ConfigError",
     "CheckpointError",
 ]

@@ -99,17 +99,31 @@ def _children_cpu_s():
     return r.ru_utime + r.ru_stime
 
 
+def _self_cpu_s():
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _timed(fn, repeats):
-    """One warm-up call (timed separately), then ``repeats`` timed calls. Returns (first_s, times, last_out)."""
+    """One warm-up call (timed separately), then ``repeats`` timed calls.
+
+    Returns (first_s, times, other_cpus, last_out); ``other_cpus[i]`` is how many CPUs other processes kept
+    busy on average during timed run i (machine busy time minus this process's CPU time), None off Linux.
+    """
     t = time.perf_counter()
     out = fn()
     first = time.perf_counter() - t
-    times = []
+    times, other = [], []
     for _ in range(repeats):
+        busy, own = _machine_busy_s(), _self_cpu_s()
         t = time.perf_counter()
         out = fn()
-        times.append(time.perf_counter() - t)
-    return first, times, out
+        dt = time.perf_counter() - t
+        times.append(dt)
+        other.append(None if busy is None else
+                     round(max(_machine_busy_s() - busy - (_self_cpu_s() - own), 0.0) / dt, 3))
+    return first, times, other, out
 
 
 # ---- workers (each in its own process) ------------------------------------------------------------
@@ -139,13 +153,14 @@ def worker_ours(args, workdir):
             inner.append(out.stats["seconds"])
             return out
 
-        first, times, out = _timed(call, args.repeats)
+        first, times, other, out = _timed(call, args.repeats)
         assert out.tokens.shape == (len(rows), args.new_tokens) and (out.lengths == args.new_tokens).all(), \
             "dj.generate did not produce the requested number of tokens"
         tokens[key] = out.tokens
-        info["runs"][key] = {"first_call_s": first, "times_s": times, "inner_stats_seconds": inner[1:]}
-        print(f"  [ours] batch {len(rows)}: first call {first:.2f}s, runs {[round(x, 3) for x in times]}",
-              flush=True)
+        info["runs"][key] = {"first_call_s": first, "times_s": times, "inner_stats_seconds": inner[1:],
+                             "other_cpus": other}
+        print(f"  [ours] batch {len(rows)}: first call {first:.2f}s, runs {[round(x, 3) for x in times]} "
+              f"(other processes' CPUs busy per run: {other})", flush=True)
     np.savez(os.path.join(workdir, "tokens_ours.npz"), **tokens)
     with open(os.path.join(workdir, "info_ours.json"), "w") as f:
         json.dump(info, f)
@@ -178,12 +193,13 @@ def worker_hf(args, workdir):
                                       max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                       eos_token_id=None, pad_token_id=0)
 
-        first, times, out = _timed(call, args.repeats)
+        first, times, other, out = _timed(call, args.repeats)
         new = out[:, ids.shape[1]:].numpy()
         assert new.shape == (ids.shape[0], args.new_tokens), f"HF generated {tuple(new.shape)}"
         tokens[key] = new
-        info["runs"][key] = {"first_call_s": first, "times_s": times}
-        print(f"  [hf]   batch {ids.shape[0]}: warm-up {first:.2f}s, runs {[round(x, 3) for x in times]}", flush=True)
+        info["runs"][key] = {"first_call_s": first, "times_s": times, "other_cpus": other}
+        print(f"  [hf]   batch {ids.shape[0]}: warm-up {first:.2f}s, runs {[round(x, 3) for x in times]} "
+              f"(other processes' CPUs busy per run: {other})", flush=True)
     np.savez(os.path.join(workdir, "tokens_hf.npz"), **tokens)
     with open(os.path.join(workdir, "info_hf.json"), "w") as f:
         json.dump(info, f)
@@ -265,14 +281,16 @@ def main(argv=None) -> int:
         ours_s = statistics.median(o["times_s"])
         row = {"batch": b, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                "ours_first_call_s": o["first_call_s"], "ours_compile_s_est": o["first_call_s"] - ours_s,
-               "ours_times_s": o["times_s"], "ours_inner_stats_seconds": o["inner_stats_seconds"],
+               "ours_times_s": o["times_s"], "ours_other_cpus": o["other_cpus"],
+               "ours_inner_stats_seconds": o["inner_stats_seconds"],
                "ours_s": ours_s, "ours_min_s": min(o["times_s"]), "ours_tok_s": total_new / ours_s}
         if "hf" in info:
             h = info["hf"]["runs"][key]
             hf_s = statistics.median(h["times_s"])
             a, c = toks["ours"][key], toks["hf"][key]
             same = a == c
-            row.update(hf_warmup_s=h["first_call_s"], hf_times_s=h["times_s"], hf_s=hf_s, hf_min_s=min(h["times_s"]),
+            row.update(hf_warmup_s=h["first_call_s"], hf_times_s=h["times_s"], hf_other_cpus=h["other_cpus"],
+                       hf_s=hf_s, hf_min_s=min(h["times_s"]),
                        hf_tok_s=total_new / hf_s, ratio=hf_s / ours_s,
                        identical_rows=float(same.all(axis=1).mean()), identical_tokens=float(same.mean()),
                        first_divergence_positions=[int(np.argmin(r)) for r in same if not r.all()])

@@ -120,6 +120,8 @@ class DraftConfig:
         if self.is_eagle3:
             if -1 in ids:
                 raise ConfigError(f"{where}: Eagle3 target_layer_ids may not include -1")
+            if len(ids) != 5:
+                raise ConfigError(f"{where}: Eagle3 target_layer_ids must hold exactly 5 ids (DeepSpec), got {list(ids)}")
         else:
             if self.markov_rank < 0:
                 raise ConfigError(f"{where}: markov_rank must be >= 0, got {self.markov_rank}")

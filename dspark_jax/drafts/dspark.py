@@ -107,7 +107,7 @@ class DSparkDraft(nnx.Module):
 
     def base_logits(self, hidden: jax.Array) -> jax.Array:
         """``[..., H]`` -> ``lm_head(hidden)`` ``[..., V]`` (no extra norm for Qwen3)."""
-        return jnp.einsum("...h,vh->...v", hidden, self.lm_head[...].astype(self.dtype))
+        return jnp.einsum("...h,vh->...v", hidden.astype(self.dtype), self.lm_head[...].astype(self.dtype))
 
     def fuse_context(self, taps: jax.Array) -> jax.Array:
         """``[B, C, Lt*H]`` tapped target features -> ``hidden_norm(fc(taps))`` ``[B, C, H]``."""

@@ -36,7 +36,7 @@ def slot_ce_l1_reference(draft_logits, target_logits, target_ids):
     return ce, l1
 
 
-def _chunk_size(vocab: int, wanted: int) -> int:
+def vocab_chunk_size(vocab: int, wanted: int) -> int:
     """The largest divisor of ``vocab`` that is <= ``wanted`` (and >= wanted/4), else ``wanted`` (padding)."""
     for c in range(min(wanted, vocab), max(1, wanted // 4) - 1, -1):
         if vocab % c == 0:
@@ -51,7 +51,7 @@ def slot_ce_l1_chunked(draft_hidden, target_hidden, markov_u, lm_head, markov_w2
     markov_w2 ``[V, r]`` or None; target_ids ``[...]``; chunk: vocab rows per step.
     """
     vocab = lm_head.shape[0]
-    c = _chunk_size(vocab, chunk)
+    c = vocab_chunk_size(vocab, chunk)
     n_chunks = -(-vocab // c)
     pad = n_chunks * c - vocab
     f32 = jnp.float32

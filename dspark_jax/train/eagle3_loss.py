@@ -1,0 +1,127 @@
+"""Eagle3 TTT loss and metrics (spec §5; DeepSpec ``compute_eagle3_loss`` in ``deepspec/modeling/eagle3/loss.py``).
+
+Per step ``j`` and position ``t``: soft cross-entropy ``-sum_v p_t(v) log p_d(v)`` of the draft against the
+target's full distribution ``softmax(lm_head(last_hidden[t+j+1]))`` (uniform where ``t+j+1 >= S``), masked by
+the step's position mask (``loss_mask`` with the last valid token zeroed, shifted left by ``j``), summed and
+divided by ``B*S`` (every position, DeepSpec's ``local_mean``). Total: ``sum_j step_loss_decay**j * loss_j``.
+
+Metrics (DeepSpec's names): ``ploss_j``, ``accuracy@j`` (draft argmax == target argmax over valid positions),
+``accept_rate@j`` (mean of ``clip(1 - L1/2, 0, 1)``), ``valid_tokens@j``, ``tau_greedy``, ``tau_probabilistic``
+and ``loss``.
+
+The vocab reductions come either from materialised ``[T,B,S,V]`` logits (the reference) or from hidden
+states in vocab chunks (``lax.scan`` with running max/sum, rematerialised in the backward pass).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dspark_jax.drafts.config import DraftConfig
+from dspark_jax.train.loss import vocab_chunk_size
+
+
+def soft_ce_reference(draft_logits, target_logits):
+    """``[..., V]`` each -> (soft CE, L1 ``sum_v |p_d - p_t|``, argmax match), each ``[...]``; fp32 softmaxes."""
+    logp_d = jax.nn.log_softmax(draft_logits.astype(jnp.float32), axis=-1)
+    p_t = jax.nn.softmax(target_logits.astype(jnp.float32), axis=-1)
+    ce = -jnp.sum(p_t * logp_d, axis=-1)
+    l1 = jnp.sum(jnp.abs(jnp.exp(logp_d) - p_t), axis=-1)
+    correct = jnp.argmax(draft_logits, axis=-1) == jnp.argmax(target_logits, axis=-1)
+    return ce, l1, correct
+
+
+def soft_ce_chunked(draft_hidden, target_hidden, lm_head, chunk: int):
+    """Same as :func:`soft_ce_reference` from post-norm hidden states ``[..., H]`` and ``lm_head [V, H]``,
+    without materialising ``[..., V]`` (a zero target hidden state gives the uniform distribution)."""
+    vocab = lm_head.shape[0]
+    c = vocab_chunk_size(vocab, chunk)
+    n_chunks = -(-vocab // c)
+    pad = n_chunks * c - vocab
+    f32 = jnp.float32
+    hd, ht = draft_hidden.astype(f32), jax.lax.stop_gradient(target_hidden.astype(f32))
+    w = lm_head.astype(f32)
+    if pad:
+        w = jnp.pad(w, ((0, pad), (0, 0)))
+    w = w.reshape(n_chunks, c, w.shape[-1])
+    valid = (jnp.arange(n_chunks * c) < vocab).reshape(n_chunks, c)
+
+    def logits_of(i):
+        neg = jnp.where(valid[i], 0.0, -jnp.inf)
+        return jnp.einsum("...h,vh->...v", hd, w[i]) + neg, jnp.einsum("...h,vh->...v", ht, w[i]) + neg
+
+    lead = draft_hidden.shape[:-1]
+
+    @jax.checkpoint
+    def pass1(carry, i):
+        md, sd, ad, mt, st, at = carry
+        d, t = logits_of(i)
+        cd, ct = d.max(-1), t.max(-1)
+        id_, it = jnp.argmax(d, -1) + i * c, jnp.argmax(t, -1) + i * c
+        ad, at = jnp.where(cd > md, id_, ad), jnp.where(ct > mt, it, at)
+        nmd, nmt = jnp.maximum(md, cd), jnp.maximum(mt, ct)
+        sd = sd * jnp.exp(md - nmd) + jnp.exp(d - nmd[..., None]).sum(-1)
+        st = st * jnp.exp(mt - nmt) + jnp.exp(t - nmt[..., None]).sum(-1)
+        return (nmd, sd, ad, nmt, st, at), None
+
+    ninf, zero, izero = jnp.full(lead, -jnp.inf, f32), jnp.zeros(lead, f32), jnp.zeros(lead, jnp.int32)
+    (md, sd, ad, mt, st, at), _ = jax.lax.scan(pass1, (ninf, zero, izero, ninf, zero, izero), jnp.arange(n_chunks))
+    lse_d, lse_t = md + jnp.log(sd), mt + jnp.log(st)
+
+    @jax.checkpoint
+    def pass2(carry, i):
+        cross, l1 = carry
+        d, t = logits_of(i)
+        p_t = jnp.exp(t - lse_t[..., None])
+        cross = cross + jnp.sum(jnp.where(valid[i], p_t * d, 0.0), -1)
+        l1 = l1 + jnp.sum(jnp.abs(jnp.exp(d - lse_d[..., None]) - p_t), -1)
+        return (cross, l1), None
+
+    (cross, l1), _ = jax.lax.scan(pass2, (zero, zero), jnp.arange(n_chunks))
+    return lse_d - cross, l1, ad == at
+
+
+def eagle3_loss(outputs, config: DraftConfig, *, vocab_chunk: int | None = None):
+    """Spec §5 Eagle3 loss.
+
+    Args:
+      outputs: an :class:`~dspark_jax.drafts.eagle3.Eagle3TrainOutput` from ``draft.train_forward``.
+      config: the draft's config (``step_loss_decay``).
+      vocab_chunk: if set, reduce over the vocab in chunks of this many rows (needs no materialised logits).
+    Returns:
+      (loss scalar, metrics dict of scalars).
+    """
+    if vocab_chunk is None and outputs.draft_logits is None:
+        raise ValueError("outputs carry no materialised logits: pass vocab_chunk or "
+                         "train_forward(materialize_logits=True)")
+    if vocab_chunk is None:
+        ce, l1, correct = soft_ce_reference(outputs.draft_logits, outputs.target_logits)
+    else:
+        ce, l1, correct = soft_ce_chunked(outputs.draft_hidden, outputs.target_hidden, outputs.lm_head, vocab_chunk)
+    mask = outputs.position_mask.astype(jnp.float32)                                    # [T,B,S]
+    n_steps, b, s = mask.shape
+    valid = mask > 0
+    step_loss = jnp.sum(jnp.where(valid, ce, 0.0), axis=(1, 2)) / float(b * s)   # [T]
+    decay = jnp.asarray(float(config.step_loss_decay), jnp.float32) ** jnp.arange(n_steps, dtype=jnp.float32)
+    loss = jnp.sum(decay * step_loss)
+    return loss, _metrics(step_loss, loss, l1, correct, valid)
+
+
+def _metrics(step_loss, loss, l1, correct, valid):
+    sg = jax.lax.stop_gradient
+    validf = valid.astype(jnp.float32)
+    correctf = (correct & valid).astype(jnp.float32)
+    accept = sg(jnp.clip(1.0 - 0.5 * l1, 0.0, 1.0)) * validf
+    count = jnp.sum(validf, axis=(1, 2))
+    m = {"loss": sg(loss)}
+    for j in range(step_loss.shape[0]):
+        m[f"ploss_{j}"] = sg(step_loss[j])
+        m[f"accuracy@{j}"] = jnp.sum(correctf[j]) / jnp.maximum(count[j], 1.0)
+        m[f"accept_rate@{j}"] = jnp.sum(accept[j]) / jnp.maximum(count[j], 1.0)
+        m[f"valid_tokens@{j}"] = count[j]
+    start = validf[0]
+    n = jnp.maximum(jnp.sum(start), 1.0)
+    m["tau_greedy"] = (jnp.sum(jnp.cumprod(correctf, axis=0).sum(0) * start) + jnp.sum(start)) / n
+    m["tau_probabilistic"] = (jnp.sum(jnp.cumprod(accept, axis=0).sum(0) * start) + jnp.sum(start)) / n
+    return m
