@@ -19,6 +19,7 @@ from dspark_jax.convert.safetensors_io import CheckpointError
 from dspark_jax.decode.autoregressive import generate
 from dspark_jax.decode.output import GenerationOutput
 from dspark_jax.decode.sampling import SamplingConfig
+from dspark_jax.decode.speculative import speculative_generate
 from dspark_jax.drafts.build import build_draft
 from dspark_jax.drafts.config import DraftConfig
 from dspark_jax.targets.qwen3 import build_target
@@ -29,7 +30,7 @@ from dspark_jax.train.loss import dspark_loss
 __version__ = "0.1.0"
 
 __all__ = [
-    "load_target", "save_target", "generate", "build_target",
+    "load_target", "save_target", "generate", "speculative_generate", "build_target",
     "build_draft", "load_draft", "save_draft", "dspark_loss", "eagle3_loss", "sample_anchors",
     "TargetConfig", "DraftConfig", "RopeConfig", "SamplingConfig", "GenerationOutput", "ConfigError",
     "CheckpointError",

@@ -1,0 +1,224 @@
+"""The jitted, batched draft-verify loop (spec §4): one ``lax.while_loop`` over rounds for the whole batch.
+
+Per round and row: propose a block from the draft cache + pending context taps (sequential Markov sampling)
+-> choose the proposal length L (confidence threshold, or the full block) -> verify all rows in one target
+forward with per-row valid lengths -> rejection sampling -> commit m+1 tokens -> crop both caches by
+setting lengths -> the verified rows' taps become the next pending context. No host round trip per round.
+
+Invariants (spec §8.12), per row after each round: target cache length == start; draft cache length +
+pending rows == start; committed text == prompt + output[:start + 1 - prompt_len].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dspark_jax.decode.output import GenerationOutput
+from dspark_jax.decode.prompts import encode_prompts, pad_batch
+from dspark_jax.decode.sampling import SamplingConfig, sample_tokens
+from dspark_jax.decode.verify import verify_block
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecSettings:
+    """Static settings of one compiled loop."""
+
+    max_new_tokens: int
+    sampling: SamplingConfig
+    stop_ids: tuple[int, ...]
+    threshold: float
+    target_capacity: int
+    draft_capacity: int
+
+
+def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temperature: float = 0.0,
+                         top_k: int = 0, top_p: float = 1.0, threshold: float = 0.0, scheduler=None,
+                         stop_token_ids: Sequence[int] | None = None, seed: int = 0) -> GenerationOutput:
+    """Speculative decoding with a DSpark / DFlash draft; lossless w.r.t. the (warped) target distribution.
+
+    Args:
+      target, draft: a target (``dj.load_target``) and a draft built for it (``dj.build_draft`` / ``dj.load_draft``).
+      prompts: list of token-id lists (or strings when the target has a tokenizer).
+      temperature, top_k, top_p: sampling, applied identically to target and draft (0 = greedy).
+      threshold: confidence threshold theta: a row verifies the drafts before the first position whose
+        confidence sigmoid(c_k) < theta (0 = always the full block). Needs a confidence head when > 0.
+      scheduler: reserved for the hardware-aware prefix scheduler (scheduling issue); must be None for now.
+      stop_token_ids: a row stops once one of these is committed; None = the target config's eos ids.
+      seed: PRNG seed.
+    Returns:
+      :class:`GenerationOutput` with tokens ``[B, max_new_tokens]`` (-1 padded), lengths, accept_lengths
+      ``[B, rounds]`` (m+1 per round; m for a terminal stop round; 0 where a row had no round),
+      proposal_lengths ``[B, rounds]``, and stats (tau, rounds, accept_rate@k, tokens/s, ...).
+    """
+    if scheduler is not None:
+        raise ValueError("scheduler: the prefix scheduler arrives with the scheduling issue; pass None "
+                         "(full blocks) or use threshold")
+    _check_pair(target, draft)
+    if draft.config.is_eagle3:
+        raise NotImplementedError("Eagle3 drafts are not wired into speculative_generate yet (DSpark/DFlash are)")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if threshold < 0 or threshold > 1:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if threshold > 0 and not draft.config.has_confidence:
+        raise ValueError("threshold > 0 needs a draft with a confidence head")
+    sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
+    rows = encode_prompts(prompts, getattr(target, "tokenizer", None), target.config.vocab_size)
+    stops = tuple(target.config.eos_token_ids if stop_token_ids is None else (int(t) for t in stop_token_ids))
+    ids, lengths = pad_batch(rows)
+    bs = draft.config.block_size
+    capacity = ids.shape[1] + int(max_new_tokens) + bs + 2
+    settings = SpecSettings(int(max_new_tokens), sampling, stops, float(threshold), capacity, capacity)
+    t_graph, t_state = nnx.split(target)
+    d_graph, d_state = nnx.split(draft)
+    t0 = time.perf_counter()
+    res = _spec_jit(t_graph, t_state, d_graph, d_state, jnp.asarray(ids), jnp.asarray(lengths),
+                    jax.random.key(seed), settings=settings)
+    res = jax.device_get(res)
+    seconds = time.perf_counter() - t0
+    return _to_output(res, settings, seconds, target, prompts)
+
+
+def _check_pair(target, draft) -> None:
+    tc, dc = target.config, draft.config
+    if dc.arch is None:
+        raise ValueError("draft config is not bound to a target architecture")
+    for f in ("hidden_size", "vocab_size"):
+        if getattr(dc.arch, f) != getattr(tc, f):
+            raise ValueError(f"draft {f}={getattr(dc.arch, f)} does not fit the target's {getattr(tc, f)}")
+    if dc.target_layer_ids[-1] >= tc.num_hidden_layers - 1:
+        raise ValueError(f"draft taps {list(dc.target_layer_ids)} do not fit a {tc.num_hidden_layers}-layer target")
+
+
+def _proposal_lengths(conf_logits, threshold: float, block_size: int, batch: int):
+    """L = index of the first position whose confidence sigmoid(c_k) < theta (block_size if none)."""
+    if threshold <= 0 or conf_logits is None:
+        return jnp.full((batch,), block_size, jnp.int32)
+    low = jax.nn.sigmoid(conf_logits) < threshold
+    return jnp.where(jnp.any(low, axis=1), jnp.argmax(low, axis=1), block_size).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("t_graph", "d_graph", "settings"))
+def _spec_jit(t_graph, t_state, d_graph, d_state, ids, lengths, key, *, settings: SpecSettings):
+    target = nnx.merge(t_graph, t_state)
+    draft = nnx.merge(d_graph, d_state)
+    cfg = draft.config
+    bs, taps = cfg.block_size, cfg.target_layer_ids
+    batch = ids.shape[0]
+    max_new = settings.max_new_tokens
+    max_rounds = max_new
+    out_width = max_new + bs + 1
+    stop_arr = jnp.asarray(settings.stop_ids if settings.stop_ids else (-2,), jnp.int32)
+    rows = jnp.arange(batch)
+
+    # ---- prefill: target over the prompt, first token, draft ingests the prompt's context ----------
+    t_cache = target.init_cache(batch, settings.target_capacity)
+    pre = target(ids, t_cache, num_new=lengths, tap_layer_ids=taps, logits_at=(lengths - 1)[:, None])
+    key, k_first, k_ingest = jax.random.split(key, 3)
+    first = sample_tokens(pre.logits[:, 0], k_first, settings.sampling)
+    d_cache = draft.init_cache(batch, settings.draft_capacity)
+    _, d_cache = draft.block_hidden(d_cache, pre.taps, lengths, first)   # block output unused: context only
+    out = jnp.full((batch, out_width), -1, jnp.int32).at[:, 0].set(first)
+    n_out = jnp.ones((batch,), jnp.int32)
+    done = jnp.isin(first, stop_arr) | (n_out >= max_new)
+    pend = jnp.zeros((batch, bs + 1, pre.taps.shape[-1]), pre.taps.dtype)
+    pend_count = jnp.zeros((batch,), jnp.int32)
+    stats = dict(accept=jnp.zeros((batch, max_rounds), jnp.int32), proposed=jnp.zeros((batch, max_rounds), jnp.int32),
+                 conf=jnp.zeros((batch, max_rounds, bs), jnp.float32),
+                 outcome=jnp.zeros((batch, max_rounds, bs), bool))
+    carry = dict(rnd=jnp.int32(0), t_cache=pre.cache, d_cache=d_cache, pend=pend, pend_count=pend_count,
+                 anchor=first, out=out, n_out=n_out, done=done, key=key, stats=stats)
+
+    def cond(c):
+        return (c["rnd"] < max_rounds) & ~jnp.all(c["done"])
+
+    def body(c):
+        key, k_prop, k_ver = jax.random.split(c["key"], 3)
+        active = ~c["done"]
+        start = c["t_cache"].lengths
+        prop = draft.propose(c["d_cache"], c["pend"], c["pend_count"], c["anchor"], k_prop, settings.sampling)
+        L = _proposal_lengths(prop.confidence_logits, settings.threshold, bs, batch)
+        verify_ids = jnp.concatenate([c["anchor"][:, None], prop.tokens], axis=1)
+        ver = target(verify_ids, c["t_cache"], num_new=L + 1, tap_layer_ids=taps)
+        verdict = verify_block(prop.tokens, prop.logits, ver.logits, L, k_ver, settings.sampling)
+        m = verdict.num_accepted
+        # a stop token among the accepted drafts ends the row there, without a bonus token
+        is_stop = jnp.isin(prop.tokens, stop_arr) & (jnp.arange(bs)[None, :] < m[:, None])
+        stop_in_drafts = jnp.any(is_stop, axis=1)
+        m_cut = jnp.where(stop_in_drafts, jnp.argmax(is_stop, axis=1) + 1, m)
+        committed = jnp.where(jnp.arange(bs + 1)[None, :] < m_cut[:, None],
+                              jnp.concatenate([prop.tokens, prop.tokens[:, :1]], axis=1), -1)
+        committed = jnp.where((jnp.arange(bs + 1)[None, :] == m_cut[:, None]) & ~stop_in_drafts[:, None],
+                              verdict.next_token[:, None], committed)
+        n_commit = jnp.where(stop_in_drafts, m_cut, m_cut + 1)
+        # write committed tokens at n_out .. n_out + n_commit - 1 (inactive rows write nothing)
+        slots = c["n_out"][:, None] + jnp.arange(bs + 1)[None, :]
+        write = active[:, None] & (jnp.arange(bs + 1)[None, :] < n_commit[:, None])
+        out = c["out"].at[rows[:, None], jnp.where(write, slots, out_width)].set(committed, mode="drop")
+        n_out = jnp.where(active, c["n_out"] + n_commit, c["n_out"])
+        new_start = jnp.where(active, start + n_commit, start)
+        committed_stop = stop_in_drafts | jnp.isin(verdict.next_token, stop_arr)
+        done = c["done"] | (active & (committed_stop | (n_out >= max_new)))
+        t_cache = ver.cache.with_lengths(new_start)
+        d_cache = prop.cache.with_lengths(jnp.where(active, prop.cache.lengths, c["d_cache"].lengths))
+        pend = jnp.where(active[:, None, None], ver.taps, c["pend"])
+        pend_count = jnp.where(active, m_cut + 1, c["pend_count"])
+        anchor = jnp.where(active, verdict.next_token, c["anchor"])
+        r = c["rnd"]
+        st = c["stats"]
+        accept_len = jnp.where(active, n_commit, 0)
+        conf = prop.confidence_logits if prop.confidence_logits is not None else jnp.zeros((batch, bs))
+        stats = dict(accept=st["accept"].at[:, r].set(accept_len),
+                     proposed=st["proposed"].at[:, r].set(jnp.where(active, L, 0)),
+                     conf=st["conf"].at[:, r].set(jnp.where(active[:, None], jax.nn.sigmoid(conf), 0.0)),
+                     outcome=st["outcome"].at[:, r].set(active[:, None] & (jnp.arange(bs)[None, :] < m_cut[:, None])))
+        return dict(rnd=r + 1, t_cache=t_cache, d_cache=d_cache, pend=pend, pend_count=pend_count, anchor=anchor,
+                    out=out, n_out=n_out, done=done, key=key, stats=stats)
+
+    final = jax.lax.while_loop(cond, body, carry)
+    return dict(out=final["out"], n_out=final["n_out"], rounds=final["rnd"], stats=final["stats"],
+                t_len=final["t_cache"].lengths, d_len=final["d_cache"].lengths, pend_count=final["pend_count"],
+                prompt_len=lengths)
+
+
+def _to_output(res, settings: SpecSettings, seconds: float, target, prompts) -> GenerationOutput:
+    max_new = settings.max_new_tokens
+    n_out = np.minimum(np.asarray(res["n_out"]), max_new)
+    tokens = np.asarray(res["out"])[:, :max_new].copy()
+    tokens[np.arange(max_new)[None, :] >= n_out[:, None]] = -1
+    rounds = int(res["rounds"])
+    acc = np.asarray(res["stats"]["accept"])[:, :rounds]
+    prop = np.asarray(res["stats"]["proposed"])[:, :rounds]
+    had = acc > 0
+    n_rounds = int(had.sum())
+    bs = prop.max(initial=0)
+    stats = {
+        "seconds": seconds, "new_tokens": int(n_out.sum()), "tokens_per_s": float(n_out.sum() / seconds),
+        "rounds": rounds, "row_rounds": n_rounds, "batch": len(n_out),
+        "tau": float(acc[had].sum() / max(n_rounds, 1)),
+        "mean_proposal": float(prop[had].sum() / max(n_rounds, 1)),
+        "verify_rate": float((acc[had] - 1).clip(min=0).sum() / max(prop[had].sum() + n_rounds, 1)),
+    }
+    # accept_rate@k = #rounds with m > k / #rounds with L > k (spec §4.7)
+    m = (acc - 1).clip(min=0)
+    for k in range(int(bs)):
+        denom = ((prop > k) & had).sum()
+        stats[f"accept_rate@{k}"] = float(((m > k) & had).sum() / denom) if denom else 0.0
+    stats["_invariants"] = {"target_len": np.asarray(res["t_len"]), "draft_len": np.asarray(res["d_len"]),
+                            "pending": np.asarray(res["pend_count"]), "prompt_len": np.asarray(res["prompt_len"])}
+    stats["_round_confidence"] = np.asarray(res["stats"]["conf"])[:, :rounds]
+    stats["_round_outcome"] = np.asarray(res["stats"]["outcome"])[:, :rounds]
+    texts = None
+    tok = getattr(target, "tokenizer", None)
+    if tok is not None and any(isinstance(p, str) for p in prompts):
+        texts = [tok.decode(r[:n].tolist()) for r, n in zip(tokens, n_out)]
+    return GenerationOutput(tokens=tokens, lengths=n_out, stats=stats, accept_lengths=acc, proposal_lengths=prop,
+                            texts=texts)
