@@ -42,7 +42,7 @@ class SpecSettings:
 def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temperature: float = 0.0,
                          top_k: int = 0, top_p: float = 1.0, threshold: float = 0.0, scheduler=None,
                          stop_token_ids: Sequence[int] | None = None, seed: int = 0) -> GenerationOutput:
-    """Speculative decoding with a DSpark / DFlash draft; lossless w.r.t. the (warped) target distribution.
+    """Speculative decoding with a DSpark / DFlash / Eagle3 draft; lossless w.r.t. the (warped) target distribution.
 
     Args:
       target, draft: a target (``dj.load_target``) and a draft built for it (``dj.build_draft`` / ``dj.load_draft``).
@@ -62,8 +62,6 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
         raise ValueError("scheduler: the prefix scheduler arrives with the scheduling issue; pass None "
                          "(full blocks) or use threshold")
     _check_pair(target, draft)
-    if draft.config.is_eagle3:
-        raise NotImplementedError("Eagle3 drafts are not wired into speculative_generate yet (DSpark/DFlash are)")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if threshold < 0 or threshold > 1:
@@ -74,8 +72,7 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
     rows = encode_prompts(prompts, getattr(target, "tokenizer", None), target.config.vocab_size)
     stops = tuple(target.config.eos_token_ids if stop_token_ids is None else (int(t) for t in stop_token_ids))
     ids, lengths = pad_batch(rows)
-    bs = draft.config.block_size
-    capacity = ids.shape[1] + int(max_new_tokens) + bs + 2
+    capacity = ids.shape[1] + int(max_new_tokens) + _drafts_per_round(draft.config) + 2
     settings = SpecSettings(int(max_new_tokens), sampling, stops, float(threshold), capacity, capacity)
     t_graph, t_state = nnx.split(target)
     d_graph, d_state = nnx.split(draft)
@@ -98,6 +95,56 @@ def _check_pair(target, draft) -> None:
         raise ValueError(f"draft taps {list(dc.target_layer_ids)} do not fit a {tc.num_hidden_layers}-layer target")
 
 
+def _drafts_per_round(cfg) -> int:
+    return cfg.ttt_length if cfg.is_eagle3 else cfg.block_size
+
+
+# ---- drafter adapters: how each draft family ingests the prompt, proposes, and absorbs a commit --------
+# DSpark/DFlash state: (cache, pending taps [B, Bs+1, Lt*H], pending count [B]); the verified rows' taps wait
+# as pending context until the next proposal consumes them. Eagle3 state: (cache, last_hidden [B, H]); the
+# committed positions are written into its cache right away, paired with the tokens that follow them.
+
+def _ingest_prompt(draft, cache, taps, ids, lengths, first):
+    if draft.config.is_eagle3:
+        nxt = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+        nxt = jnp.where(jnp.arange(ids.shape[1])[None, :] == (lengths - 1)[:, None], first[:, None], nxt)
+        cache, last = draft.extend(cache, taps, nxt, lengths)
+        return (cache, last)
+    bs = draft.config.block_size
+    _, cache = draft.block_hidden(cache, taps, lengths, first)  # the block output is unused: context only
+    return (cache, jnp.zeros((ids.shape[0], bs + 1, taps.shape[-1]), taps.dtype), jnp.zeros_like(lengths))
+
+
+def _propose(draft, dstate, anchor, key, sampling, stop_ids):
+    """-> (tokens [B, L], logits [B, L, V], confidence logits or None, max usable length [B], cache after)."""
+    if draft.config.is_eagle3:
+        cache, last = dstate
+        prop = draft.propose(cache, last, key, sampling, stop_token_ids=stop_ids)
+        return prop.tokens, prop.logits, None, prop.num_proposed, prop.cache
+    cache, pend, count = dstate
+    prop = draft.propose(cache, pend, count, anchor, key, sampling)
+    return prop.tokens, prop.logits, prop.confidence_logits, None, prop.cache
+
+
+def _absorb_commit(draft, dstate, cache_after, verify_taps, committed, n_rows, active):
+    """The verified rows ``0..n_rows-1`` (x_start and accepted drafts) become draft context."""
+    if draft.config.is_eagle3:
+        _, last = dstate
+        new_cache, new_last = draft.extend(cache_after, verify_taps, jnp.maximum(committed, 0), n_rows, last)
+        cache = new_cache.with_lengths(jnp.where(active, new_cache.lengths, dstate[0].lengths))
+        return (cache, jnp.where(active[:, None], new_last, last))
+    cache, pend, count = dstate
+    cache = cache_after.with_lengths(jnp.where(active, cache_after.lengths, cache.lengths))
+    return (cache, jnp.where(active[:, None, None], verify_taps, pend), jnp.where(active, n_rows, count))
+
+
+def _draft_context_len(draft, dstate):
+    """Draft cache length + pending rows (== start, spec §8.12)."""
+    if draft.config.is_eagle3:
+        return dstate[0].lengths, jnp.zeros_like(dstate[0].lengths)
+    return dstate[0].lengths, dstate[2]
+
+
 def _proposal_lengths(conf_logits, threshold: float, block_size: int, batch: int):
     """L = index of the first position whose confidence sigmoid(c_k) < theta (block_size if none)."""
     if threshold <= 0 or conf_logits is None:
@@ -111,31 +158,29 @@ def _spec_jit(t_graph, t_state, d_graph, d_state, ids, lengths, key, *, settings
     target = nnx.merge(t_graph, t_state)
     draft = nnx.merge(d_graph, d_state)
     cfg = draft.config
-    bs, taps = cfg.block_size, cfg.target_layer_ids
+    bs, taps = _drafts_per_round(cfg), cfg.target_layer_ids
     batch = ids.shape[0]
     max_new = settings.max_new_tokens
     max_rounds = max_new
     out_width = max_new + bs + 1
     stop_arr = jnp.asarray(settings.stop_ids if settings.stop_ids else (-2,), jnp.int32)
     rows = jnp.arange(batch)
+    slots = jnp.arange(bs + 1)[None, :]
 
-    # ---- prefill: target over the prompt, first token, draft ingests the prompt's context ----------
+    # ---- prefill: target over the prompt, first token, the draft ingests the prompt's context -----------
     t_cache = target.init_cache(batch, settings.target_capacity)
     pre = target(ids, t_cache, num_new=lengths, tap_layer_ids=taps, logits_at=(lengths - 1)[:, None])
-    key, k_first, k_ingest = jax.random.split(key, 3)
+    key, k_first = jax.random.split(key)
     first = sample_tokens(pre.logits[:, 0], k_first, settings.sampling)
-    d_cache = draft.init_cache(batch, settings.draft_capacity)
-    _, d_cache = draft.block_hidden(d_cache, pre.taps, lengths, first)   # block output unused: context only
+    dstate = _ingest_prompt(draft, draft.init_cache(batch, settings.draft_capacity), pre.taps, ids, lengths, first)
     out = jnp.full((batch, out_width), -1, jnp.int32).at[:, 0].set(first)
     n_out = jnp.ones((batch,), jnp.int32)
     done = jnp.isin(first, stop_arr) | (n_out >= max_new)
-    pend = jnp.zeros((batch, bs + 1, pre.taps.shape[-1]), pre.taps.dtype)
-    pend_count = jnp.zeros((batch,), jnp.int32)
     stats = dict(accept=jnp.zeros((batch, max_rounds), jnp.int32), proposed=jnp.zeros((batch, max_rounds), jnp.int32),
                  conf=jnp.zeros((batch, max_rounds, bs), jnp.float32),
                  outcome=jnp.zeros((batch, max_rounds, bs), bool))
-    carry = dict(rnd=jnp.int32(0), t_cache=pre.cache, d_cache=d_cache, pend=pend, pend_count=pend_count,
-                 anchor=first, out=out, n_out=n_out, done=done, key=key, stats=stats)
+    carry = dict(rnd=jnp.int32(0), t_cache=pre.cache, dstate=dstate, anchor=first, out=out, n_out=n_out, done=done,
+                 key=key, stats=stats)
 
     def cond(c):
         return (c["rnd"] < max_rounds) & ~jnp.all(c["done"])
@@ -144,49 +189,45 @@ def _spec_jit(t_graph, t_state, d_graph, d_state, ids, lengths, key, *, settings
         key, k_prop, k_ver = jax.random.split(c["key"], 3)
         active = ~c["done"]
         start = c["t_cache"].lengths
-        prop = draft.propose(c["d_cache"], c["pend"], c["pend_count"], c["anchor"], k_prop, settings.sampling)
-        L = _proposal_lengths(prop.confidence_logits, settings.threshold, bs, batch)
-        verify_ids = jnp.concatenate([c["anchor"][:, None], prop.tokens], axis=1)
-        ver = target(verify_ids, c["t_cache"], num_new=L + 1, tap_layer_ids=taps)
-        verdict = verify_block(prop.tokens, prop.logits, ver.logits, L, k_ver, settings.sampling)
+        tokens, logits, conf, usable, d_cache_after = _propose(draft, c["dstate"], c["anchor"], k_prop,
+                                                               settings.sampling, settings.stop_ids)
+        L = _proposal_lengths(conf, settings.threshold, bs, batch)
+        if usable is not None:
+            L = jnp.minimum(L, usable)
+        ver = target(jnp.concatenate([c["anchor"][:, None], tokens], axis=1), c["t_cache"], num_new=L + 1,
+                     tap_layer_ids=taps)
+        verdict = verify_block(tokens, logits, ver.logits, L, k_ver, settings.sampling)
         m = verdict.num_accepted
         # a stop token among the accepted drafts ends the row there, without a bonus token
-        is_stop = jnp.isin(prop.tokens, stop_arr) & (jnp.arange(bs)[None, :] < m[:, None])
+        is_stop = jnp.isin(tokens, stop_arr) & (slots[:, :bs] < m[:, None])
         stop_in_drafts = jnp.any(is_stop, axis=1)
         m_cut = jnp.where(stop_in_drafts, jnp.argmax(is_stop, axis=1) + 1, m)
-        committed = jnp.where(jnp.arange(bs + 1)[None, :] < m_cut[:, None],
-                              jnp.concatenate([prop.tokens, prop.tokens[:, :1]], axis=1), -1)
-        committed = jnp.where((jnp.arange(bs + 1)[None, :] == m_cut[:, None]) & ~stop_in_drafts[:, None],
-                              verdict.next_token[:, None], committed)
         n_commit = jnp.where(stop_in_drafts, m_cut, m_cut + 1)
-        # write committed tokens at n_out .. n_out + n_commit - 1 (inactive rows write nothing)
-        slots = c["n_out"][:, None] + jnp.arange(bs + 1)[None, :]
-        write = active[:, None] & (jnp.arange(bs + 1)[None, :] < n_commit[:, None])
-        out = c["out"].at[rows[:, None], jnp.where(write, slots, out_width)].set(committed, mode="drop")
+        padded = jnp.concatenate([tokens, jnp.zeros_like(tokens[:, :1])], axis=1)
+        committed = jnp.where(slots == m_cut[:, None], verdict.next_token[:, None], padded)
+        committed = jnp.where(slots < n_commit[:, None], committed, -1)
+        # write the committed tokens at n_out .. n_out + n_commit - 1 (inactive rows write nothing)
+        write = active[:, None] & (slots < n_commit[:, None])
+        out = c["out"].at[rows[:, None], jnp.where(write, c["n_out"][:, None] + slots, out_width)].set(
+            committed, mode="drop")
         n_out = jnp.where(active, c["n_out"] + n_commit, c["n_out"])
-        new_start = jnp.where(active, start + n_commit, start)
         committed_stop = stop_in_drafts | jnp.isin(verdict.next_token, stop_arr)
         done = c["done"] | (active & (committed_stop | (n_out >= max_new)))
-        t_cache = ver.cache.with_lengths(new_start)
-        d_cache = prop.cache.with_lengths(jnp.where(active, prop.cache.lengths, c["d_cache"].lengths))
-        pend = jnp.where(active[:, None, None], ver.taps, c["pend"])
-        pend_count = jnp.where(active, m_cut + 1, c["pend_count"])
-        anchor = jnp.where(active, verdict.next_token, c["anchor"])
-        r = c["rnd"]
-        st = c["stats"]
-        accept_len = jnp.where(active, n_commit, 0)
-        conf = prop.confidence_logits if prop.confidence_logits is not None else jnp.zeros((batch, bs))
-        stats = dict(accept=st["accept"].at[:, r].set(accept_len),
+        t_cache = ver.cache.with_lengths(jnp.where(active, start + n_commit, start))
+        dstate = _absorb_commit(draft, c["dstate"], d_cache_after, ver.taps, committed, n_commit, active)
+        r, st = c["rnd"], c["stats"]
+        conf_p = jax.nn.sigmoid(conf) if conf is not None else jnp.zeros((batch, bs))
+        stats = dict(accept=st["accept"].at[:, r].set(jnp.where(active, n_commit, 0)),
                      proposed=st["proposed"].at[:, r].set(jnp.where(active, L, 0)),
-                     conf=st["conf"].at[:, r].set(jnp.where(active[:, None], jax.nn.sigmoid(conf), 0.0)),
-                     outcome=st["outcome"].at[:, r].set(active[:, None] & (jnp.arange(bs)[None, :] < m_cut[:, None])))
-        return dict(rnd=r + 1, t_cache=t_cache, d_cache=d_cache, pend=pend, pend_count=pend_count, anchor=anchor,
+                     conf=st["conf"].at[:, r].set(jnp.where(active[:, None], conf_p, 0.0)),
+                     outcome=st["outcome"].at[:, r].set(active[:, None] & (slots[:, :bs] < m_cut[:, None])))
+        return dict(rnd=r + 1, t_cache=t_cache, dstate=dstate, anchor=jnp.where(active, verdict.next_token, c["anchor"]),
                     out=out, n_out=n_out, done=done, key=key, stats=stats)
 
     final = jax.lax.while_loop(cond, body, carry)
+    d_len, pending = _draft_context_len(draft, final["dstate"])
     return dict(out=final["out"], n_out=final["n_out"], rounds=final["rnd"], stats=final["stats"],
-                t_len=final["t_cache"].lengths, d_len=final["d_cache"].lengths, pend_count=final["pend_count"],
-                prompt_len=lengths)
+                t_len=final["t_cache"].lengths, d_len=d_len, pend_count=pending, prompt_len=lengths)
 
 
 def _to_output(res, settings: SpecSettings, seconds: float, target, prompts) -> GenerationOutput:

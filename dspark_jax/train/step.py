@@ -129,7 +129,7 @@ def logical_shardings(tree, mesh: Mesh, rules: LogicalRules | None = None):
     def one(path, x):
         if _is_variable(x):
             axes = x.get_metadata().get("logical_axes")
-            return x.replace(value=fn(_path_str(path), tuple(x.value.shape), axes))
+            return x.replace(value=fn(_path_str(path), tuple(x.get_value().shape), axes))
         return replicated
 
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_variable)
@@ -240,7 +240,7 @@ def make_train_step(target: nnx.Module, draft: nnx.Module, optimizer: optax.Grad
         metrics = dict(metrics)
         metrics.update(extra)
         metrics["loss"] = loss
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         if lr_schedule is not None:
             metrics["lr"] = jnp.asarray(lr_schedule(optimizer_update_count(state.opt_state)), jnp.float32)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

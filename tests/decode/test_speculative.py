@@ -193,3 +193,41 @@ def test_draft_equal_to_target_accepts_everything_when_sampling(bigram_target, d
                                   stop_token_ids=(), seed=4)
     assert out.stats["tau"] == 5.0
     _check_round_invariants(out, 21, 4)
+
+
+def _eagle3(target, seed=1):
+    cfg = dj.DraftConfig(architecture="Qwen3Eagle3Model", target_layer_ids=(0, 1, 2, 3, 4), num_draft_layers=1,
+                         ttt_length=4)
+    return dj.build_draft(target, cfg, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def deep_target():
+    from spec_pairs import _target
+
+    return _target(seed=5, layers=7)
+
+
+def test_eagle3_greedy_equals_target_greedy(deep_target):
+    draft = _eagle3(deep_target)
+    ref = dj.generate(deep_target, PROMPTS, max_new_tokens=20, stop_token_ids=())
+    out = dj.speculative_generate(deep_target, draft, PROMPTS, max_new_tokens=20, stop_token_ids=())
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    _check_round_invariants(out, 20, 4)
+    stop = int(ref.tokens[0, 5])
+    ref = dj.generate(deep_target, PROMPTS, max_new_tokens=20, stop_token_ids=[stop])
+    out = dj.speculative_generate(deep_target, draft, PROMPTS, max_new_tokens=20, stop_token_ids=[stop])
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+
+
+def test_eagle3_lossless_first_three_tokens(deep_target):
+    samples = _sample_first_tokens(deep_target, _eagle3(deep_target), [3, 7, 1], SamplingConfig(1.0), seed=2)
+    assert _chi_square_pvalue(samples, _first_tokens_distribution(deep_target, [3, 7, 1], 3, SamplingConfig(1.0))) > ALPHA
+
+
+def test_invariants_hold_with_stop_tokens_inside_accepted_drafts(bigram_target, draft_factory):
+    draft = draft_factory(bigram_target, oracle_scale=50.0)
+    free = dj.generate(bigram_target, PROMPTS, max_new_tokens=20, stop_token_ids=())
+    stop = int(free.tokens[3, 4])
+    out = dj.speculative_generate(bigram_target, draft, PROMPTS, max_new_tokens=20, stop_token_ids=[stop])
+    _check_round_invariants(out, 20, 4)

@@ -32,7 +32,11 @@ V, MASK_ID, B, S = 32, 31, 8, 16
 # CPU compile time dominates these tests; these options cut it ~3x (numerics are still IEEE fp32)
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 MESHES = {"1dev": {}, "data8": {"data": 8}, "d2f2t2": {"data": 2, "fsdp": 2, "tensor": 2}}
-PEAK_LR, TOTAL = 3e-2, 30
+# one step is compared across meshes at 1e-5: Adam's first update is lr * g / (|g| + eps), which turns
+# reduction-order noise in a near-zero gradient into a visible change, so keep that lr realistic (2.5e-4)
+PEAK_LR, TOTAL = 1e-3, 100
+# overfitting one batch wants a large rate
+FIT_PEAK_LR, FIT_STEPS = 3e-2, 30
 
 
 def tiny_target(num_layers: int = 4, seed: int = 0):
@@ -135,12 +139,12 @@ def test_state_stays_on_logical_shardings(one_step, models):
     for (path, x), sh in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(want)):
         assert x.sharding.is_equivalent_to(sh, x.ndim), jax.tree_util.keystr(path)
     # spot checks of the rules: embed -> fsdp, vocab/heads/mlp -> tensor, norms and scalars replicated
-    assert state.params["fc"]["kernel"].sharding.spec == P(None, "fsdp")
-    assert state.frozen["lm_head"].sharding.spec == P("tensor", "fsdp")
-    assert state.params["layers"][0]["mlp"]["gate_proj"]["kernel"].sharding.spec == P("fsdp", "tensor")
-    assert state.params["norm"]["weight"].sharding.spec == P()
+    assert state.params["fc"]["kernel"][...].sharding.spec == P(None, "fsdp")
+    assert state.frozen["lm_head"][...].sharding.spec == P("tensor", "fsdp")
+    assert state.params["layers"][0]["mlp"]["gate_proj"]["kernel"][...].sharding.spec == P("fsdp", "tensor")
+    assert state.params["norm"]["weight"][...].sharding.spec == P()
     assert state.step.sharding.spec == P()
-    assert target_state["embed_tokens"]["embedding"].sharding.spec == P("tensor", "fsdp")
+    assert target_state["embed_tokens"]["embedding"][...].sharding.spec == P("tensor", "fsdp")
 
 
 def test_frozen_bit_identical_and_not_in_optimizer(one_step, models, optimizer):
@@ -173,18 +177,21 @@ def test_frozen_bit_identical_and_not_in_optimizer(one_step, models, optimizer):
     assert int(optimizer_update_count(state.opt_state)) == 3
 
 
-def test_loss_decreases_when_overfitting_one_batch(one_step, models, optimizer):
+def test_loss_decreases_when_overfitting_one_batch(one_step, models):
     target, draft = models
-    mesh, fn, target_state, _, _ = one_step["1dev"]
-    state = shard_train_state(init_train_state(draft, optimizer, seed=0), mesh)
+    mesh, _, target_state, _, _ = one_step["1dev"]
+    opt = make_optimizer(FIT_PEAK_LR, FIT_STEPS)
+    fn = make_train_step(target, draft, opt, mesh=mesh, lr_schedule=dspark_lr_schedule(FIT_PEAK_LR, FIT_STEPS),
+                         compiler_options=FAST_COMPILE)
+    state = shard_train_state(init_train_state(draft, opt, seed=0), mesh)
     batch = make_batch()
     losses = []
-    for _ in range(TOTAL):
+    for _ in range(FIT_STEPS):
         state, metrics = fn(state, target_state, batch)
         losses.append(float(metrics["loss"]))
     assert all(np.isfinite(losses))
     assert np.mean(losses[-5:]) < 0.75 * losses[0], losses
-    assert metrics["lr"] < 1e-3 * PEAK_LR  # the cosine reached ~0 at the last step
+    assert metrics["lr"] < 1e-2 * FIT_PEAK_LR  # the cosine reached ~0 at the last step
 
 
 def test_dflash_step_chunked_loss_on_mesh():
@@ -219,7 +226,7 @@ def test_eagle3_step():
     assert metrics["grad_norm"] > 0
     after = host(new_state.params)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
-    np.testing.assert_array_equal(np.asarray(new_state.frozen["lm_head"][...]), np.asarray(state.frozen["lm_head"][...]))
+    np.testing.assert_array_equal(np.asarray(new_state.frozen["lm_head"][...]), np.asarray(target.lm_head.kernel[...]).T)
 
 
 # ---- schedule / optimizer (spec §3.5, §8.14) -----------------------------------------------------------------
@@ -233,7 +240,7 @@ def test_lr_schedule_values(total):
     assert float(sched(w - 1)) == pytest.approx(peak, rel=1e-6)
     assert float(sched(w)) == pytest.approx(peak, rel=1e-6)
     assert float(sched(total - 1)) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * (total - 1 - w) / (total - w))),
-                                                    rel=1e-4, abs=1e-12)
+                                                    rel=1e-4, abs=1e-6 * peak)
     assert float(sched(total - 1)) < 0.01 * peak
     mid = w + (total - w) // 2
     assert float(sched(mid)) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * (mid - w) / (total - w))), rel=1e-5)
