@@ -1,4 +1,4 @@
-"""The ``dspark`` command line: ``dspark demo``, ``dspark generate`` (more commands arrive with their issues).
+"""The ``dspark`` command line: ``dspark demo``, ``dspark generate``, ``dspark eval``, ``dspark generate-data``.
 
 Every command prints a human summary and writes machine-readable JSON beside it.
 """
@@ -141,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write results as JSON here")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
+
+    from dspark_jax.decode.synthetic import add_generate_data_parser
+    from dspark_jax.eval.run import add_eval_parser
+
+    add_eval_parser(sub)            # dspark eval: acceptance metrics + speculative vs plain tokens/s
+    add_generate_data_parser(sub)   # dspark generate-data: regenerate training conversations with the target
     return parser
 
 

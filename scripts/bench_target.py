@@ -13,7 +13,7 @@ reports the median new tokens/s of each, the ratio, and whether the greedy outpu
 
 Each implementation runs in its own worker subprocess (this same script with a hidden ``--worker`` flag).
 On a small CPU machine the two runtimes' thread pools fight when they share a process: measured on a
-2-core box, torch generate got ~10x slower once JAX had run, and dj.generate ~1.8x slower once torch had.
+2-core box, torch generate got 6-10x slower once JAX had run, and dj.generate ~1.8x slower once torch had.
 Separate processes give each one the whole machine.
 
 Thin on purpose: the model, cache and decode loop are the package's; this only builds a checkpoint,

@@ -43,7 +43,7 @@ def load_target(path: str | os.PathLike, dtype="float32", *, sharding: ShardingF
     state = fill_state(abs_state, values)
     model = nnx.merge(graphdef, state)
     if load_tokenizer:
-        model.tokenizer = _maybe_tokenizer(path)
+        model.attach_tokenizer(_maybe_tokenizer(path))
     return model
 
 

@@ -25,6 +25,7 @@ from dspark_jax.decode.output import GenerationOutput
 from dspark_jax.decode.prompts import encode_prompts, pad_batch
 from dspark_jax.decode.sampling import SamplingConfig, sample_tokens
 from dspark_jax.decode.verify import verify_block
+from dspark_jax.eval.metrics import round_counts, summarize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,21 +239,16 @@ def _to_output(res, settings: SpecSettings, seconds: float, target, prompts) -> 
     rounds = int(res["rounds"])
     acc = np.asarray(res["stats"]["accept"])[:, :rounds]
     prop = np.asarray(res["stats"]["proposed"])[:, :rounds]
-    had = acc > 0
-    n_rounds = int(had.sum())
-    bs = prop.max(initial=0)
+    outcome = np.asarray(res["stats"]["outcome"])[:, :rounds]
+    drafts = outcome.sum(axis=-1).astype(np.int32)          # m per round (accepted drafts, after a stop cut)
+    summary = summarize(round_counts(acc, prop, drafts, max_positions=outcome.shape[-1]))
     stats = {
         "seconds": seconds, "new_tokens": int(n_out.sum()), "tokens_per_s": float(n_out.sum() / seconds),
-        "rounds": rounds, "row_rounds": n_rounds, "batch": len(n_out),
-        "tau": float(acc[had].sum() / max(n_rounds, 1)),
-        "mean_proposal": float(prop[had].sum() / max(n_rounds, 1)),
-        "verify_rate": float((acc[had] - 1).clip(min=0).sum() / max(prop[had].sum() + n_rounds, 1)),
+        "rounds": rounds, "row_rounds": summary["rounds"], "batch": len(n_out), "tau": summary["tau"],
+        "mean_proposal": summary["mean_proposal"], "verify_rate": summary["verify_rate"],
     }
-    # accept_rate@k = #rounds with m > k / #rounds with L > k (spec §4.7)
-    m = (acc - 1).clip(min=0)
-    for k in range(int(bs)):
-        denom = ((prop > k) & had).sum()
-        stats[f"accept_rate@{k}"] = float(((m > k) & had).sum() / denom) if denom else 0.0
+    for k, rate in enumerate(summary["accept_rate"]):   # accept_rate@k = #rounds with m > k / #rounds with L > k
+        stats[f"accept_rate@{k}"] = 0.0 if rate is None else rate
     stats["_invariants"] = {"target_len": np.asarray(res["t_len"]), "draft_len": np.asarray(res["d_len"]),
                             "pending": np.asarray(res["pend_count"]), "prompt_len": np.asarray(res["prompt_len"])}
     stats["_round_confidence"] = np.asarray(res["stats"]["conf"])[:, :rounds]
@@ -262,4 +258,4 @@ def _to_output(res, settings: SpecSettings, seconds: float, target, prompts) -> 
     if tok is not None and any(isinstance(p, str) for p in prompts):
         texts = [tok.decode(r[:n].tolist()) for r, n in zip(tokens, n_out)]
     return GenerationOutput(tokens=tokens, lengths=n_out, stats=stats, accept_lengths=acc, proposal_lengths=prop,
-                            texts=texts)
+                            accepted_drafts=drafts, texts=texts)

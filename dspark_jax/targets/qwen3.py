@@ -13,6 +13,7 @@ from flax import nnx
 from dspark_jax.cache import KVCache, causal_cache_mask, write_rows
 from dspark_jax.config import ConfigError, TargetConfig
 from dspark_jax.nn.attention import Attention
+from dspark_jax.nn.host import HostAttachment
 from dspark_jax.nn.linear import embed, linear
 from dspark_jax.nn.mlp import SwiGLU
 from dspark_jax.nn.moe import MoE
@@ -81,7 +82,7 @@ class Qwen3ForCausalLM(nnx.Module):
         param_dtype = dtype if param_dtype is None else param_dtype
         self.config = config
         self.dtype = jnp.dtype(dtype)
-        self.tokenizer = None
+        self._host = HostAttachment()
         std = config.initializer_range
         self.embed_tokens = embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                   init_std=std, rngs=rngs)
@@ -94,6 +95,15 @@ class Qwen3ForCausalLM(nnx.Module):
             init_std=std, rngs=rngs)
         inv_freq, self.rope_scaling = rope_inv_freq(config.rope, config.head_dim, config.max_position_embeddings)
         self.rope_inv_freq = tuple(float(f) for f in inv_freq)
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer (or None); kept out of the jit cache key."""
+        return self._host.obj
+
+    def attach_tokenizer(self, tokenizer) -> None:
+        """Sets ``.tokenizer`` (not a plain attribute assignment: nnx would record it in the graph)."""
+        self._host.obj = tokenizer
 
     # ---- pieces reused by drafts and decoding ------------------------------------------
     def embed(self, input_ids: jax.Array) -> jax.Array:

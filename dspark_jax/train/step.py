@@ -42,6 +42,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -147,11 +148,20 @@ def batch_sharding(mesh: Mesh, batch_size: int | None = None) -> NamedSharding:
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict:
-    """Places every ``[B, ...]`` array of ``batch`` with its batch dimension over ``("data", "fsdp")``."""
+    """Places every ``[B, ...]`` array of ``batch`` with its batch dimension over ``("data", "fsdp")``.
+
+    Host (numpy) arrays are the global batch on one process; with several processes they are this process's
+    rows (``jax.make_array_from_process_local_data``), so each host feeds only its own share."""
     out = {}
+    multi = jax.process_count() > 1
     for k, v in batch.items():
-        v = jnp.asarray(v) if not isinstance(v, jax.Array) else v
-        out[k] = jax.device_put(v, batch_sharding(mesh, v.shape[0]))
+        if isinstance(v, jax.Array):
+            out[k] = jax.device_put(v, batch_sharding(mesh, v.shape[0]))
+        elif multi:
+            out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh), np.asarray(v))
+        else:
+            v = np.asarray(v)
+            out[k] = jax.device_put(v, batch_sharding(mesh, v.shape[0]))
     return out
 
 
@@ -182,7 +192,8 @@ def make_train_step(target: nnx.Module, draft: nnx.Module, optimizer: optax.Grad
       target: the target module (only its graphdef is kept; its weights come in as ``target_state``, from
         ``nnx.split(target)[1]``, placed with :func:`shard_target_state` when using a mesh).
       draft: the draft module (its graphdef and config are kept; weights live in the :class:`TrainState`).
-      optimizer: an optax transformation over the ``params`` tree (e.g. :func:`~dspark_jax.train.schedule.make_optimizer`).
+      optimizer: an optax transformation over the ``params`` tree (e.g.
+        :func:`~dspark_jax.train.schedule.make_optimizer`).
       vocab_chunk: reduce the loss over the vocab in chunks of this many rows (no ``[..,V]`` logits); None
         materialises the logits.
       mesh, rules: place the batch (in the wrapper) and pin the output state to the logical-axis shardings.

@@ -1,0 +1,347 @@
+"""``dspark eval``: acceptance metrics (spec §4.7) and speculative-vs-plain throughput on DeepSpec prompt sets.
+
+Per dataset, prompts (spec §4.8) are run in batches through ``dj.speculative_generate`` and, on the same
+prompts with the same seed and sampling settings, through plain ``dj.generate``; both are timed. The first
+batch of each compiled shape (batch size, prompt-length bucket) is run twice and timed on the second run, so
+compilation is excluded from tokens/s and reported separately. Rounds are aggregated as sums over all
+rounds of the dataset (:mod:`dspark_jax.eval.metrics`), never as means of batch means.
+
+Writes ``results.json`` (settings, per-dataset metrics and raw counts), ``results.md`` (Markdown tables) and
+``rounds/<dataset>.npz`` (per-sample round arrays: accept_lengths, proposal_lengths, accepted_drafts and the
+per-position confidence, for re-aggregation or calibration studies).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from dspark_jax.eval import datasets as D
+from dspark_jax.eval.metrics import RoundCounts, accepted_drafts_from_outcome, output_counts, summarize
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    max_new_tokens: int = 2048
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    threshold: float = 0.0
+    seed: int = 980406
+    batch_size: int = 1
+    max_samples: int | None = None
+    warmup: bool = True
+
+
+def drafts_per_round(draft) -> int:
+    cfg = draft.config
+    return cfg.ttt_length if cfg.is_eagle3 else cfg.block_size
+
+
+def _batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Sample indices per batch; with batch_size > 1 prompts are grouped by length (fewer compiled shapes, less
+    padding). Batch size 1 keeps the dataset order (DeepSpec's per-sample loop)."""
+    order = list(range(len(prompts)))
+    if batch_size > 1:
+        order.sort(key=lambda i: len(prompts[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@dataclasses.dataclass
+class _DatasetRun:
+    counts: RoundCounts
+    spec_tokens: int = 0
+    spec_seconds: float = 0.0
+    plain_tokens: int = 0
+    plain_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    greedy_rows: int = 0
+    greedy_match: int = 0
+    prompt_tokens: int = 0
+    rounds: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
+
+
+def evaluate_dataset(target, draft, name: str, prompts: list[list[int]], settings: EvalSettings,
+                     stop_ids: tuple[int, ...], compiled: set, on_batch: Callable[[int], None] | None = None
+                     ) -> _DatasetRun:
+    """Runs one dataset's prompts (token ids) speculatively and plainly; returns the accumulated run."""
+    import dspark_jax as dj
+    from dspark_jax.config import next_bucket
+
+    k = drafts_per_round(draft)
+    run = _DatasetRun(counts=RoundCounts(k))
+    b = max(1, min(settings.batch_size, len(prompts)))
+    kw = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
+              top_p=settings.top_p, stop_token_ids=stop_ids)
+    for idx in _batches(prompts, b):
+        real = len(idx)
+        rows = [prompts[i] for i in idx] + [prompts[idx[-1]]] * (b - real)  # pad: the compiled shape repeats
+        seed = settings.seed + idx[0]
+
+        def spec():
+            return dj.speculative_generate(target, draft, rows, threshold=settings.threshold, scheduler=None,
+                                           seed=seed, **kw)
+
+        def plain():
+            return dj.generate(target, rows, seed=seed, **kw)
+
+        shape = (b, next_bucket(max(len(r) for r in rows)))
+        first_s = first_p = None
+        if settings.warmup and shape not in compiled:
+            first_s, first_p = spec(), plain()
+        s_out, p_out = spec(), plain()
+        if first_s is not None:
+            run.compile_seconds += max(0.0, first_s.stats["seconds"] - s_out.stats["seconds"])
+            run.compile_seconds += max(0.0, first_p.stats["seconds"] - p_out.stats["seconds"])
+        compiled.add(shape)
+
+        run.counts = run.counts + output_counts(s_out, k, rows=real)
+        run.spec_tokens += int(s_out.lengths[:real].sum())
+        run.plain_tokens += int(p_out.lengths[:real].sum())
+        run.spec_seconds += s_out.stats["seconds"]
+        run.plain_seconds += p_out.stats["seconds"]
+        run.prompt_tokens += sum(len(prompts[i]) for i in idx)
+        if settings.temperature == 0:
+            run.greedy_rows += real
+            run.greedy_match += sum(a == p for a, p in zip(s_out.token_lists()[:real], p_out.token_lists()[:real]))
+        _keep_rounds(run, s_out, idx)
+        if on_batch is not None:
+            on_batch(real)
+    return run
+
+
+def _keep_rounds(run: _DatasetRun, out, idx: list[int]) -> None:
+    real = len(idx)
+    outcome = out.stats.get("_round_outcome")
+    conf = out.stats.get("_round_confidence")
+    arrays = {"sample_index": np.asarray(idx, np.int64),
+              "accept_lengths": out.accept_lengths[:real], "proposal_lengths": out.proposal_lengths[:real],
+              "new_tokens": np.asarray(out.lengths[:real])}
+    if outcome is not None:
+        arrays["accepted_drafts"] = accepted_drafts_from_outcome(outcome)[:real]
+    if conf is not None:
+        arrays["confidence"] = np.asarray(conf)[:real]
+    for key, val in arrays.items():
+        run.rounds.setdefault(key, []).append(val)
+
+
+def _stack_rounds(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenates per-batch ``[b, rounds, ...]`` arrays along rows, zero-padding the rounds axis."""
+    out = {}
+    for key, vals in parts.items():
+        if vals[0].ndim == 1:
+            out[key] = np.concatenate(vals)
+            continue
+        width = max(v.shape[1] for v in vals)
+        padded = [np.pad(v, [(0, 0), (0, width - v.shape[1])] + [(0, 0)] * (v.ndim - 2)) for v in vals]
+        out[key] = np.concatenate(padded)
+    return out
+
+
+def dataset_row(name: str, run: _DatasetRun) -> dict[str, Any]:
+    row = {"dataset": name, **summarize(run.counts)}
+    spec_tps = run.spec_tokens / run.spec_seconds if run.spec_seconds > 0 else 0.0
+    plain_tps = run.plain_tokens / run.plain_seconds if run.plain_seconds > 0 else 0.0
+    row.update({
+        "prompt_tokens": run.prompt_tokens,
+        "speculative": {"new_tokens": run.spec_tokens, "seconds": run.spec_seconds, "tokens_per_s": spec_tps},
+        "plain": {"new_tokens": run.plain_tokens, "seconds": run.plain_seconds, "tokens_per_s": plain_tps},
+        "speedup": spec_tps / plain_tps if plain_tps > 0 else None,
+        "compile_seconds": run.compile_seconds,
+        "counts": run.counts.to_dict(),
+    })
+    if run.greedy_rows:
+        row["greedy_match_rate"] = run.greedy_match / run.greedy_rows
+    return row
+
+
+def evaluate(target, draft, data_dir: str | os.PathLike, datasets: str | list[str] | None,
+             settings: EvalSettings, *, target_dir: str | os.PathLike | None = None, rounds_dir: str | None = None,
+             progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluates ``draft`` against ``target`` on the named datasets of ``data_dir``. Returns the results dict
+    (what ``results.json`` holds); with ``rounds_dir`` also writes ``<dataset>.npz`` round arrays there."""
+    import jax
+
+    from dspark_jax.decode.synthetic import resolve_stop_ids
+
+    tok = getattr(target, "tokenizer", None)
+    if tok is None:
+        raise ValueError("the target has no tokenizer: eval renders prompts with the chat template; put the "
+                         "tokenizer files (tokenizer.json, tokenizer_config.json) in the target directory")
+    if not getattr(tok, "chat_template", None):
+        raise ValueError("the target's tokenizer has no chat template")
+    if settings.batch_size < 1 or settings.max_new_tokens < 1:
+        raise ValueError("batch_size and max_new_tokens must be >= 1")
+    names = D.resolve_names(data_dir, datasets)
+    if not names:
+        raise D.DatasetError(f"none of DeepSpec's default datasets is in {os.fspath(data_dir)!r}; pass --datasets "
+                             f"(available: {', '.join(D.available_datasets(data_dir))})")
+    stop_ids = resolve_stop_ids(target, target_dir)
+    loaded = {}
+    for name in names:
+        texts = D.load_prompts(data_dir, name, settings.max_samples, settings.seed)
+        loaded[name] = [D.chat_prompt_ids(tok, t) for t in texts]
+        limit = target.config.max_position_embeddings
+        longest = max((len(p) for p in loaded[name]), default=0)
+        if longest + settings.max_new_tokens > limit:
+            log(f"[eval] warning: {name}: a prompt of {longest} tokens + {settings.max_new_tokens} new tokens exceeds "
+                f"max_position_embeddings={limit}")
+    total = sum(len(p) for p in loaded.values())
+    bar = None
+    if progress and total:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="eval", unit="prompt", file=sys.stderr)
+    rows, compiled = [], set()
+    t0 = time.perf_counter()
+    for name in names:
+        prompts = loaded[name]
+        if not prompts:
+            log(f"[eval] {name}: no prompts (empty file); skipped")
+            continue
+        if bar is not None:
+            bar.set_postfix(dataset=name)
+        run = evaluate_dataset(target, draft, name, prompts, settings, stop_ids, compiled,
+                               on_batch=bar.update if bar is not None else None)
+        row = dataset_row(name, run)
+        rows.append(row)
+        if rounds_dir is not None:
+            os.makedirs(rounds_dir, exist_ok=True)
+            np.savez_compressed(os.path.join(rounds_dir, f"{name}.npz"), **_stack_rounds(run.rounds))
+        log(f"[eval] {name}: n={row['samples']} tau={row['tau']:.2f} #propose={row['propose']} "
+            f"verify_rate={row['verify_rate']:.4f} spec {row['speculative']['tokens_per_s']:.1f} tok/s vs plain "
+            f"{row['plain']['tokens_per_s']:.1f} tok/s (x{row['speedup'] or 0:.2f})")
+    if bar is not None:
+        bar.close()
+    return {
+        "settings": {**dataclasses.asdict(settings), "stop_token_ids": list(stop_ids),
+                     "drafts_per_round": drafts_per_round(draft), "datasets": names},
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "wall_seconds": time.perf_counter() - t0,
+        "datasets": rows,
+    }
+
+
+# ---- reports ------------------------------------------------------------------------------------------------
+
+def _f(x, fmt="{:.4f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    rows = results["datasets"]
+    s = results["settings"]
+    k = s["drafts_per_round"]
+    title = "# DSpark eval"
+    if results.get("draft") and results.get("target"):
+        title += f": draft {os.path.basename(results['draft'].rstrip('/'))} on target " \
+                 f"{os.path.basename(results['target'].rstrip('/'))}"
+    lines = [title, "",
+             f"temperature {s['temperature']}, max_new_tokens {s['max_new_tokens']}, threshold {s['threshold']}, "
+             f"batch {s['batch_size']}, seed {s['seed']}, backend {results['backend']} ({results['device']}). "
+             "tau includes the bonus token; tokens/s exclude compilation.", "",
+             "| dataset | n | #propose | tau | verify_rate | spec tok/s | plain tok/s | speedup |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['samples']} | {r['propose']} | {r['tau']:.2f} | {r['verify_rate']:.4f} | "
+                     f"{r['speculative']['tokens_per_s']:.1f} | {r['plain']['tokens_per_s']:.1f} | "
+                     f"{_f(r['speedup'], '{:.2f}')} |")
+    head = " | ".join(f"@{i}" for i in range(k))
+    lines += ["", "accept_rate@k (rounds with m > k / rounds with L > k)", "",
+              f"| dataset | {head} |", "|---|" + "---:|" * k]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | " + " | ".join(_f(x) for x in r["accept_rate"]) + " |")
+    lines += ["", "conditional acceptance accept_rate@k / accept_rate@(k-1)", "",
+              f"| dataset | {head} |", "|---|" + "---:|" * k]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | " + " | ".join(_f(x) for x in r["conditional_accept_rate"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict[str, Any], out_dir: str | os.PathLike) -> tuple[str, str]:
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    jpath, mpath = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")
+    tmp = jpath + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, jpath)
+    with open(mpath, "w", encoding="utf-8") as f:
+        f.write(markdown_report(results))
+    return jpath, mpath
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+
+def cmd_eval(args) -> int:
+    """Acceptance length, per-position acceptance and speculative vs plain tokens/s on DeepSpec prompt sets."""
+    import dspark_jax as dj
+
+    try:
+        names = D.resolve_names(args.data_dir, args.datasets)
+    except D.DatasetError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.datasets is None:
+        missing = [n for n, _ in D.DEFAULT_TASKS if n not in names]
+        if missing:
+            print(f"[eval] default datasets not in {args.data_dir}: {', '.join(missing)} (skipped)")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create --out {args.out!r}: {e.strerror or e}") from None
+    target = dj.load_target(args.target, dtype=args.dtype)
+    if getattr(target, "tokenizer", None) is None:
+        raise SystemExit(f"error: the target directory {args.target!r} has no tokenizer; eval applies its chat "
+                         "template to the prompts (copy tokenizer.json / tokenizer_config.json there)")
+    draft = dj.load_draft(args.draft, dtype=args.draft_dtype)
+    settings = EvalSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
+                            max_samples=args.max_samples, warmup=not args.no_warmup)
+    try:
+        results = evaluate(target, draft, args.data_dir, names, settings, target_dir=args.target,
+                           rounds_dir=os.path.join(args.out, "rounds"), progress=not args.no_progress)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    results = {"target": os.path.abspath(args.target), "draft": os.path.abspath(args.draft), **results}
+    jpath, mpath = write_results(results, args.out)
+    print(markdown_report(results))
+    print(f"[eval] wrote {jpath} and {mpath}")
+    return 0
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="acceptance metrics and speculative vs plain tokens/s on prompt sets",
+                       description=cmd_eval.__doc__)
+    p.add_argument("--target", required=True, help="HF target directory (with tokenizer and chat template)")
+    p.add_argument("--draft", required=True, help="DeepSpec draft directory (DSpark / DFlash / Eagle3)")
+    p.add_argument("--data-dir", required=True, help="directory of DeepSpec-format <dataset>.jsonl prompt files")
+    p.add_argument("--datasets", default=None,
+                   help="comma-separated names (default: DeepSpec's task list, those present in --data-dir)")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="cap per dataset (default: the spec §4.8 caps, e.g. gsm8k 500, aime25 30)")
+    p.add_argument("--temperature", type=float, default=1.0, help="default 1.0 (the paper's setting)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per batch (default 1, as DeepSpec)")
+    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--threshold", type=float, default=0.0, help="confidence threshold theta (0 = full blocks)")
+    p.add_argument("--seed", type=int, default=980406)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="target dtype")
+    p.add_argument("--draft-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="draft dtype (default: the checkpoint's)")
+    p.add_argument("--out", default="eval_results", help="results directory (default ./eval_results)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="do not run the first batch of each shape twice (tokens/s then include compilation)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+
+__all__ = ["EvalSettings", "evaluate", "evaluate_dataset", "dataset_row", "markdown_report", "write_results",
+           "cmd_eval", "add_eval_parser", "drafts_per_round"]

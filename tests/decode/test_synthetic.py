@@ -1,0 +1,216 @@
+"""dspark generate-data (spec §3.1 data regeneration): training-format output, multi-turn regeneration, error
+records, stable ids, crash-safe resume, speculative == plain at temperature 0, unwritable output."""
+
+import json
+
+import pytest
+
+import dspark_jax as dj
+from dspark_jax import cli
+from dspark_jax.config import TargetConfig
+from dspark_jax.decode import synthetic as S
+
+V = 320
+TEMPLATE = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}")
+CORPUS = ["Hello there! How are you today?", "What is the capital of France? The capital of France is Paris.",
+          "Two plus two equals four. Three times three equals nine.", "Tell me more about the sea and the sky."]
+
+
+def build_tokenizer(size=V):
+    """Byte-level BPE + Qwen-style specials and chat template, padded with filler tokens to exactly ``size``."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=size - 24, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    backend.train_from_iterator(CORPUS * 4, trainer=trainer)
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                for t in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]])
+    backend.add_tokens([AddedToken(t, normalized=False) for t in ["<think>", "</think>"]])
+    filler = size - backend.get_vocab_size()
+    backend.add_special_tokens([AddedToken(f"<|extra_{i}|>", normalized=False, special=True) for i in range(filler)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = TEMPLATE
+    assert len(tok) == size
+    return tok
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """(target dir with tokenizer, draft dir): a random target and a random DSpark draft (greedy speculative
+    output equals plain greedy output whatever the draft)."""
+    tok = build_tokenizer()
+    cfg = TargetConfig(model_type="qwen3", vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, initializer_range=0.5,
+                       eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    target = dj.build_target(cfg, seed=0)
+    target.attach_tokenizer(tok)
+    root = tmp_path_factory.mktemp("gen_pair")
+    tdir, ddir = str(root / "target"), str(root / "draft")
+    dj.save_target(target, tdir)
+    dcfg = dj.DraftConfig(block_size=4, mask_token_id=V - 1, target_layer_ids=(0, 1), num_anchors=4, markov_rank=8,
+                          num_draft_layers=1, dtype="float32")
+    dj.save_draft(dj.build_draft(target, dcfg, seed=1), ddir)
+    return tdir, ddir
+
+
+A = {"id": "a", "source": "unit", "conversations": [
+    {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"},
+    {"role": "assistant", "content": "OLD ONE"}, {"role": "user", "content": "Tell me more."},
+    {"role": "assistant", "content": "OLD TWO"}]}
+B = {"conversations": [{"role": "user", "content": "What is the capital of France?"},
+                       {"role": "assistant", "content": "OLD"}]}
+C = {"turns": ["Two plus two?", "And three times three?"]}
+BAD_ROLE = {"id": "d", "conversations": [{"role": "bot", "content": "x"}]}
+ASSISTANT_FIRST = {"id": "e", "conversations": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}
+LONG = {"id": "long", "conversations": [{"role": "user", "content": "sea " * 150}]}
+F = {"id": "f", "conversations": [{"role": "user", "content": "How are you today?"}]}
+ARGS = ["--batch-size", "2", "--max-new-tokens", "6", "--temperature", "0", "--max-prompt-tokens", "120",
+        "--no-progress"]
+
+
+def _write_input(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def _read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def full_run(model_dirs, tmp_path_factory):
+    tdir, _ = model_dirs
+    d = tmp_path_factory.mktemp("gen_full")
+    inp = _write_input(d / "in.jsonl", [A, B, C, BAD_ROLE, ASSISTANT_FIRST, "{not json", A, LONG, F])
+    out = str(d / "out" / "data.jsonl")   # the parent directory is created
+    assert cli.main(["generate-data", "--target", tdir, "--input", inp, "--output", out] + ARGS) == 0
+    return inp, out
+
+
+def test_output_format_multi_turn_and_errors(full_run, model_dirs, capsys):
+    inp, out = full_run
+    recs = _read(out)
+    ids = [r["id"] for r in recs]
+    assert ids == ["a", S.stable_id(B), S.stable_id(C), "d", "e", ids[5], "long", "f"]   # the duplicate 'a' once
+    by_id = {r["id"]: r for r in recs}
+    ok = [r for r in recs if r["status"] == "success"]
+    assert [r["id"] for r in ok] == ["a", S.stable_id(B), S.stable_id(C), "f"]
+    a = by_id["a"]
+    assert a["source"] == "unit" and set(a) >= {"id", "conversations", "status"}
+    assert [m["role"] for m in a["conversations"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in a["conversations"][:2]] == ["Be brief.", "Hello there!"]
+    assert a["conversations"][3]["content"] == "Tell me more."
+    assert "OLD" not in json.dumps([r["conversations"] for r in ok])   # every assistant turn regenerated
+    assert len(a["generation"]["new_tokens"]) == 2 and all(1 <= n <= 6 for n in a["generation"]["new_tokens"])
+    c = by_id[S.stable_id(C)]
+    assert [m["role"] for m in c["conversations"]] == ["user", "assistant", "user", "assistant"] and "turns" not in c
+    assert "invalid role 'bot'" in by_id["d"]["error"] and by_id["d"]["status"] == "error"
+    assert "assistant" in by_id["e"]["error"]
+    assert "invalid JSON" in recs[5]["error"] and recs[5]["status"] == "error"
+    assert "over the limit of 120" in by_id["long"]["error"]
+
+    # the second turn was generated from the regenerated history (greedy: reproducible from it)
+    target = dj.load_target(model_dirs[0])
+    stops = S.resolve_stop_ids(target, model_dirs[0])
+    prompt = S.render_chat(target.tokenizer, a["conversations"][:4])
+    settings = S.GenSettings(max_new_tokens=6, temperature=0.0, batch_size=2)
+    gen, _ = S.generate_padded(target, None, [prompt], 2, settings, stops, seed=0)
+    ids = gen.tokens[0, :gen.lengths[0]].tolist()
+    text = target.tokenizer.decode(ids[:-1] if ids[-1] in stops else ids, skip_special_tokens=True)
+    assert a["conversations"][4]["content"] == text
+
+    # the training reader accepts the output and drops the error records
+    from dspark_jax.train import data as TD
+
+    samples, stats = TD.read_jsonl(out, target.tokenizer, "qwen", 4096, min_loss_tokens=1)
+    assert stats.kept == 4 and stats.dropped_status == 4
+
+
+def test_resume_after_crash_writes_each_id_once(full_run, model_dirs, tmp_path, capsys):
+    inp, out = full_run
+    tdir, _ = model_dirs
+    with open(out, "rb") as f:
+        lines = f.readlines()
+    crashed = tmp_path / "crashed.jsonl"
+    crashed.write_bytes(b"".join(lines[:3]) + lines[3][: len(lines[3]) // 2])   # died while writing record 4
+    capsys.readouterr()
+    assert cli.main(["generate-data", "--target", tdir, "--input", inp, "--output", str(crashed)] + ARGS) == 0
+    log = capsys.readouterr().out
+    assert "partial last line" in log and "3 of 8 ids already" in log
+    resumed = crashed.read_bytes()
+    assert resumed.startswith(b"".join(lines[:3])) and resumed.endswith(b"\n")
+    recs = _read(crashed)
+    ids = [r["id"] for r in recs]
+    assert len(ids) == len(set(ids)) == 8 and set(ids) == {r["id"] for r in _read(out)}
+    assert {r["id"]: r["status"] for r in recs} == {r["id"]: r["status"] for r in _read(out)}
+    # a third run has nothing left to do
+    assert cli.main(["generate-data", "--target", tdir, "--input", inp, "--output", str(crashed)] + ARGS) == 0
+    assert "8 of 8 ids already" in capsys.readouterr().out and crashed.read_bytes() == resumed
+
+
+def test_speculative_equals_plain_at_temperature_zero(model_dirs, tmp_path, capsys):
+    tdir, ddir = model_dirs
+    inp = _write_input(tmp_path / "in.jsonl", [F, B])
+    plain, spec = str(tmp_path / "plain.jsonl"), str(tmp_path / "spec.jsonl")
+    assert cli.main(["generate-data", "--target", tdir, "--input", inp, "--output", plain] + ARGS) == 0
+    assert cli.main(["generate-data", "--target", tdir, "--draft", ddir, "--input", inp, "--output", spec] + ARGS) == 0
+    assert "speculative generation" in capsys.readouterr().out
+    assert [r["conversations"] for r in _read(spec)] == [r["conversations"] for r in _read(plain)]
+    assert all(r["status"] == "success" for r in _read(spec))
+
+
+def test_unwritable_output_and_missing_input(model_dirs, tmp_path):
+    tdir, _ = model_dirs
+    inp = _write_input(tmp_path / "in.jsonl", [F])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit, match="not writable"):
+        cli.main(["generate-data", "--target", tdir, "--input", inp, "--output", str(blocker / "out.jsonl")])
+    with pytest.raises(SystemExit, match="is a directory"):
+        cli.main(["generate-data", "--target", tdir, "--input", inp, "--output", str(tmp_path)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli.main(["generate-data", "--target", tdir, "--input", str(tmp_path / "nope.jsonl"),
+                  "--output", str(tmp_path / "o.jsonl")])
+
+
+def test_scan_output_repairs_only_a_partial_tail(tmp_path):
+    p = tmp_path / "o.jsonl"
+    p.write_bytes(b'{"id": "x", "status": "success"}\n\nnot a record\n{"id": "y", "status": "error"}\n{"id": "z", "st')
+    scan = S.scan_output(p)
+    assert scan.done_ids == {"x", "y"} and (scan.success, scan.errors, scan.bad_lines) == (1, 1, 1)
+    assert scan.truncated_bytes == len(b'{"id": "z", "st')
+    assert p.read_bytes().endswith(b'"error"}\n')
+    assert S.scan_output(p).truncated_bytes == 0
+    assert S.scan_output(tmp_path / "missing.jsonl").done_ids == set()
+
+
+def test_stable_ids_and_record_validation():
+    assert S.stable_id({"a": 1, "b": [1, 2]}) == S.stable_id({"b": [1, 2], "a": 1}) != S.stable_id({"a": 2})
+    assert len(S.stable_id(B)) == 16
+    assert [m["role"] for m in S.source_messages(C)] == ["user", "user"]
+    for bad, msg in [([], "JSON object"), ({"conversations": []}, "missing conversations"),
+                     ({"conversations": [{"role": "system", "content": "s"}]}, "no user message"),
+                     ({"conversations": [{"role": "user", "content": 3}]}, "string content")]:
+        with pytest.raises(ValueError, match=msg):
+            S.source_messages(bad)
+
+
+def test_render_chat_and_stop_ids(model_dirs):
+    target = dj.load_target(model_dirs[0])
+    tok = target.tokenizer
+    ids = S.render_chat(tok, [{"role": "user", "content": "Hi"}])
+    assert tok.decode(ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert S.resolve_stop_ids(target) == (tok.convert_tokens_to_ids("<|im_end|>"),)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        S.render_chat(None, [])
