@@ -20,6 +20,23 @@ class ConfigError(ValueError):
     """A configuration is malformed; the message names the field (and the file when known)."""
 
 
+def read_config_json(path: str | os.PathLike) -> tuple[dict, str]:
+    """Reads ``config.json`` (``path`` may be its directory) -> (dict, file path), with errors naming the file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no config.json at {path}")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d, path
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
     """RoPE parameters in transformers' ``rope_parameters`` vocabulary.
@@ -273,17 +290,8 @@ class TargetConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "TargetConfig":
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no config.json at {path}")
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-        return cls.from_hf_dict(d, where=path)
+        d, where = read_config_json(path)
+        return cls.from_hf_dict(d, where=where)
 
     def to_hf_dict(self) -> dict[str, Any]:
         arch = "Qwen3MoeForCausalLM" if self.model_type == "qwen3_moe" else "Qwen3ForCausalLM"

@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any, Mapping
 
-from dspark_jax.config import ConfigError, TargetConfig
+from dspark_jax.config import ConfigError, TargetConfig, read_config_json
 
 DSPARK_ARCH = "Qwen3DSparkModel"
 EAGLE3_ARCH = "Qwen3Eagle3Model"
@@ -203,17 +203,8 @@ class DraftConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "DraftConfig":
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no config.json at {path}")
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-        return cls.from_hf_dict(d, where=path)
+        d, where = read_config_json(path)
+        return cls.from_hf_dict(d, where=where)
 
     def to_hf_dict(self) -> dict[str, Any]:
         if self.arch is None:
