@@ -15,7 +15,8 @@ from dspark_jax.eval import datasets as D
 from dspark_jax.eval.metrics import RoundCounts, accepted_drafts_from_outcome, round_counts, summarize
 from dspark_jax.testing import make_bigram, make_oracle_draft
 
-REAL_DATA = "/work/shared/eval_datasets"
+# ../shared beside the checkout (as in CI and dev sessions); DSPARK_EVAL_DATA overrides
+REAL_DATA = os.environ.get("DSPARK_EVAL_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "eval_datasets"))
 V = 320           # tokenizer size == target vocab (the tokenizer is padded with filler tokens up to V)
 BLOCK = 4
 
