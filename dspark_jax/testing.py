@@ -46,3 +46,34 @@ def make_oracle_draft(target, draft, scale: float = 1.0):
         head.gate_proj.kernel[...] = jnp.zeros_like(head.gate_proj.kernel[...])
         head.gate_proj.bias[...] = jnp.full_like(head.gate_proj.bias[...], 30.0)
     return draft
+
+
+QWEN_STYLE_TEMPLATE = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}")
+
+
+def build_chat_tokenizer(corpus: list[str], size: int, template: str = QWEN_STYLE_TEMPLATE):
+    """A byte-level BPE trained on ``corpus`` with Qwen-style specials (<|endoftext|>, <|im_start|>, <|im_end|>,
+    <think>, </think>) and a ChatML template, padded with filler tokens to exactly ``size`` (= a target's vocab)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=size - 24, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    backend.train_from_iterator(list(corpus) * 4, trainer=trainer)
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                for t in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]])
+    backend.add_tokens([AddedToken(t, normalized=False) for t in ["<think>", "</think>"]])
+    filler = size - backend.get_vocab_size()
+    backend.add_special_tokens([AddedToken(f"<|extra_{i}|>", normalized=False, special=True) for i in range(filler)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = template
+    if len(tok) != size:
+        raise ValueError(f"tokenizer has {len(tok)} entries, wanted {size}")
+    return tok

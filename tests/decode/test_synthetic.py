@@ -6,40 +6,19 @@ import json
 import pytest
 
 import dspark_jax as dj
+from dspark_jax.testing import build_chat_tokenizer
 from dspark_jax import cli
 from dspark_jax.config import TargetConfig
 from dspark_jax.decode import synthetic as S
 
 V = 320
-TEMPLATE = (
-    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}")
+
 CORPUS = ["Hello there! How are you today?", "What is the capital of France? The capital of France is Paris.",
           "Two plus two equals four. Three times three equals nine.", "Tell me more about the sea and the sky."]
 
 
 def build_tokenizer(size=V):
-    """Byte-level BPE + Qwen-style specials and chat template, padded with filler tokens to exactly ``size``."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=size - 24, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    backend.train_from_iterator(CORPUS * 4, trainer=trainer)
-    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                                for t in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]])
-    backend.add_tokens([AddedToken(t, normalized=False) for t in ["<think>", "</think>"]])
-    filler = size - backend.get_vocab_size()
-    backend.add_special_tokens([AddedToken(f"<|extra_{i}|>", normalized=False, special=True) for i in range(filler)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = TEMPLATE
-    assert len(tok) == size
-    return tok
+    return build_chat_tokenizer(CORPUS, size)
 
 
 @pytest.fixture(scope="module")

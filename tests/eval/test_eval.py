@@ -13,7 +13,7 @@ from dspark_jax import cli
 from dspark_jax.config import TargetConfig
 from dspark_jax.eval import datasets as D
 from dspark_jax.eval.metrics import RoundCounts, accepted_drafts_from_outcome, round_counts, summarize
-from dspark_jax.testing import make_bigram, make_oracle_draft
+from dspark_jax.testing import build_chat_tokenizer, make_bigram, make_oracle_draft
 
 # ../shared beside the checkout (as in CI and dev sessions); DSPARK_EVAL_DATA overrides
 REAL_DATA = os.environ.get("DSPARK_EVAL_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "eval_datasets"))
@@ -24,11 +24,7 @@ BLOCK = 4
 # A small byte-level BPE with Qwen-style specials and chat template (built here, saved beside the target)
 # ---------------------------------------------------------------------------------------------------------
 
-TEMPLATE = (
-    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}")
+
 CORPUS = [
     "Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins.",
     "How much in dollars does she make every day at the farmers' market? Please reason step by step, and put "
@@ -39,24 +35,7 @@ CORPUS = [
 
 
 def build_tokenizer(size=V):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=size - 24, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    backend.train_from_iterator(CORPUS * 4, trainer=trainer)
-    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                                for t in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]])
-    backend.add_tokens([AddedToken(t, normalized=False) for t in ["<think>", "</think>"]])
-    filler = size - backend.get_vocab_size()
-    backend.add_special_tokens([AddedToken(f"<|extra_{i}|>", normalized=False, special=True) for i in range(filler)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = TEMPLATE
-    assert len(tok) == size
-    return tok
+    return build_chat_tokenizer(CORPUS, size)
 
 
 @pytest.fixture(scope="module")
