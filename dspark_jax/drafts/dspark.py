@@ -11,18 +11,17 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from dspark_jax.cache import KVCache
 from dspark_jax.decode.sampling import SamplingConfig, sample_tokens
 from dspark_jax.drafts.backbone import DraftLayer, inference_mask, training_mask
+from dspark_jax.drafts.common import DraftBase
 from dspark_jax.drafts.config import DraftConfig
 from dspark_jax.drafts.heads import ConfidenceHead, MarkovHead
 from dspark_jax.nn.frozen import Frozen
 from dspark_jax.nn.linear import linear
 from dspark_jax.nn.norm import RMSNorm
-from dspark_jax.nn.rope import rope_cos_sin, rope_inv_freq
 
 
 @jax.tree_util.register_dataclass
@@ -64,7 +63,7 @@ class Proposal:
     cache: KVCache
 
 
-class DSparkDraft(nnx.Module):
+class DSparkDraft(DraftBase):
     """DSpark / DFlash draft for a Qwen3(-MoE) target. ``config`` must be bound (``config.arch`` set)."""
 
     def __init__(self, config: DraftConfig, *, dtype=jnp.float32, param_dtype=None, attention_impl: str = "auto",
@@ -95,26 +94,12 @@ class DSparkDraft(nnx.Module):
         self.confidence_head = ConfidenceHead(
             h, r, config.confidence_head_with_markov and config.has_markov, dtype=dtype, param_dtype=param_dtype,
             init_std=std, rngs=rngs) if config.has_confidence else None
-        inv_freq, self.rope_scaling = rope_inv_freq(arch.rope, arch.head_dim, arch.max_position_embeddings)
-        self.rope_inv_freq = tuple(float(f) for f in inv_freq)
+        self.init_rope()
 
     # ---- shared pieces -------------------------------------------------------------------
-    def rope(self, positions):
-        return rope_cos_sin(positions, np.asarray(self.rope_inv_freq, np.float32), self.rope_scaling)
-
-    def embed(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embed_tokens[...], ids, axis=0).astype(self.dtype)
-
-    def base_logits(self, hidden: jax.Array) -> jax.Array:
-        """``[..., H]`` -> ``lm_head(hidden)`` ``[..., V]`` (no extra norm for Qwen3)."""
-        return jnp.einsum("...h,vh->...v", hidden.astype(self.dtype), self.lm_head[...].astype(self.dtype))
-
     def fuse_context(self, taps: jax.Array) -> jax.Array:
         """``[B, C, Lt*H]`` tapped target features -> ``hidden_norm(fc(taps))`` ``[B, C, H]``."""
-        want = self.config.num_taps * self.config.arch.hidden_size
-        if taps.shape[-1] != want:
-            raise ValueError(f"target features have width {taps.shape[-1]} but this draft fuses "
-                             f"{self.config.num_taps} taps x H={self.config.arch.hidden_size} = {want}")
+        self.check_tap_width(taps)
         return self.hidden_norm(self.fc(taps.astype(self.dtype)))
 
     def backbone(self, block_h, block_pos, ctx, ctx_pos, mask, cache: KVCache | None = None, ctx_count=None):

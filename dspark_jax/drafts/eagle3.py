@@ -27,20 +27,19 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from dspark_jax import kernels
 from dspark_jax.cache import KVCache, causal_cache_mask, write_rows
 from dspark_jax.config import TargetConfig
 from dspark_jax.decode.sampling import SamplingConfig, sample_tokens
+from dspark_jax.drafts.common import DraftBase
 from dspark_jax.drafts.config import DraftConfig
 from dspark_jax.nn.attention import Attention
 from dspark_jax.nn.frozen import Frozen
 from dspark_jax.nn.linear import linear
 from dspark_jax.nn.mlp import SwiGLU
 from dspark_jax.nn.norm import RMSNorm
-from dspark_jax.nn.rope import rope_cos_sin, rope_inv_freq
 
 EAGLE3_NUM_TAPS = 5
 
@@ -177,7 +176,7 @@ def shift_left(x: jax.Array, n: int, fill=0) -> jax.Array:
     return jnp.concatenate([x[:, n:], pad], axis=1)
 
 
-class Eagle3Draft(nnx.Module):
+class Eagle3Draft(DraftBase):
     """DeepSpec ``Qwen3Eagle3Model`` (1 layer in released configs; any ``num_draft_layers`` works here)."""
 
     def __init__(self, config: DraftConfig, *, dtype=jnp.float32, param_dtype=None, attention_impl: str = "auto",
@@ -209,31 +208,18 @@ class Eagle3Draft(nnx.Module):
                                             attention_impl=attention_impl, rngs=rngs)
                                 for _ in range(config.num_draft_layers)])
         self.norm = RMSNorm(h, arch.rms_norm_eps, param_dtype=param_dtype)
-        inv_freq, self.rope_scaling = rope_inv_freq(arch.rope, arch.head_dim, arch.max_position_embeddings)
-        self.rope_inv_freq = tuple(float(f) for f in inv_freq)
+        self.init_rope()
 
     # ---- shared pieces -------------------------------------------------------------------
-    def rope(self, positions):
-        return rope_cos_sin(positions, np.asarray(self.rope_inv_freq, np.float32), self.rope_scaling)
-
-    def embed(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embed_tokens[...], ids, axis=0).astype(self.dtype)
-
     def project_features(self, taps: jax.Array) -> jax.Array:
         """``[B, P, 5H]`` tapped target features -> ``fc(taps)`` ``[B, P, H]`` (no norm: each layer's
         ``hidden_norm`` does it)."""
-        want = self.config.num_taps * self.config.arch.hidden_size
-        if taps.shape[-1] != want:
-            raise ValueError(f"target features have width {taps.shape[-1]} but this draft fuses "
-                             f"{self.config.num_taps} taps x H={self.config.arch.hidden_size} = {want}")
+        self.check_tap_width(taps)
         return self.fc(taps.astype(self.dtype))
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """Pre-norm hidden ``[..., H]`` -> ``lm_head(norm(hidden))`` ``[..., V]``."""
-        return self.head_logits(self.norm(hidden))
-
-    def head_logits(self, normed: jax.Array) -> jax.Array:
-        return jnp.einsum("...h,vh->...v", normed.astype(self.dtype), self.lm_head[...].astype(self.dtype))
+        return self.base_logits(self.norm(hidden))
 
     # ---- training --------------------------------------------------------------------------
     def train_forward(self, input_ids, loss_mask, target_hidden, target_last_hidden, attention_mask=None, *,
@@ -297,8 +283,8 @@ class Eagle3Draft(nnx.Module):
         target_h = jnp.stack([shift_left(tl, j + 1) for j in range(cfg.ttt_length)])      # [T,B,S,H]
         draft_logits = target_logits = None
         if materialize_logits:
-            draft_logits = self.head_logits(draft_hidden)
-            target_logits = jax.lax.stop_gradient(self.head_logits(target_h))
+            draft_logits = self.base_logits(draft_hidden)
+            target_logits = jax.lax.stop_gradient(self.base_logits(target_h))
         return Eagle3TrainOutput(draft_logits=draft_logits, target_logits=target_logits,
                                  position_mask=position_mask, draft_hidden=draft_hidden, target_hidden=target_h,
                                  lm_head=self.lm_head[...])
@@ -382,7 +368,7 @@ class Eagle3Draft(nnx.Module):
 
         h0 = last_hidden.astype(self.dtype)
         n0 = self.norm(h0)
-        logits0 = self.head_logits(n0)
+        logits0 = self.base_logits(n0)
         tok0 = forced[:, 0] if forced is not None else sample_tokens(logits0, keys[0], sampling)
 
         def body(carry, i):
@@ -390,7 +376,7 @@ class Eagle3Draft(nnx.Module):
             cache, out = self.forward_cached(cache, h[:, None], tok[:, None], jnp.ones((b,), jnp.int32))
             h = out[:, 0]
             normed = self.norm(h)
-            logits = self.head_logits(normed)
+            logits = self.base_logits(normed)
             t = (jnp.take(forced, i, axis=1) if forced is not None
                  else sample_tokens(logits, jnp.take(keys, i, axis=0), sampling))
             return (cache, h, t), (t, logits, normed)

@@ -141,7 +141,7 @@ def test_target_alignment_and_position_mask(drafts, batch):
     attn = jnp.array([[1] * S, [1] * 7 + [0] * 3], jnp.int32)
     out = _train(draft, batch["input_ids"], batch["loss_mask"], batch["target_hidden"],
                  batch["target_last_hidden"], attn)
-    full = np.asarray(draft.head_logits(batch["target_last_hidden"]))
+    full = np.asarray(draft.base_logits(batch["target_last_hidden"]))
     tl = np.asarray(out.target_logits)
     pm = np.asarray(batch["loss_mask"], np.float32).copy()
     pm[np.arange(B), np.maximum(np.asarray(attn).sum(-1) - 1, 0)] = 0
@@ -366,7 +366,7 @@ def test_loss_matches_deepspec_transcription(drafts, batch, train_out):
     draft = drafts[1]
     out = train_out[1]
     loss, m = eagle3_loss(out, draft.config)
-    want, steps = _reference_loss(out.draft_logits, draft.head_logits(batch["target_last_hidden"]),
+    want, steps = _reference_loss(out.draft_logits, draft.base_logits(batch["target_last_hidden"]),
                                   batch["loss_mask"], np.ones((B, S), int), T, 0.8)
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
     for j in range(T):

@@ -1,0 +1,35 @@
+"""What every draft family shares: frozen target vocab (embed / lm_head ``[V, H]``), RoPE tables, tap checks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dspark_jax.nn.rope import rope_cos_sin, rope_inv_freq
+
+
+class DraftBase(nnx.Module):
+    """Mixin for draft modules with ``config`` (bound DraftConfig), ``dtype``, ``embed_tokens`` and ``lm_head``."""
+
+    def init_rope(self) -> None:
+        arch = self.config.arch
+        inv_freq, self.rope_scaling = rope_inv_freq(arch.rope, arch.head_dim, arch.max_position_embeddings)
+        self.rope_inv_freq = tuple(float(f) for f in inv_freq)
+
+    def rope(self, positions):
+        return rope_cos_sin(positions, np.asarray(self.rope_inv_freq, np.float32), self.rope_scaling)
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens[...], ids, axis=0).astype(self.dtype)
+
+    def base_logits(self, hidden: jax.Array) -> jax.Array:
+        """``[..., H]`` -> ``lm_head(hidden)`` ``[..., V]`` (no extra norm for Qwen3)."""
+        return jnp.einsum("...h,vh->...v", hidden.astype(self.dtype), self.lm_head[...].astype(self.dtype))
+
+    def check_tap_width(self, taps: jax.Array) -> None:
+        want = self.config.num_taps * self.config.arch.hidden_size
+        if taps.shape[-1] != want:
+            raise ValueError(f"target features have width {taps.shape[-1]} but this draft fuses "
+                             f"{self.config.num_taps} taps x H={self.config.arch.hidden_size} = {want}")
