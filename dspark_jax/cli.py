@@ -1,4 +1,4 @@
-"""The ``dspark`` command line: ``dspark demo``, ``dspark generate``, ``dspark eval``, ``dspark generate-data``.
+"""The ``dspark`` command line: ``dspark demo``, ``generate``, ``eval``, ``generate-data``, ``train``, ``prepare-cache``.
 
 Every command prints a human summary and writes machine-readable JSON beside it.
 """
@@ -145,8 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     from dspark_jax.decode.synthetic import add_generate_data_parser
     from dspark_jax.eval.run import add_eval_parser
 
+    from dspark_jax.train.cli import add_train_parsers
+
     add_eval_parser(sub)            # dspark eval: acceptance metrics + speculative vs plain tokens/s
     add_generate_data_parser(sub)   # dspark generate-data: regenerate training conversations with the target
+    add_train_parsers(sub)          # dspark train, dspark prepare-cache
     return parser
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dspark_jax.convert.keymap import dtype_name, export_tensors, fill_state, read_state, resolve_dtype
@@ -55,13 +57,18 @@ def draft_to_torch_tensors(draft) -> dict:
     return export_tensors(nnx.state(draft, nnx.Variable), rules)
 
 
-def save_draft(draft, path: str | os.PathLike, *, max_shard_bytes: int = 50 * 2**30) -> str:
+def save_draft(draft, path: str | os.PathLike, *, max_shard_bytes: int = 50 * 2**30, dtype=None) -> str:
     """Writes what DeepSpec writes: ``config.json`` (the copied target config + draft keys) and
-    ``model.safetensors`` with the exact DeepSpec key set, in the draft's dtype."""
+    ``model.safetensors`` with the exact DeepSpec key set.
+
+    ``dtype``: tensor dtype on disk; None = the draft's compute dtype (so a draft trained in bf16 with fp32
+    master weights is written in bf16, as DeepSpec writes it)."""
     path = os.fspath(path)
-    save_shards(draft_to_torch_tensors(draft), path, max_shard_bytes=max_shard_bytes)
+    out_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else draft.dtype))
+    tensors = {k: (v if v.dtype == out_dtype else v.astype(out_dtype)) for k, v in draft_to_torch_tensors(draft).items()}
+    save_shards(tensors, path, max_shard_bytes=max_shard_bytes)
     cfg = draft.config.to_hf_dict()
-    cfg["dtype"] = dtype_name(draft.dtype)
+    cfg["dtype"] = dtype_name(out_dtype)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     return path

@@ -9,10 +9,15 @@ from dspark_jax.drafts.config import DraftConfig
 from dspark_jax.drafts.dspark import DSparkDraft
 
 
-def build_draft(target, config: DraftConfig, *, seed: int = 0, dtype=None, attention_impl: str = "auto"):
+def build_draft(target, config: DraftConfig, *, seed: int = 0, dtype=None, param_dtype=None,
+                attention_impl: str = "auto"):
     """Makes a draft for ``target``: config bound to the target (architecture deep-copied, checked), weights
     initialised as spec §1.8 (N(0, initializer_range), zero biases, unit norms), then ``embed_tokens`` and
-    ``lm_head`` overwritten with copies of the target's (``Frozen``: never trained)."""
+    ``lm_head`` overwritten with copies of the target's (``Frozen``: never trained).
+
+    ``dtype`` is the compute dtype (default: the target's); ``param_dtype`` the storage dtype of every weight
+    (default: ``dtype``). Training in bf16 with an fp32 master copy is ``dtype="bfloat16",
+    param_dtype="float32"``: the optimizer updates fp32 weights and each matmul casts them to bf16."""
     if not isinstance(config, DraftConfig):
         raise TypeError(f"config must be a DraftConfig, got {type(config).__name__}")
     cfg = config.bind(target.config)
@@ -22,7 +27,8 @@ def build_draft(target, config: DraftConfig, *, seed: int = 0, dtype=None, atten
         cls = Eagle3Draft
     else:
         cls = DSparkDraft
-    draft = cls(cfg, dtype=dtype or target.dtype, attention_impl=attention_impl, rngs=nnx.Rngs(seed))
+    draft = cls(cfg, dtype=dtype or target.dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                rngs=nnx.Rngs(seed))
     embed = target.embed_tokens.embedding[...]
     head = embed if target.lm_head is None else target.lm_head.kernel[...].T
     draft.embed_tokens[...] = jnp.array(embed, dtype=draft.embed_tokens[...].dtype)

@@ -9,7 +9,9 @@ is frozen too; its state is an argument of the step (not part of the train state
 
 One call of the step function is one *micro-step* on one global batch::
 
-    batch = {"input_ids": [B, S] int32, "loss_mask": [B, S]  (+ optional "attention_mask": [B, S], Eagle3)}
+    batch = {"input_ids": [B, S] int32, "loss_mask": [B, S]  (+ optional "attention_mask": [B, S] or
+             "lengths": [B] for Eagle3; + optional cached features "target_hidden_states" [B,S,Lt*H],
+             "target_last_hidden_states" [B,S,H], which replace step 1)}
     1. target(input_ids, tap_layer_ids=draft.config.target_layer_ids) -> taps [B,S,Lt*H], last_hidden [B,S,H]
        (the "online features" of spec §3.2, computed in the step instead of read from a cache)
     2. DSpark / DFlash: anchors from sample_anchors(loss_mask, N, fold_in(rng, step)); train_forward; dspark_loss
@@ -29,10 +31,12 @@ through the unannotated model code; the target's features are pinned to the batc
 output state is pinned (``out_shardings``) to the input placement, so state stays put from step to step.
 
 Precision: the step computes in whatever dtypes the modules were built with. Tests run everything in fp32
-(params and compute), where one step agrees across mesh shapes to ~1e-6. A bf16-compute option (fp32 params as
-the master copy, bf16 activations/matmuls, fp32 softmaxes in the loss, as DeepSpec's ``BF16Optimizer`` + FSDP
-mixed precision) is not implemented yet: it needs ``build_draft``/``build_target`` to take ``param_dtype``
-separately from ``dtype`` (the modules already do), then this step works unchanged. Measure before choosing.
+(params and compute), where one step agrees across mesh shapes to ~1e-6. The trainer's default
+(``optim.precision: bf16``) is our equivalent of DeepSpec's ``BF16Optimizer`` + FSDP bf16 mixed precision: the
+draft is built with ``param_dtype=float32`` (the parameters *are* the fp32 master copy; Adam moments fp32) and
+``dtype=bfloat16`` (every matmul casts its weight to bf16 and runs in bf16), the loss's softmaxes run in fp32,
+and the target runs in bf16. There is no second bf16 copy of the weights to keep in sync; the cost is fp32
+parameter memory for the (small) draft, the saving is one fewer copy and no copy-back step.
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ from dspark_jax.train.schedule import optimizer_update_count
 
 BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
 """Mesh axes the batch dimension is split over."""
+
+FEATURE_KEYS: tuple[str, str] = ("target_hidden_states", "target_last_hidden_states")
+"""Batch keys of precomputed target features (DeepSpec's cache names): taps ``[B,S,Lt*H]``, last ``[B,S,H]``."""
 
 
 @jax.tree_util.register_dataclass
@@ -190,7 +197,9 @@ def make_train_step(target: nnx.Module, draft: nnx.Module, optimizer: optax.Grad
 
     Args:
       target: the target module (only its graphdef is kept; its weights come in as ``target_state``, from
-        ``nnx.split(target)[1]``, placed with :func:`shard_target_state` when using a mesh).
+        ``nnx.split(target)[1]``, placed with :func:`shard_target_state` when using a mesh). None when every
+        batch carries precomputed features (:data:`FEATURE_KEYS`, from an offline target cache); then pass
+        ``target_state=None``. A batch with those keys skips the target even when one is given.
       draft: the draft module (its graphdef and config are kept; weights live in the :class:`TrainState`).
       optimizer: an optax transformation over the ``params`` tree (e.g.
         :func:`~dspark_jax.train.schedule.make_optimizer`).
@@ -212,7 +221,7 @@ def make_train_step(target: nnx.Module, draft: nnx.Module, optimizer: optax.Grad
     """
     cfg = draft.config
     draft_graphdef, _, _ = split_draft(draft)
-    target_graphdef, _ = nnx.split(target)
+    target_graphdef = None if target is None else nnx.split(target)[0]
     taps_ids = tuple(cfg.target_layer_ids)
     n_anchors = int(num_anchors or cfg.num_anchors)
     materialize = vocab_chunk is None
@@ -222,8 +231,18 @@ def make_train_step(target: nnx.Module, draft: nnx.Module, optimizer: optax.Grad
         input_ids = batch["input_ids"].astype(jnp.int32)
         loss_mask = batch["loss_mask"]
         attention_mask = batch.get("attention_mask")
-        tgt = nnx.merge(target_graphdef, target_state)
-        taps, last_hidden = target_features(tgt, input_ids, taps_ids)
+        if attention_mask is None and "lengths" in batch:
+            # rebuilt from lengths, as DeepSpec's collator does (only Eagle3 reads it)
+            attention_mask = (jnp.arange(input_ids.shape[1])[None, :] < batch["lengths"][:, None]).astype(jnp.int32)
+        if FEATURE_KEYS[0] in batch:  # offline cache: the features come with the batch
+            taps = jax.lax.stop_gradient(batch[FEATURE_KEYS[0]])
+            last_hidden = jax.lax.stop_gradient(batch[FEATURE_KEYS[1]])
+        else:
+            if target_graphdef is None:
+                raise ValueError("this step was built without a target: batches must carry "
+                                 f"{FEATURE_KEYS} (an offline target cache)")
+            tgt = nnx.merge(target_graphdef, target_state)
+            taps, last_hidden = target_features(tgt, input_ids, taps_ids)
         if feature_sharding is not None:
             taps = jax.lax.with_sharding_constraint(taps, feature_sharding)
             last_hidden = jax.lax.with_sharding_constraint(last_hidden, feature_sharding)
@@ -278,5 +297,5 @@ def make_train_step(target: nnx.Module, draft: nnx.Module, optimizer: optax.Grad
 
 
 __all__ = ["TrainState", "BATCH_AXES", "split_draft", "init_train_state", "abstract_train_state",
-           "logical_shardings", "batch_sharding", "shard_batch", "shard_train_state", "shard_target_state",
+           "FEATURE_KEYS", "logical_shardings", "batch_sharding", "shard_batch", "shard_train_state", "shard_target_state",
            "target_features", "make_train_step"]

@@ -1,0 +1,125 @@
+"""``dspark train`` and ``dspark prepare-cache``.
+
+Examples::
+
+    dspark train --config tiny                                  # CPU, ~1-2 minutes, nothing to download
+    dspark train --config qwen3-4b-dspark target.path=/ckpt/Qwen3-4B data.train_files=[train.jsonl]
+    dspark train --config qwen3-4b-dspark --dry-run --num-devices 64 --device v5e mesh.fsdp=16 mesh.tensor=4
+    dspark prepare-cache --config qwen3-4b-dspark target.path=... data.train_files=[...] --out /data/cache
+    dspark train --config qwen3-4b-dspark ... data.cache_dir=/data/cache   # train from the offline cache
+
+Multi-host (TPU pod): run the same command on every host with ``distributed=true``, e.g.::
+
+    gcloud compute tpus tpu-vm ssh my-v5e-64 --zone us-west4-a --worker=all --command \\
+      "cd dspark-jax && .venv/bin/dspark train --config qwen3-4b-dspark distributed=true \\
+       target.path=/gcs/Qwen3-4B data.train_files=[/gcs/train.jsonl] output_dir=/gcs/runs/4b \\
+       optim.micro_batch_size=64 mesh.fsdp=64"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from dspark_jax.config import ConfigError
+
+
+def _load(args):
+    from dspark_jax.train.config import load_train_config
+
+    return load_train_config(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    try:
+        cfg = _load(args)
+    except (ConfigError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.dry_run:
+        import jax
+
+        from dspark_jax.train.memory import estimate_memory
+
+        n = args.num_devices or jax.device_count()
+        try:
+            report = estimate_memory(cfg, n)
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
+        print(f"[dry-run] {args.config}: {cfg.draft.kind} draft, target {cfg.target.path or cfg.target.arch}, "
+              f"micro batch {cfg.optim.micro_batch_size or cfg.optim.global_batch_size}, "
+              f"max_length {cfg.data.max_length}")
+        print(report.table(args.device))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"mesh": report.mesh_shape, "num_devices": n, "bytes": report.rows,
+                           "total": report.total, "params": report.counts}, f, indent=2)
+        return 0
+    from dspark_jax.train.trainer import Trainer
+
+    try:
+        result = Trainer(cfg).run()
+    except (ConfigError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    last = result.history[-1] if result.history else {}
+    print(f"[train] done: {result.steps} steps; last loss {last.get('loss', float('nan')):.4f}, "
+          f"accept_rate@0 {last.get('accept_rate@0', float('nan')):.3f}; metrics in "
+          f"{os.path.join(result.output_dir, 'metrics.jsonl')}")
+    return 0
+
+
+def cmd_prepare_cache(args) -> int:
+    try:
+        cfg = _load(args)
+    except (ConfigError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if cfg.data.cache_dir is not None:
+        raise SystemExit("error: data.cache_dir is set: prepare-cache reads the JSONL files and writes --out")
+    import jax
+
+    from dspark_jax.train.target_cache import write_target_cache
+    from dspark_jax.train.trainer import Trainer, resolve_data_files
+
+    if jax.process_count() > 1:
+        raise SystemExit("error: prepare-cache runs on one host")
+    trainer = Trainer(cfg, inputs_only=True)
+    manifest = write_target_cache(
+        args.out, trainer.samples, trainer.target, target_layer_ids=tuple(cfg.draft.target_layer_ids),
+        batch_size=args.batch_size, target_model_name_or_path=cfg.target.path or "",
+        data_paths=tuple(resolve_data_files(cfg.data.train_files)), chat_template=cfg.data.chat_template,
+        max_length=cfg.data.max_length, min_loss_tokens=cfg.data.min_loss_tokens, overwrite=args.overwrite)
+    print(f"[prepare-cache] {manifest.num_samples} samples in {manifest.num_shards} shard(s) -> {args.out}")
+    return 0
+
+
+def add_train_parsers(sub) -> None:
+    from dspark_jax.train.config import list_presets
+
+    presets = ", ".join(list_presets())
+    p = sub.add_parser("train", help="train a DSpark / DFlash / Eagle3 draft",
+                       description=f"Train a draft. Presets: {presets}. Overrides: dotted key=value (YAML values), "
+                                   "e.g. optim.lr=3e-4 mesh.tensor=2 data.train_files=[a.jsonl].",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--config", required=True, help=f"a YAML file or a preset name ({presets})")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the per-device memory table for this config and mesh (no allocation) and exit")
+    p.add_argument("--num-devices", type=int, default=None, help="devices to size the dry run for "
+                   "(default: the devices present)")
+    p.add_argument("--device", default=None, help="chip name for the dry run's fits/does-not-fit line "
+                   "(v5e, v5p, v4, v6e, h100, h200, a100, b200)")
+    p.add_argument("--json", default=None, help="also write the dry-run table as JSON here")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prepare-cache", help="write an offline target-feature cache (DeepSpec v2 layout)",
+                       description="Run the target over the config's training data and store taps + last hidden "
+                                   "states in DeepSpec's version-2 cache layout (manifest.json, samples.idx, shards).")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--out", required=True, help="cache directory")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_prepare_cache)
+
+
+__all__ = ["add_train_parsers", "cmd_train", "cmd_prepare_cache"]
