@@ -154,12 +154,27 @@ class OptimSection:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
-    """Device mesh (``dspark_jax.train.mesh.make_mesh``); ``fsdp: -1`` takes the devices the others leave."""
+    """Device mesh (``dspark_jax.train.mesh.make_mesh``); ``fsdp: -1`` takes the devices the others leave.
+
+    draft_sharding: ``sharded`` places the draft's parameters and optimizer state by the same logical-axis rules
+      as the target (``embed`` over ``fsdp``, heads/mlp/vocab over ``tensor``); ``replicated`` keeps a full copy
+      of the (small) draft on every ``data``/``fsdp`` shard and splits only over ``tensor``/``expert`` -- DeepSpec's
+      FSDP ``NO_SHARD`` -- while the target stays sharded (fewer all-gathers per step, more memory).
+    """
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
     expert: int = 1
+    draft_sharding: str = "sharded"
+
+    def draft_rules(self):
+        """The :class:`LogicalRules` for the draft's parameters and optimizer state."""
+        from dspark_jax.train.mesh import DEFAULT_RULES, LogicalRules
+
+        if self.draft_sharding == "replicated":
+            return LogicalRules(tuple((name, None if name == "embed" else axes) for name, axes in DEFAULT_RULES))
+        return LogicalRules()
 
     def shape(self) -> dict[str, int]:
         out = {"data": self.data, "tensor": self.tensor, "expert": self.expert}
@@ -228,6 +243,7 @@ _CHOICES = {
     ("optim", "precision"): ("bf16", "fp32"),
     ("data", "mask_source"): ("auto", "span", "template"),
     ("log", "tensorboard"): ("auto", "true", "false"),
+    ("mesh", "draft_sharding"): ("sharded", "replicated"),
 }
 _POSITIVE = {("optim", "global_batch_size"), ("optim", "epochs"), ("data", "max_length"), ("checkpoint", "every"),
              ("log", "every"), ("draft", "block_size"), ("draft", "num_draft_layers"), ("draft", "num_anchors"),

@@ -145,13 +145,16 @@ class MemoryReport:
 
 
 def estimate_memory(cfg: TrainConfig, num_devices: int, rules: LogicalRules | None = None) -> MemoryReport:
-    """Per-device bytes of the run described by ``cfg`` on ``num_devices`` devices (nothing is allocated)."""
+    """Per-device bytes of the run described by ``cfg`` on ``num_devices`` devices (nothing is allocated).
+
+    ``rules`` place the target (default :class:`LogicalRules`); the draft follows ``cfg.mesh.draft_sharding``."""
     import dspark_jax as dj
     from dspark_jax.config import read_config_json
     from dspark_jax.train.schedule import make_optimizer
     from dspark_jax.train.trainer import draft_config_for
 
     rules = rules or LogicalRules()
+    draft_rules = cfg.mesh.draft_rules()
     shape = mesh_shape_for(cfg, num_devices)
     mesh = _ShapeMesh(shape)
     if cfg.target.path is not None:
@@ -164,8 +167,14 @@ def estimate_memory(cfg: TrainConfig, num_devices: int, rules: LogicalRules | No
     compute = "float32" if cfg.optim.precision == "fp32" else "bfloat16"
 
     def build():
+        from dspark_jax.nn.frozen import Frozen
+
         target = dj.build_target(tcfg, dtype=cfg.target.dtype)
-        return target, dj.build_draft(target, dcfg, dtype=compute, param_dtype="float32")
+        draft = dj.build_draft(target, dcfg, dtype=compute, param_dtype="float32")
+        for _, var in nnx.iter_graph(draft):  # as the trainer stores them: compute dtype, no master copy
+            if isinstance(var, Frozen):
+                var.set_value(var.get_value().astype(compute))
+        return target, draft
 
     target, draft = nnx.eval_shape(build)
     micro = cfg.optim.micro_batch_size or cfg.optim.global_batch_size
@@ -177,10 +186,11 @@ def estimate_memory(cfg: TrainConfig, num_devices: int, rules: LogicalRules | No
     online = cfg.data.cache_dir is None
     rows = {
         "target parameters": _per_device_bytes(nnx.state(target), mesh, rules) if online else 0,
-        "draft parameters (fp32 master)": _per_device_bytes(params, mesh, rules),
-        "draft frozen embed + lm_head": _per_device_bytes(frozen, mesh, rules),
-        f"optimizer state (Adam{' + accumulation' if accum > 1 else ''})": _per_device_bytes(opt_state, mesh, rules),
-        "gradients": _per_device_bytes(params, mesh, rules),
+        "draft parameters (fp32 master)": _per_device_bytes(params, mesh, draft_rules),
+        "draft frozen embed + lm_head": _per_device_bytes(frozen, mesh, draft_rules),
+        f"optimizer state (Adam{' + accumulation' if accum > 1 else ''})": _per_device_bytes(opt_state, mesh,
+                                                                                          draft_rules),
+        "gradients": _per_device_bytes(params, mesh, draft_rules),
     }
     rows.update(activation_terms(cfg, tcfg, draft.config, shape, online))
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731

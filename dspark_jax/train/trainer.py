@@ -299,6 +299,13 @@ class Trainer:
         else:
             dcfg = draft_config_for(cfg, self.target_cfg)
             self.draft = dj.build_draft(self.target, dcfg, seed=cfg.draft.seed, dtype=compute, param_dtype="float32")
+        # frozen embed / lm_head copies of the target: never updated, so no fp32 master; keep them in the compute
+        # dtype (half the memory of the largest draft arrays in bf16 runs)
+        from dspark_jax.nn.frozen import Frozen
+
+        for _, var in nnx.iter_graph(self.draft):
+            if isinstance(var, Frozen) and var.get_value().dtype != jnp.dtype(compute):
+                var.set_value(var.get_value().astype(compute))
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(self.draft, nnx.Param)))
         self.echo(f"[train] {cfg.draft.kind} draft: {n / 1e6:.2f}M trainable parameters, compute {compute}, "
                   f"fp32 master weights")
@@ -330,8 +337,10 @@ class Trainer:
         self.optimizer = make_optimizer(o.lr, self.total_updates, o.warmup_ratio, weight_decay=o.weight_decay,
                                         clip=o.grad_clip, grad_accum=self.grad_accum)
         online = self.cache is None
+        self.draft_rules = cfg.mesh.draft_rules()
         self.step_fn = make_train_step(self.target if online else None, self.draft, self.optimizer,
-                                       vocab_chunk=o.vocab_chunk or None, mesh=self.mesh, lr_schedule=self.schedule,
+                                       vocab_chunk=o.vocab_chunk or None, mesh=self.mesh, rules=self.draft_rules,
+                                       lr_schedule=self.schedule,
                                        compiler_options=self.compiler_options)
         self.target_state = shard_target_state(nnx.split(self.target)[1], self.mesh) if online else None
         bs = 1 if self.draft.config.is_eagle3 else self.draft.config.block_size
@@ -341,7 +350,8 @@ class Trainer:
     def initial_state(self):
         from dspark_jax.train.step import init_train_state, shard_train_state
 
-        return shard_train_state(init_train_state(self.draft, self.optimizer, seed=self.cfg.optim.seed), self.mesh)
+        return shard_train_state(init_train_state(self.draft, self.optimizer, seed=self.cfg.optim.seed), self.mesh,
+                                 self.draft_rules)
 
     def checkpoint_manager(self):
         from dspark_jax.train.checkpoint import TrainCheckpointManager
@@ -374,7 +384,8 @@ class Trainer:
         if ckpt.latest_step() is not None:
             from dspark_jax.train.checkpoint import sharded_abstract_state
 
-            state, extra = ckpt.restore(sharded_abstract_state(self.draft, self.optimizer, self.mesh))
+            state, extra = ckpt.restore(sharded_abstract_state(self.draft, self.optimizer, self.mesh,
+                                                               self.draft_rules))
             try:
                 it.set_state(extra["data"])
             except (KeyError, ValueError) as e:

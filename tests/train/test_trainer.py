@@ -390,3 +390,22 @@ def test_dry_run_memory_table(capsys):
     assert "per-device memory on 64 device(s), mesh (fsdp=16, tensor=4)" in out and "v5e has 16 GiB" in out
     with pytest.raises(ConfigError, match="does not divide"):
         estimate_memory(cfg.with_overrides(["mesh.tensor=3"]), 64)
+
+
+def test_replicated_draft_on_sharded_target(target_dir, data_file, tmp_path):
+    """mesh.draft_sharding=replicated: the draft's state is not split over fsdp (DeepSpec's NO_SHARD), the target
+    still is, and the step computes the same loss as the fully sharded layout."""
+    def run(name, how):
+        cfg = load_train_config("tiny", with_target(target_dir, tmp_path / name, data_file, **{
+            "optim.max_steps": 2, "optim.precision": "fp32", "mesh.fsdp": 4, "mesh.tensor": 2,
+            "mesh.draft_sharding": how}))
+        trainer = Trainer(cfg, compiler_options=FAST_COMPILE)
+        return trainer, trainer.run()
+
+    rep_trainer, rep = run("rep", "replicated")
+    _, shard = run("shard", "sharded")
+    specs = [x.sharding.spec for x in jax.tree.leaves(rep.state.params)]
+    assert all("fsdp" not in str(s) for s in specs) and any("tensor" in str(s) for s in specs)
+    target_specs = [x.sharding.spec for x in jax.tree.leaves(rep_trainer.target_state)]
+    assert any("fsdp" in str(s) for s in target_specs)
+    np.testing.assert_allclose([h["loss"] for h in rep.history], [h["loss"] for h in shard.history], rtol=1e-5)
