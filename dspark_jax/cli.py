@@ -40,35 +40,12 @@ def _write_json(path: str, obj) -> None:
 
 
 def cmd_demo(args) -> int:
-    """Builds a small random Qwen3 target in HF format, loads it back and generates from a prompt."""
-    import numpy as np
+    """The whole workflow on an embedded default: stdlib corpus -> tokenizer + target trained from scratch ->
+    regenerated data -> DSpark / DFlash / Eagle3 drafts -> evaluation (τ, speculative vs plain tokens/s)."""
+    from dspark_jax.demo.pipeline import FULL, QUICK, Demo
 
-    import dspark_jax as dj
-    from dspark_jax.config import tiny_qwen3_config
-
-    out_dir = os.path.abspath(args.out)
-    target_dir = os.path.join(out_dir, "target")
-    cfg = tiny_qwen3_config(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=32, initializer_range=0.1,
-                            eos_token_id=None)
-    print(f"[demo] building a random Qwen3 target (H={cfg.hidden_size}, layers={cfg.num_hidden_layers}, "
-          f"V={cfg.vocab_size}) and saving it in Hugging Face format to {target_dir}")
-    dj.save_target(dj.build_target(cfg, seed=args.seed), target_dir)
-    target = dj.load_target(target_dir)
-    prompt = [int(t) for t in np.random.default_rng(args.seed).integers(0, cfg.vocab_size, 12)]
-    print(f"[demo] prompt ids: {prompt}")
-    first = dj.generate(target, [prompt], max_new_tokens=args.max_new_tokens, seed=args.seed, stop_token_ids=())
-    t0 = time.perf_counter()
-    out = dj.generate(target, [prompt], max_new_tokens=args.max_new_tokens, seed=args.seed, stop_token_ids=())
-    wall = time.perf_counter() - t0
-    assert out.tokens.tolist() == first.tokens.tolist(), "greedy generation is not deterministic"
-    print(f"[demo] generated ({out.lengths[0]} tokens): {out.token_lists()[0]}")
-    print(f"[demo] first call (with compilation) {first.stats['seconds']:.2f}s; "
-          f"second call {wall * 1e3:.1f} ms = {out.stats['tokens_per_s']:.0f} tokens/s")
-    result = {"target_dir": target_dir, "prompt": prompt, "tokens": out.token_lists()[0],
-              "first_call_seconds": first.stats["seconds"], "stats": out.stats}
-    _write_json(os.path.join(out_dir, "demo.json"), result)
-    print(f"[demo] wrote {os.path.join(out_dir, 'demo.json')}")
+    settings = QUICK if args.quick else FULL
+    Demo(args.work, settings, progress=not args.no_progress).run()
     return 0
 
 
@@ -126,9 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on an embedded default (no downloads)",
                        description=cmd_demo.__doc__)
-    p.add_argument("--out", default="demo_out", help="output directory (default ./demo_out)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", default="demo_out", help="work directory; every stage is cached there and a rerun "
+                   "resumes (default ./demo_out)")
+    p.add_argument("--quick", action="store_true", help="a few-minute version with tiny sizes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="plain autoregressive generation with a target",
@@ -150,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)            # dspark eval: acceptance metrics + speculative vs plain tokens/s
     add_generate_data_parser(sub)   # dspark generate-data: regenerate training conversations with the target
     add_train_parsers(sub)          # dspark train, dspark prepare-cache
+    from dspark_jax.decode.calibrate import add_calibrate_parser
+    from dspark_jax.decode.profile import add_profile_parser
+
+    add_calibrate_parser(sub)       # dspark calibrate: STS temperatures for the draft's confidence head
+    add_profile_parser(sub)         # dspark profile: SPS(B) table for the prefix scheduler
     return parser
 
 

@@ -55,21 +55,27 @@ QWEN_STYLE_TEMPLATE = (
     "{%- endif %}")
 
 
-def build_chat_tokenizer(corpus: list[str], size: int, template: str = QWEN_STYLE_TEMPLATE):
+def build_chat_tokenizer(corpus: list[str], size: int, template: str = QWEN_STYLE_TEMPLATE,
+                         reserved: tuple[str, ...] = ()):
     """A byte-level BPE trained on ``corpus`` with Qwen-style specials (<|endoftext|>, <|im_start|>, <|im_end|>,
-    <think>, </think>) and a ChatML template, padded with filler tokens to exactly ``size`` (= a target's vocab)."""
+    <think>, </think>) and a ChatML template, padded with filler tokens to exactly ``size`` (= a target's vocab).
+
+    ``reserved``: extra special tokens the tokenizer never produces from text (e.g. a draft's mask token), added
+    right after the specials, before the fillers."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=size - 24, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    trainer = trainers.BpeTrainer(vocab_size=size - 24 - len(reserved), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     backend.train_from_iterator(list(corpus) * 4, trainer=trainer)
     backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
                                 for t in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]])
     backend.add_tokens([AddedToken(t, normalized=False) for t in ["<think>", "</think>"]])
+    if reserved:
+        backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in reserved])
     filler = size - backend.get_vocab_size()
     backend.add_special_tokens([AddedToken(f"<|extra_{i}|>", normalized=False, special=True) for i in range(filler)])
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")

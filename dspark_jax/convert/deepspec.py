@@ -48,7 +48,10 @@ def load_draft(path: str | os.PathLike, dtype=None, *, sharding=None, attention_
     graphdef, abs_state = nnx.split(abstract)
     files = checkpoint_files(path)
     values = read_state(abs_state, files, rules, DEEPSPEC_IGNORED, dt, sharding, strip_prefix="_orig_mod.")
-    return nnx.merge(graphdef, fill_state(abs_state, values))
+    draft = nnx.merge(graphdef, fill_state(abs_state, values))
+    from dspark_jax.decode.calibrate import attach_saved_temperatures
+
+    return attach_saved_temperatures(draft, path)   # STS temperatures from `dspark calibrate`, when present
 
 
 def draft_to_torch_tensors(draft) -> dict:
@@ -71,4 +74,8 @@ def save_draft(draft, path: str | os.PathLike, *, max_shard_bytes: int = 50 * 2*
     cfg["dtype"] = dtype_name(out_dtype)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+    if getattr(draft, "sts_temperatures", None) is not None:   # calibration travels with the weights
+        from dspark_jax.decode.calibrate import save_temperatures
+
+        save_temperatures(os.path.join(path, "sts_temperatures.json"), draft.sts_temperatures)
     return path

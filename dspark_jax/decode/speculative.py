@@ -1,7 +1,8 @@
 """The jitted, batched draft-verify loop (spec §4): one ``lax.while_loop`` over rounds for the whole batch.
 
 Per round and row: propose a block from the draft cache + pending context taps (sequential Markov sampling)
--> choose the proposal length L (confidence threshold, or the full block) -> verify all rows in one target
+-> choose the proposal length L (the full block, a confidence threshold, or a scheduler from
+:mod:`dspark_jax.decode.scheduler` over all active rows) -> verify all rows in one target
 forward with per-row valid lengths -> rejection sampling -> commit m+1 tokens -> crop both caches by
 setting lengths -> the verified rows' taps become the next pending context. No host round trip per round.
 
@@ -21,9 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dspark_jax.decode.calibrate import resolve_temperatures
 from dspark_jax.decode.output import GenerationOutput
 from dspark_jax.decode.prompts import encode_prompts, pad_batch
 from dspark_jax.decode.sampling import SamplingConfig, sample_tokens
+from dspark_jax.decode.scheduler import PrefixScheduler, SchedulePolicy, ZeroOverheadScheduler, check_sps
 from dspark_jax.decode.verify import verify_block
 from dspark_jax.eval.metrics import round_counts, summarize
 
@@ -38,11 +41,13 @@ class SpecSettings:
     threshold: float
     target_capacity: int
     draft_capacity: int
+    scheduler: SchedulePolicy | None = None     # the rule; its SPS table is a traced argument of the loop
 
 
 def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temperature: float = 0.0,
                          top_k: int = 0, top_p: float = 1.0, threshold: float = 0.0, scheduler=None,
-                         stop_token_ids: Sequence[int] | None = None, seed: int = 0) -> GenerationOutput:
+                         stop_token_ids: Sequence[int] | None = None, seed: int = 0,
+                         calibration=None) -> GenerationOutput:
     """Speculative decoding with a DSpark / DFlash / Eagle3 draft; lossless w.r.t. the (warped) target distribution.
 
     Args:
@@ -50,18 +55,30 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
       prompts: list of token-id lists (or strings when the target has a tokenizer).
       temperature, top_k, top_p: sampling, applied identically to target and draft (0 = greedy).
       threshold: confidence threshold theta: a row verifies the drafts before the first position whose
-        confidence sigmoid(c_k) < theta (0 = always the full block). Needs a confidence head when > 0.
-      scheduler: reserved for the hardware-aware prefix scheduler (scheduling issue); must be None for now.
+        confidence sigmoid(c_k / T_k) < theta (0 = always the full block). Needs a confidence head when > 0.
+      scheduler: None, or a :class:`~dspark_jax.decode.scheduler.PrefixScheduler` (Algorithm 1) /
+        :class:`~dspark_jax.decode.scheduler.ZeroOverheadScheduler`: per round it maps the active rows'
+        confidences ``sigmoid(c / T)`` ``[B, Bs]`` to per-row lengths L (0 = the row verifies only its anchor,
+        a plain decoding step). Lossless: L depends only on draft-side information. Needs a confidence head;
+        exclusive with ``threshold > 0``. Its SPS table must cover the batch's anchors (>= B + 1 entries).
       stop_token_ids: a row stops once one of these is committed; None = the target config's eos ids.
       seed: PRNG seed.
+      calibration: STS temperatures T_k applied to the confidence logits (``sigmoid(c_k / T_k)``) before the
+        threshold / scheduler and in the recorded confidences. None = the draft's ``sts_temperatures``
+        attribute when set (``dj.load_draft`` sets it from ``sts_temperatures.json`` in the draft directory),
+        else none; False = raw confidences; or a sequence of Bs floats, or a path to such a JSON file / to a
+        draft directory holding one (see :mod:`dspark_jax.decode.calibrate`).
     Returns:
       :class:`GenerationOutput` with tokens ``[B, max_new_tokens]`` (-1 padded), lengths, accept_lengths
       ``[B, rounds]`` (m+1 per round; m for a terminal stop round; 0 where a row had no round),
-      proposal_lengths ``[B, rounds]``, and stats (tau, rounds, accept_rate@k, tokens/s, ...).
+      proposal_lengths ``[B, rounds]``, and stats (tau, rounds, accept_rate@k, tokens/s, ...). Per round,
+      ``stats['_round_confidence']`` ``[B, rounds, Bs]`` holds the (calibrated) confidences the loop used,
+      ``stats['_round_confidence_logits']`` the raw logits (what calibration fits), ``stats['_round_outcome']``
+      the per-position accepted flags.
     """
-    if scheduler is not None:
-        raise ValueError("scheduler: the prefix scheduler arrives with the scheduling issue; pass None "
-                         "(full blocks) or use threshold")
+    if scheduler is not None and not isinstance(scheduler, (PrefixScheduler, ZeroOverheadScheduler)):
+        raise ValueError(f"scheduler must be None, a PrefixScheduler or a ZeroOverheadScheduler "
+                         f"(dspark_jax.decode.scheduler), got {type(scheduler).__name__}")
     _check_pair(target, draft)
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -69,17 +86,37 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     if threshold > 0 and not draft.config.has_confidence:
         raise ValueError("threshold > 0 needs a draft with a confidence head")
+    if scheduler is not None and not draft.config.has_confidence:
+        raise ValueError("a scheduler needs a draft with a confidence head (this draft has none: DFlash / Eagle3 "
+                         "drafts propose full blocks; use threshold=0 and scheduler=None)")
+    if scheduler is not None and threshold > 0:
+        raise ValueError("pass either threshold > 0 or a scheduler, not both")
+    temps = resolve_temperatures(calibration, draft)
+    if temps is not None and not draft.config.has_confidence:
+        raise ValueError("calibration temperatures given, but the draft has no confidence head")
+    if temps is not None and len(temps) != _drafts_per_round(draft.config):
+        raise ValueError(f"calibration has {len(temps)} temperatures but the draft proposes "
+                         f"{_drafts_per_round(draft.config)} positions per round")
     sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
     rows = encode_prompts(prompts, getattr(target, "tokenizer", None), target.config.vocab_size)
     stops = tuple(target.config.eos_token_ids if stop_token_ids is None else (int(t) for t in stop_token_ids))
     ids, lengths = pad_batch(rows)
+    if scheduler is not None:
+        check_sps(scheduler.sps, rows=ids.shape[0])
     capacity = ids.shape[1] + int(max_new_tokens) + _drafts_per_round(draft.config) + 2
-    settings = SpecSettings(int(max_new_tokens), sampling, stops, float(threshold), capacity, capacity)
+    settings = SpecSettings(int(max_new_tokens), sampling, stops, float(threshold), capacity, capacity,
+                            scheduler.policy if scheduler is not None else None)
+    # traced, not static: a new SPS curve or new temperatures do not recompile (z / 1.0 == z exactly)
+    sched_sps = jnp.asarray(scheduler.sps, jnp.float32) if scheduler is not None else None
+    conf_temps = None
+    if draft.config.has_confidence:
+        conf_temps = jnp.asarray(temps if temps is not None else (1.0,) * _drafts_per_round(draft.config),
+                                 jnp.float32)
     t_graph, t_state = nnx.split(target)
     d_graph, d_state = nnx.split(draft)
     t0 = time.perf_counter()
     res = _spec_jit(t_graph, t_state, d_graph, d_state, jnp.asarray(ids), jnp.asarray(lengths),
-                    jax.random.key(seed), settings=settings)
+                    jax.random.key(seed), sched_sps, conf_temps, settings=settings)
     res = jax.device_get(res)
     seconds = time.perf_counter() - t0
     return _to_output(res, settings, seconds, target, prompts)
@@ -146,16 +183,27 @@ def _draft_context_len(draft, dstate):
     return dstate[0].lengths, dstate[2]
 
 
-def _proposal_lengths(conf_logits, threshold: float, block_size: int, batch: int):
-    """L = index of the first position whose confidence sigmoid(c_k) < theta (block_size if none)."""
-    if threshold <= 0 or conf_logits is None:
+def _confidences(conf_logits, temperatures):
+    """``[B, Bs]`` confidence logits -> probabilities ``sigmoid(c_k / T_k)`` (T = 1 without calibration)."""
+    if conf_logits is None:
+        return None
+    z = conf_logits.astype(jnp.float32)
+    if temperatures is not None:
+        z = z / temperatures[None, :]
+    return jax.nn.sigmoid(z)
+
+
+def _proposal_lengths(conf_p, threshold: float, block_size: int, batch: int):
+    """L = index of the first position whose confidence sigmoid(c_k / T_k) < theta (block_size if none)."""
+    if threshold <= 0 or conf_p is None:
         return jnp.full((batch,), block_size, jnp.int32)
-    low = jax.nn.sigmoid(conf_logits) < threshold
+    low = conf_p < threshold
     return jnp.where(jnp.any(low, axis=1), jnp.argmax(low, axis=1), block_size).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("t_graph", "d_graph", "settings"))
-def _spec_jit(t_graph, t_state, d_graph, d_state, ids, lengths, key, *, settings: SpecSettings):
+def _spec_jit(t_graph, t_state, d_graph, d_state, ids, lengths, key, sched_sps, conf_temps, *,
+              settings: SpecSettings):
     target = nnx.merge(t_graph, t_state)
     draft = nnx.merge(d_graph, d_state)
     cfg = draft.config
@@ -179,9 +227,11 @@ def _spec_jit(t_graph, t_state, d_graph, d_state, ids, lengths, key, *, settings
     done = jnp.isin(first, stop_arr) | (n_out >= max_new)
     stats = dict(accept=jnp.zeros((batch, max_rounds), jnp.int32), proposed=jnp.zeros((batch, max_rounds), jnp.int32),
                  conf=jnp.zeros((batch, max_rounds, bs), jnp.float32),
+                 conf_logits=jnp.zeros((batch, max_rounds, bs), jnp.float32),
                  outcome=jnp.zeros((batch, max_rounds, bs), bool))
+    sched = settings.scheduler
     carry = dict(rnd=jnp.int32(0), t_cache=pre.cache, dstate=dstate, anchor=first, out=out, n_out=n_out, done=done,
-                 key=key, stats=stats)
+                 key=key, stats=stats, sched=sched.init_state(batch, bs) if sched is not None else ())
 
     def cond(c):
         return (c["rnd"] < max_rounds) & ~jnp.all(c["done"])
@@ -192,7 +242,15 @@ def _spec_jit(t_graph, t_state, d_graph, d_state, ids, lengths, key, *, settings
         start = c["t_cache"].lengths
         tokens, logits, conf, usable, d_cache_after = _propose(draft, c["dstate"], c["anchor"], k_prop,
                                                                settings.sampling, settings.stop_ids)
-        L = _proposal_lengths(conf, settings.threshold, bs, batch)
+        conf_p = _confidences(conf, conf_temps)
+        sched_state = c["sched"]
+        if sched is not None:
+            # the scheduler sees only draft-side information (confidences of this round's drafts), so any L
+            # it picks keeps rejection sampling lossless; finished rows do not count in its batch
+            L, sched_state = sched(conf_p, active, sched_state, c["rnd"], sched_sps)
+            L = jnp.where(active, L, 0)
+        else:
+            L = _proposal_lengths(conf_p, settings.threshold, bs, batch)
         if usable is not None:
             L = jnp.minimum(L, usable)
         ver = target(jnp.concatenate([c["anchor"][:, None], tokens], axis=1), c["t_cache"], num_new=L + 1,
@@ -217,13 +275,15 @@ def _spec_jit(t_graph, t_state, d_graph, d_state, ids, lengths, key, *, settings
         t_cache = ver.cache.with_lengths(jnp.where(active, start + n_commit, start))
         dstate = _absorb_commit(draft, c["dstate"], d_cache_after, ver.taps, committed, n_commit, active)
         r, st = c["rnd"], c["stats"]
-        conf_p = jax.nn.sigmoid(conf) if conf is not None else jnp.zeros((batch, bs))
+        conf_rec = conf_p if conf_p is not None else jnp.zeros((batch, bs))
+        logit_rec = conf.astype(jnp.float32) if conf is not None else jnp.zeros((batch, bs))
         stats = dict(accept=st["accept"].at[:, r].set(jnp.where(active, n_commit, 0)),
                      proposed=st["proposed"].at[:, r].set(jnp.where(active, L, 0)),
-                     conf=st["conf"].at[:, r].set(jnp.where(active[:, None], conf_p, 0.0)),
+                     conf=st["conf"].at[:, r].set(jnp.where(active[:, None], conf_rec, 0.0)),
+                     conf_logits=st["conf_logits"].at[:, r].set(jnp.where(active[:, None], logit_rec, 0.0)),
                      outcome=st["outcome"].at[:, r].set(active[:, None] & (slots[:, :bs] < m_cut[:, None])))
         return dict(rnd=r + 1, t_cache=t_cache, dstate=dstate, anchor=jnp.where(active, verdict.next_token, c["anchor"]),
-                    out=out, n_out=n_out, done=done, key=key, stats=stats)
+                    out=out, n_out=n_out, done=done, key=key, stats=stats, sched=sched_state)
 
     final = jax.lax.while_loop(cond, body, carry)
     d_len, pending = _draft_context_len(draft, final["dstate"])
@@ -246,12 +306,15 @@ def _to_output(res, settings: SpecSettings, seconds: float, target, prompts) -> 
         "seconds": seconds, "new_tokens": int(n_out.sum()), "tokens_per_s": float(n_out.sum() / seconds),
         "rounds": rounds, "row_rounds": summary["rounds"], "batch": len(n_out), "tau": summary["tau"],
         "mean_proposal": summary["mean_proposal"], "verify_rate": summary["verify_rate"],
+        # tokens the target verified over all row-rounds (anchors + proposed drafts): the scheduler's budget
+        "verified_tokens": int((prop + 1)[acc > 0].sum()),
     }
     for k, rate in enumerate(summary["accept_rate"]):   # accept_rate@k = #rounds with m > k / #rounds with L > k
         stats[f"accept_rate@{k}"] = 0.0 if rate is None else rate
     stats["_invariants"] = {"target_len": np.asarray(res["t_len"]), "draft_len": np.asarray(res["d_len"]),
                             "pending": np.asarray(res["pend_count"]), "prompt_len": np.asarray(res["prompt_len"])}
     stats["_round_confidence"] = np.asarray(res["stats"]["conf"])[:, :rounds]
+    stats["_round_confidence_logits"] = np.asarray(res["stats"]["conf_logits"])[:, :rounds]
     stats["_round_outcome"] = np.asarray(res["stats"]["outcome"])[:, :rounds]
     texts = None
     tok = getattr(target, "tokenizer", None)

@@ -1,0 +1,500 @@
+"""Confidence calibration (spec §4.7, §6.2 Fig. 6, §6.4): Sequential Temperature Scaling, ECE, AUC, reliability.
+
+The confidence head predicts, per draft position k, the *conditional* acceptance ``c_k = sigmoid(z_k)``; what the
+scheduler uses is the prefix survival ``a_k = prod_{i<=k} c_i``. STS fits one temperature per position, left to
+right: ``T_k`` minimises the ECE of ``prod_{i<=k} sigmoid(z_i / T_i)`` against the prefix-survival label
+(``m > k``) with ``T_0..T_{k-1}`` already fixed (a 1-D grid search). Dividing a logit by ``T > 0`` is monotone,
+so every position's confidence keeps its ranking (its conditional AUC is unchanged); the AUC of the cumulative
+product may move slightly, since the positions are rescaled differently.
+
+Where the temperatures live: ``sts_temperatures.json`` in the draft directory (written by ``dspark calibrate``).
+``dj.load_draft`` attaches them as ``draft.sts_temperatures`` and ``dj.speculative_generate`` applies them
+(``sigmoid(z_k / T_k)``) to the threshold, the scheduler and the recorded confidences; its ``calibration=``
+argument overrides that (False = raw confidences, a sequence, or a path).
+
+Data layout: per round (one row's proposal) ``z [M, Bs]`` raw confidence logits, ``labels [M, Bs]`` prefix
+survival (``k < m``), ``valid [M, Bs]`` (position proposed, ``k < L``, in a non-terminal round).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+TEMPERATURES_FILE = "sts_temperatures.json"
+FORMAT = "dspark-sts-v1"
+ECE_BINS = 20   # spec §4.7
+
+
+# ---- metrics --------------------------------------------------------------------------------------------
+
+def ece(pred, label, bins: int = ECE_BINS) -> float:
+    """Expected calibration error with ``bins`` equal-width bins: sum_b n_b/N |mean(pred_b) - mean(label_b)|."""
+    pred = np.asarray(pred, np.float64).reshape(1, -1)
+    return float(_ece_many(pred, np.asarray(label, np.float64).reshape(-1), bins)[0])
+
+
+def _ece_many(preds: np.ndarray, label: np.ndarray, bins: int) -> np.ndarray:
+    """ECE of each row of ``preds [G, n]`` against ``label [n]`` -> ``[G]`` (one bincount for all G)."""
+    g, n = preds.shape
+    if n == 0:
+        return np.zeros(g)
+    b = np.minimum((preds * bins).astype(np.int64), bins - 1)
+    flat = (b + bins * np.arange(g)[:, None]).reshape(-1)
+    count = np.bincount(flat, minlength=g * bins).reshape(g, bins)
+    psum = np.bincount(flat, weights=preds.reshape(-1), minlength=g * bins).reshape(g, bins)
+    lsum = np.bincount(flat, weights=np.broadcast_to(label, preds.shape).reshape(-1),
+                       minlength=g * bins).reshape(g, bins)
+    return np.abs(psum - lsum).sum(axis=1) / n
+
+
+def auc(score, label) -> float | None:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); None if a class is missing."""
+    score = np.asarray(score, np.float64).reshape(-1)
+    label = np.asarray(label, bool).reshape(-1)
+    n1 = int(label.sum())
+    n0 = label.size - n1
+    if n1 == 0 or n0 == 0:
+        return None
+    _, inv, counts = np.unique(score, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    avg_rank = ends - (counts - 1) / 2.0          # 1-based average rank of each distinct value
+    ranks = avg_rank[inv]
+    return float((ranks[label].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+
+
+def _sigmoid(z):
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, np.float64)))   # no overflow warnings for large |z|
+
+
+def cumulative(z: np.ndarray, temperatures: Sequence[float] | None = None) -> np.ndarray:
+    """``[M, Bs]`` logits -> prefix survival predictions ``prod_{i<=k} sigmoid(z_i / T_i)``."""
+    z = np.asarray(z, np.float64)
+    t = np.ones(z.shape[1]) if temperatures is None else np.asarray(temperatures, np.float64)
+    return np.cumprod(_sigmoid(z / t[None, :]), axis=1)
+
+
+# ---- STS --------------------------------------------------------------------------------------------------
+
+def default_grid() -> np.ndarray:
+    """Log-spaced temperatures 0.05 .. 20 (241 points, ~2.5% apart)."""
+    return np.exp(np.linspace(math.log(0.05), math.log(20.0), 241))
+
+
+def fit_sts(z, labels, valid=None, *, grid: Sequence[float] | None = None, bins: int = ECE_BINS,
+            refine: bool = True) -> tuple[float, ...]:
+    """Sequential Temperature Scaling: one temperature per position, fit left to right.
+
+    Args:
+      z: ``[M, Bs]`` raw confidence logits; labels: ``[M, Bs]`` prefix survival (bool); valid: ``[M, Bs]``
+        which entries count (default all).
+      grid: candidate temperatures (default :func:`default_grid`); with ``refine`` a second, 41-point grid
+        spans one coarse step either side of the best.
+    Returns: ``Bs`` temperatures (1.0 for a position without data). Ties go to the first grid point.
+    """
+    z = np.asarray(z, np.float64)
+    labels = np.asarray(labels, bool)
+    valid = np.ones_like(labels) if valid is None else np.asarray(valid, bool)
+    if z.ndim != 2 or z.shape != labels.shape or z.shape != valid.shape:
+        raise ValueError(f"z, labels and valid must be [M, Bs] of one shape, got {z.shape}, {labels.shape}, "
+                         f"{valid.shape}")
+    if not np.isfinite(z[valid]).all():
+        raise ValueError("confidence logits contain NaN or inf")
+    coarse = np.asarray(default_grid() if grid is None else grid, np.float64)
+    if coarse.ndim != 1 or coarse.size == 0 or not (coarse > 0).all():
+        raise ValueError("grid must be a non-empty 1-D list of positive temperatures")
+    temps: list[float] = []
+    prev = np.ones(z.shape[0])                      # prod_{i<k} sigmoid(z_i / T_i) with fitted T_i
+    for k in range(z.shape[1]):
+        rows = valid[:, k]
+        if rows.any():
+            zk, base, lab = z[rows, k], prev[rows], labels[rows, k].astype(np.float64)
+
+            def best(cands):
+                preds = base[None, :] * _sigmoid(zk[None, :] / cands[:, None])
+                return int(np.argmin(_ece_many(preds, lab, bins)))
+
+            i = best(coarse)
+            t = coarse[i]
+            if refine and coarse.size > 1:
+                lo = coarse[max(i - 1, 0)]
+                hi = coarse[min(i + 1, coarse.size - 1)]
+                fine = np.exp(np.linspace(math.log(lo), math.log(hi), 41))
+                t = fine[best(fine)]
+        else:
+            t = 1.0
+        temps.append(float(t))
+        prev = prev * _sigmoid(z[:, k] / t)
+    return tuple(temps)
+
+
+def calibration_report(z, labels, valid=None, temperatures: Sequence[float] | None = None,
+                       bins: int = ECE_BINS) -> list[dict[str, Any]]:
+    """Per position k (1-based ``position``): rounds n, label mean, ECE / AUC / Brier / mean prediction of the
+    cumulative product before (raw) and after (``temperatures``), and the conditional AUC of ``c_k`` on rounds
+    whose first k-1 drafts survived (unchanged by any positive temperature)."""
+    z = np.asarray(z, np.float64)
+    labels = np.asarray(labels, bool)
+    valid = np.ones_like(labels) if valid is None else np.asarray(valid, bool)
+    raw = cumulative(z)
+    cal = cumulative(z, temperatures) if temperatures is not None else raw
+    out = []
+    for k in range(z.shape[1]):
+        rows = valid[:, k]
+        lab = labels[rows, k]
+        cond_rows = rows & (labels[:, k - 1] if k > 0 else True)
+        entry = {"position": k + 1, "n": int(rows.sum()), "label_mean": float(lab.mean()) if lab.size else None}
+        for tag, pred in (("before", raw[rows, k]), ("after", cal[rows, k])):
+            entry[f"ece_{tag}"] = ece(pred, lab, bins) if lab.size else None
+            entry[f"auc_{tag}"] = auc(pred, lab)
+            entry[f"brier_{tag}"] = float(np.mean((pred - lab) ** 2)) if lab.size else None
+            entry[f"pred_mean_{tag}"] = float(pred.mean()) if lab.size else None
+        entry["auc_conditional"] = auc(z[cond_rows, k], labels[cond_rows, k])
+        if temperatures is not None:
+            entry["temperature"] = float(temperatures[k])
+        out.append(entry)
+    return out
+
+
+def reliability_bins(pred, label, bins: int = ECE_BINS):
+    """Per non-empty bin: (mean prediction, accuracy, count) for a reliability diagram."""
+    pred = np.asarray(pred, np.float64)
+    label = np.asarray(label, np.float64)
+    b = np.minimum((pred * bins).astype(np.int64), bins - 1)
+    n = np.bincount(b, minlength=bins)
+    ps = np.bincount(b, weights=pred, minlength=bins)
+    ls = np.bincount(b, weights=label, minlength=bins)
+    keep = n > 0
+    return ps[keep] / n[keep], ls[keep] / n[keep], n[keep]
+
+
+def reliability_diagram(z, labels, valid, temperatures, path: str, positions: Sequence[int] | None = None,
+                        bins: int = ECE_BINS, log=print) -> str | None:
+    """Draws the paper's Fig. 6 (accuracy vs confidence per position, before and after STS) to ``path``.
+
+    Returns the path, or None (with a message) when matplotlib is not installed: it is an optional dependency."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("[calibrate] matplotlib is not installed: skipping the reliability diagram (pip install matplotlib)")
+        return None
+    z = np.asarray(z, np.float64)
+    labels = np.asarray(labels, bool)
+    valid = np.asarray(valid, bool)
+    bs = z.shape[1]
+    if positions is None:
+        positions = [p for p in (1, 3, 5, 7) if p <= bs] or [1]
+    raw, cal = cumulative(z), cumulative(z, temperatures)
+    fig, axes = plt.subplots(1, len(positions), figsize=(3.2 * len(positions), 3.3), squeeze=False)
+    for ax, p in zip(axes[0], positions):
+        k = p - 1
+        rows = valid[:, k]
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        for tag, pred, color in (("raw", raw[rows, k], "tab:red"), ("STS", cal[rows, k], "tab:blue")):
+            mp, acc, _ = reliability_bins(pred, labels[rows, k], bins)
+            e = ece(pred, labels[rows, k], bins) if rows.any() else float("nan")
+            ax.plot(mp, acc, marker="o", ms=3, color=color, label=f"{tag} ECE {100 * e:.1f}%")
+        ax.set_title(f"position {p} (n={int(rows.sum())})")
+        ax.set_xlabel("predicted prefix survival")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0][0].set_ylabel("observed acceptance")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---- temperatures on disk and on the draft -----------------------------------------------------------------
+
+def check_temperatures(temps, where: str = "temperatures") -> tuple[float, ...]:
+    t = tuple(float(x) for x in temps)
+    if not t or not all(math.isfinite(x) and x > 0 for x in t):
+        raise ValueError(f"{where}: STS temperatures must be a non-empty list of finite numbers > 0, got {list(t)}")
+    return t
+
+
+def save_temperatures(path: str | os.PathLike, temperatures: Sequence[float],
+                      extra: dict[str, Any] | None = None) -> str:
+    """Writes ``{"format", "temperatures", ...extra}``; a directory gets ``sts_temperatures.json`` inside."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, TEMPERATURES_FILE)
+    obj = {"format": FORMAT, "temperatures": list(check_temperatures(temperatures)), **(extra or {})}
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def load_temperatures(path: str | os.PathLike) -> tuple[float, ...]:
+    """Temperatures from a JSON file (``{"temperatures": [...]}`` or a list) or a directory holding one."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, TEMPERATURES_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no STS temperatures at {path!r} (run `dspark calibrate` to write them)")
+    with open(path, encoding="utf-8") as f:
+        try:
+            obj = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+    temps = obj.get("temperatures") if isinstance(obj, dict) else obj
+    if not isinstance(temps, list):
+        raise ValueError(f"{path}: expected {{'temperatures': [T_1, ..., T_Bs]}}")
+    return check_temperatures(temps, path)
+
+
+def attach_temperatures(draft, temperatures: Sequence[float] | None):
+    """Sets ``draft.sts_temperatures`` (a static tuple: part of the draft's graph, hence of the jit key)."""
+    draft.sts_temperatures = None if temperatures is None else check_temperatures(temperatures)
+    return draft
+
+
+def attach_saved_temperatures(draft, draft_dir: str | os.PathLike):
+    """Attaches ``<draft_dir>/sts_temperatures.json`` when it exists (called by ``dj.load_draft``)."""
+    path = os.path.join(os.fspath(draft_dir), TEMPERATURES_FILE)
+    if os.path.isfile(path):
+        temps = load_temperatures(path)
+        if getattr(draft.config, "has_confidence", False):
+            want = draft.config.block_size
+            if len(temps) != want:
+                raise ValueError(f"{path}: {len(temps)} temperatures for a draft with block_size {want}")
+            attach_temperatures(draft, temps)
+    return draft
+
+
+def resolve_temperatures(calibration, draft) -> tuple[float, ...] | None:
+    """``speculative_generate``'s ``calibration=``: None -> the draft's attached temperatures (or none);
+    False -> none; a path -> :func:`load_temperatures`; a sequence -> those temperatures."""
+    if calibration is None:
+        temps = getattr(draft, "sts_temperatures", None)
+        return None if temps is None else tuple(temps)
+    if calibration is False:
+        return None
+    if isinstance(calibration, (str, os.PathLike)):
+        return load_temperatures(calibration)
+    if calibration is True:
+        raise ValueError("calibration=True is ambiguous: pass None (the draft's own), a path or temperatures")
+    return check_temperatures(calibration, "calibration")
+
+
+# ---- recorded rounds -> samples -----------------------------------------------------------------------------
+
+def rounds_to_samples(rounds: dict[str, np.ndarray]):
+    """Recorded rounds (``[N, rounds(, Bs)]`` arrays: ``confidence_logits``, ``outcome``, ``proposal_lengths``,
+    ``accept_lengths``, ``accepted_drafts``) -> (z, labels, valid) ``[M, Bs]`` over rounds that happened.
+
+    A terminal round (a stop token among the accepted drafts) is left out: its cut is not a rejection."""
+    z = np.asarray(rounds["confidence_logits"], np.float64)
+    outcome = np.asarray(rounds["outcome"], bool)
+    acc = np.asarray(rounds["accept_lengths"])
+    prop = np.asarray(rounds["proposal_lengths"])
+    m = np.asarray(rounds["accepted_drafts"])
+    bs = z.shape[-1]
+    keep = (acc > 0) & (m != acc)
+    z, outcome, prop = z[keep], outcome[keep], prop[keep]
+    valid = np.arange(bs)[None, :] < prop[:, None]
+    return z, outcome, valid
+
+
+def record_rounds(target, draft, prompts: list[list[int]], *, max_new_tokens: int = 256, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 1.0, batch_size: int = 8, seed: int = 0,
+                  stop_token_ids: Sequence[int] | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+    """Runs full-block speculative decoding (threshold 0, no scheduler, raw confidences) over ``prompts`` and
+    returns the per-round arrays of :func:`rounds_to_samples` plus ``prompt_index [N]``."""
+    import dspark_jax as dj
+    from dspark_jax.eval.metrics import accepted_drafts_from_outcome
+
+    if not draft.config.has_confidence:
+        raise ValueError("calibration needs a draft with a confidence head")
+    if not prompts:
+        raise ValueError("no prompts to calibrate on")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # similar lengths batch together
+    parts: dict[str, list[np.ndarray]] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc="calibrate", unit="prompt", file=sys.stderr)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        rows = [prompts[i] for i in idx]
+        rows += [rows[-1]] * (batch_size - len(rows))     # a fixed batch shape compiles once
+        out = dj.speculative_generate(target, draft, rows, max_new_tokens=max_new_tokens, temperature=temperature,
+                                      top_k=top_k, top_p=top_p, threshold=0.0, scheduler=None,
+                                      stop_token_ids=stop_token_ids, seed=seed + idx[0], calibration=False)
+        n = len(idx)
+        outcome = out.stats["_round_outcome"][:n]
+        for key, val in (("prompt_index", np.asarray(idx, np.int64)),
+                         ("confidence_logits", out.stats["_round_confidence_logits"][:n]),
+                         ("outcome", outcome), ("proposal_lengths", out.proposal_lengths[:n]),
+                         ("accept_lengths", out.accept_lengths[:n]),
+                         ("accepted_drafts", accepted_drafts_from_outcome(outcome))):
+            parts.setdefault(key, []).append(np.asarray(val))
+        if bar is not None:
+            bar.update(n)
+    if bar is not None:
+        bar.close()
+    return _stack(parts)
+
+
+def _stack(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenates per-batch ``[b, rounds, ...]`` arrays along rows, zero-padding the rounds axis (batches
+    run different numbers of rounds; zero = "no round", as in the loop's own arrays)."""
+    out = {}
+    for key, vals in parts.items():
+        if vals[0].ndim == 1:
+            out[key] = np.concatenate(vals)
+            continue
+        width = max(v.shape[1] for v in vals)
+        out[key] = np.concatenate([np.pad(v, [(0, 0), (0, width - v.shape[1])] + [(0, 0)] * (v.ndim - 2))
+                                   for v in vals])
+    return out
+
+
+@dataclasses.dataclass
+class CalibrationResult:
+    temperatures: tuple[float, ...]
+    report: list[dict[str, Any]]      # on the held-out rounds (all rounds when nothing is held out)
+    fit_rounds: int
+    eval_rounds: int
+
+
+def fit_from_rounds(rounds: dict[str, np.ndarray], holdout: float = 0.5, seed: int = 0) -> CalibrationResult:
+    """Fits STS on a random ``1 - holdout`` share of the prompts and reports ECE/AUC on the rest."""
+    if not 0 <= holdout < 1:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    prompt = np.asarray(rounds["prompt_index"])
+    uniq = np.unique(prompt)
+    rng = np.random.default_rng(seed)
+    n_eval = int(round(holdout * uniq.size)) if uniq.size > 1 else 0
+    eval_ids = set(rng.permutation(uniq)[:n_eval].tolist())
+    is_eval = np.array([p in eval_ids for p in prompt], bool)
+
+    def sub(mask):
+        return {k: np.asarray(v)[mask] for k, v in rounds.items()}
+
+    z_fit, l_fit, v_fit = rounds_to_samples(sub(~is_eval))
+    temps = fit_sts(z_fit, l_fit, v_fit)
+    z_ev, l_ev, v_ev = rounds_to_samples(sub(is_eval)) if n_eval else (z_fit, l_fit, v_fit)
+    return CalibrationResult(temps, calibration_report(z_ev, l_ev, v_ev, temps), int(z_fit.shape[0]),
+                             int(z_ev.shape[0]))
+
+
+def format_report(report: list[dict[str, Any]]) -> str:
+    def f(x, scale=1.0, fmt="{:.3f}"):
+        return "-" if x is None else fmt.format(x * scale)
+
+    lines = ["| position | n | T | ECE raw | ECE STS | AUC raw | AUC STS | AUC cond. | accept |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in report:
+        lines.append(f"| {e['position']} | {e['n']} | {f(e.get('temperature'))} | {f(e['ece_before'], 100, '{:.2f}%')} "
+                     f"| {f(e['ece_after'], 100, '{:.2f}%')} | {f(e['auc_before'])} | {f(e['auc_after'])} | "
+                     f"{f(e['auc_conditional'])} | {f(e['label_mean'])} |")
+    return "\n".join(lines)
+
+
+# ---- command line ----------------------------------------------------------------------------------------------
+
+def cmd_calibrate(args) -> int:
+    """Fits STS temperatures for a draft's confidence head on held-out prompts; saves them beside the draft."""
+    import jax
+
+    import dspark_jax as dj
+    from dspark_jax.decode.synthetic import resolve_stop_ids
+    from dspark_jax.eval import datasets as D
+
+    try:
+        names = D.resolve_names(args.data, args.datasets)
+    except D.DatasetError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not names:
+        raise SystemExit(f"error: no dataset in {args.data!r}; pass --datasets")
+    target = dj.load_target(args.target, dtype=args.dtype)
+    tok = getattr(target, "tokenizer", None)
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise SystemExit(f"error: the target directory {args.target!r} has no tokenizer with a chat template")
+    draft = dj.load_draft(args.draft, dtype=args.draft_dtype)
+    if not draft.config.has_confidence:
+        raise SystemExit("error: this draft has no confidence head; there is nothing to calibrate")
+    prompts: list[list[int]] = []
+    for name in names:
+        texts = D.load_prompts(args.data, name, args.max_samples, args.seed)
+        prompts += [D.chat_prompt_ids(tok, t) for t in texts]
+    if not prompts:
+        raise SystemExit("error: the selected datasets hold no prompts")
+    print(f"[calibrate] {len(prompts)} prompts from {', '.join(names)}; full-block decoding at temperature "
+          f"{args.temperature}, {args.max_new_tokens} new tokens")
+    t0 = time.perf_counter()
+    rounds = record_rounds(target, draft, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
+                           stop_token_ids=resolve_stop_ids(target, args.target), progress=not args.no_progress)
+    res = fit_from_rounds(rounds, holdout=args.holdout, seed=args.seed)
+    report_dir = args.report_dir or os.path.join(args.draft, "calibration")
+    os.makedirs(report_dir, exist_ok=True)
+    np.savez_compressed(os.path.join(report_dir, "rounds.npz"), **rounds)
+    z, lab, val = rounds_to_samples(rounds)
+    png = reliability_diagram(z, lab, val, res.temperatures, os.path.join(report_dir, "reliability.png"))
+    summary = {"draft": os.path.abspath(args.draft), "target": os.path.abspath(args.target), "datasets": names,
+               "prompts": len(prompts), "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
+               "holdout": args.holdout, "fit_rounds": res.fit_rounds, "eval_rounds": res.eval_rounds,
+               "temperatures": list(res.temperatures), "positions": res.report,
+               "backend": jax.default_backend(), "seconds": time.perf_counter() - t0}
+    with open(os.path.join(report_dir, "calibration.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    print(format_report(res.report))
+    if args.no_save:
+        print("[calibrate] --no-save: temperatures not written")
+    else:
+        dest = save_temperatures(args.save_to or args.draft, res.temperatures,
+                                 {"fit_rounds": res.fit_rounds, "datasets": names})
+        print(f"[calibrate] wrote {dest} (dj.load_draft applies it)")
+    print(f"[calibrate] report: {os.path.join(report_dir, 'calibration.json')}" + (f", {png}" if png else ""))
+    return 0
+
+
+def add_calibrate_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="fit STS temperatures for the draft's confidence head",
+                       description=cmd_calibrate.__doc__)
+    p.add_argument("--target", required=True, help="HF target directory (with tokenizer and chat template)")
+    p.add_argument("--draft", required=True, help="DSpark draft directory (with a confidence head)")
+    p.add_argument("--data", required=True, help="directory of DeepSpec-format <dataset>.jsonl prompt files "
+                                                 "(held out from training)")
+    p.add_argument("--datasets", default=None, help="comma-separated names (default: DeepSpec's list, those present)")
+    p.add_argument("--max-samples", type=int, default=32, help="prompts per dataset (default 32)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0, the paper's)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--holdout", type=float, default=0.5,
+                   help="share of prompts held out to report ECE/AUC after fitting (default 0.5)")
+    p.add_argument("--seed", type=int, default=980406)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="target dtype")
+    p.add_argument("--draft-dtype", default=None, choices=["float32", "bfloat16"])
+    p.add_argument("--save-to", default=None, help="where sts_temperatures.json goes (default: the draft directory)")
+    p.add_argument("--report-dir", default=None,
+                   help="calibration.json, rounds.npz, reliability.png (default <draft>/calibration)")
+    p.add_argument("--no-save", action="store_true", help="report only; do not write the temperatures")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
+
+
+__all__ = ["ece", "auc", "cumulative", "fit_sts", "calibration_report", "reliability_bins", "reliability_diagram",
+           "save_temperatures", "load_temperatures", "attach_temperatures", "attach_saved_temperatures",
+           "resolve_temperatures", "rounds_to_samples", "record_rounds", "fit_from_rounds", "CalibrationResult",
+           "format_report", "cmd_calibrate", "add_calibrate_parser", "TEMPERATURES_FILE", "default_grid"]

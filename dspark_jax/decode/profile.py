@@ -1,0 +1,263 @@
+"""Throughput profile SPS(B) of a target (spec §6.4): verify steps per second when one step verifies B tokens.
+
+What a step is. The prefix scheduler counts every verified token of the batch, anchors included, as B. In an
+engine whose verify forward runs on a flattened, ragged token batch each token attends to its own request's
+context; here a step is one jitted target forward over ``[B, 1]`` (B rows, one new token each) on a KV cache
+holding ``context`` tokens per row, with the logits of every token (verification needs all of them). That costs
+what a ragged step over B tokens costs: the weights are read once, the matmuls grow with B, attention with
+B x context.
+
+Each B is compiled, run ``warmup`` times, then timed ``repeats`` times (``block_until_ready``); the median is
+kept. :func:`sps_table` turns the measured points into the dense table ``[Bmax+1]`` the schedulers read. By
+default (``shape="convex"``) the step time is the lower convex hull of the measured (B, seconds) points, made
+non-decreasing: with a convex, non-decreasing step time t(B), Theta = tau / t is unimodal along Algorithm 1's
+sorted order (tau is concave: its increments a are sorted descending), so the lossless break stops exactly at
+the best prefix, and the top-k prefix is the best choice of k drafts: the scheduler is then optimal over all
+length vectors for that cost model. Raw points are jagged (timing noise on small machines, shape-dependent
+kernels): a dip makes the break stop early. ``shape="monotone"`` (running maximum of the interpolated times) and
+``"raw"`` (plain interpolation) are kept for comparison; ZOS's global search copes with any of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def default_token_counts(max_tokens: int) -> list[int]:
+    """1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and the midpoints between them) up to ``max_tokens``."""
+    out, p = [], 1
+    while p <= max_tokens:
+        out.append(p)
+        mid = p + p // 2
+        if p >= 2 and mid <= max_tokens:
+            out.append(mid)
+        p *= 2
+    if out[-1] != max_tokens:
+        out.append(max_tokens)
+    return sorted(set(out))
+
+
+def measure_sps(target, token_counts: Sequence[int], *, context: int = 128, warmup: int = 2, repeats: int = 5,
+                seed: int = 0, progress: bool = False, log=None) -> list[dict[str, Any]]:
+    """Times one verify step per B in ``token_counts``. Returns ``[{tokens, seconds (median), seconds_all,
+    sps, compile_seconds}]`` in the order given."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    counts = [int(b) for b in token_counts]
+    if not counts or min(counts) < 1:
+        raise ValueError(f"token counts must be >= 1, got {list(token_counts)}")
+    if context < 0 or warmup < 0 or repeats < 1:
+        raise ValueError("context and warmup must be >= 0 and repeats >= 1")
+    limit = target.config.max_position_embeddings
+    if context + 1 > limit:
+        raise ValueError(f"context {context} + 1 exceeds the target's max_position_embeddings={limit}")
+    graph, state = nnx.split(target)
+
+    @jax.jit
+    def step(state, ids, cache):
+        model = nnx.merge(graph, state)
+        out = model(ids, cache, num_new=jnp.ones((ids.shape[0],), jnp.int32))
+        return out.logits, out.cache.lengths
+
+    rng = np.random.default_rng(seed)
+    results = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(counts), desc="profile", unit="B", file=sys.stderr)
+    for b in counts:
+        cache = target.init_cache(b, context + 8)
+        cache = cache.with_lengths(jnp.full((b,), context, jnp.int32))   # the cost of attending to `context` keys
+        ids = jnp.asarray(rng.integers(0, target.config.vocab_size, (b, 1)), jnp.int32)
+        t0 = time.perf_counter()
+        jax.block_until_ready(step(state, ids, cache))
+        compile_s = time.perf_counter() - t0
+        for _ in range(warmup):
+            jax.block_until_ready(step(state, ids, cache))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(step(state, ids, cache))
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        results.append({"tokens": b, "seconds": med, "seconds_all": times, "sps": 1.0 / med,
+                        "compile_seconds": compile_s})
+        if log is not None:
+            log(f"[profile] B={b}: {1e3 * med:.2f} ms/step = {1.0 / med:.1f} steps/s")
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return results
+
+
+def _lower_hull(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices of the lower convex hull of points sorted by x (Andrew's monotone chain)."""
+    hull: list[int] = []
+    for i in range(len(x)):
+        while len(hull) >= 2:
+            o, a = hull[-2], hull[-1]
+            # drop a when it lies on or above the segment o -> i
+            if (x[a] - x[o]) * (y[i] - y[o]) - (y[a] - y[o]) * (x[i] - x[o]) <= 0:
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return x[hull], y[hull]
+
+
+SHAPES = ("convex", "monotone", "raw")
+
+
+def sps_table(measured: Sequence[dict[str, Any]], bmax: int | None = None, shape: str = "convex") -> list[float]:
+    """Dense ``[Bmax+1]`` steps-per-second table from measured points (``tokens``, ``seconds``).
+
+    Step time is interpolated linearly in B (flat below the smallest measured B) through the measured points
+    (``raw``), their running maximum (``monotone``), or the lower convex hull of the points, then its running
+    maximum (``convex``, the default: see the module docstring). ``bmax`` defaults to the largest measured B
+    and may not exceed it (no extrapolation). Entry 0 repeats entry 1 (never read: a step verifies >= 1 token)."""
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    pts = sorted((int(m["tokens"]), float(m["seconds"])) for m in measured)
+    if not pts:
+        raise ValueError("no measured points")
+    bs = np.array([p[0] for p in pts], np.float64)
+    secs = np.array([p[1] for p in pts], np.float64)
+    if (secs <= 0).any() or not np.isfinite(secs).all():
+        raise ValueError("measured step times must be finite and > 0")
+    top = int(bs[-1]) if bmax is None else int(bmax)
+    if top > bs[-1]:
+        raise ValueError(f"bmax={top} exceeds the largest measured B={int(bs[-1])}: measure up to it")
+    if top < 1:
+        raise ValueError(f"bmax must be >= 1, got {top}")
+    grid = np.arange(1, top + 1, dtype=np.float64)
+    if shape == "convex":
+        bs, secs = _lower_hull(bs, secs)
+    t = np.interp(grid, bs, secs)
+    if shape != "raw":
+        t = np.maximum.accumulate(t)
+    table = 1.0 / t
+    return [float(table[0])] + [float(x) for x in table]
+
+
+def profile_target(target, token_counts: Sequence[int], *, context: int = 128, warmup: int = 2, repeats: int = 5,
+                   seed: int = 0, progress: bool = False, log=None) -> dict[str, Any]:
+    """Measures and returns the JSON-ready profile (measured points, monotone and raw tables, device)."""
+    import jax
+
+    measured = measure_sps(target, token_counts, context=context, warmup=warmup, repeats=repeats, seed=seed,
+                           progress=progress, log=log)
+    cfg = target.config
+    return {
+        "format": "dspark-sps-v1",
+        "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+        "device_count": jax.device_count(),
+        "model": {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+                  "vocab_size": cfg.vocab_size, "dtype": str(getattr(target, "dtype", ""))},
+        "context": context, "warmup": warmup, "repeats": repeats,
+        "step": "target forward over [B, 1] new tokens with a KV cache of `context` tokens per row, logits for all",
+        "measured": measured,
+        "sps_table": sps_table(measured, shape="convex"),
+        "sps_table_monotone": sps_table(measured, shape="monotone"),
+        "sps_table_raw": sps_table(measured, shape="raw"),
+    }
+
+
+def save_profile(profile: dict[str, Any], path: str, plot: bool = True, log=print) -> tuple[str, str | None]:
+    """Writes the JSON and, when matplotlib is importable, a PNG beside it (same stem)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(profile, f, indent=2)
+    png = None
+    if plot:
+        png = plot_profile(profile, os.path.splitext(path)[0] + ".png", log=log)
+    return path, png
+
+
+def plot_profile(profile: dict[str, Any], path: str, log=print) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("[profile] matplotlib is not installed: skipping the plot (pip install matplotlib)")
+        return None
+    m = profile["measured"]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
+    b = [p["tokens"] for p in m]
+    ax[0].plot(b, [p["sps"] for p in m], "o", label="measured")
+    ax[0].plot(range(1, len(profile["sps_table"])), profile["sps_table"][1:], "-", lw=1, label="table (convex)")
+    ax[0].set_xscale("log")
+    ax[0].set_xlabel("verified tokens per step B")
+    ax[0].set_ylabel("steps / s")
+    ax[0].legend()
+    ax[1].plot(b, [p["tokens"] * p["sps"] for p in m], "o-")
+    ax[1].set_xscale("log")
+    ax[1].set_xlabel("verified tokens per step B")
+    ax[1].set_ylabel("verified tokens / s")
+    fig.suptitle(f"SPS profile ({profile['backend']}, {profile['device']}, context {profile['context']})",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def cmd_profile(args) -> int:
+    """Measures the target's verify steps/second SPS(B) for a range of verified-token counts B."""
+    import dspark_jax as dj
+
+    if args.tokens:
+        try:
+            counts = sorted({int(t) for t in args.tokens.split(",") if t.strip()})
+        except ValueError:
+            raise SystemExit(f"error: --tokens must be comma-separated integers, got {args.tokens!r}") from None
+    else:
+        counts = default_token_counts(args.max_tokens)
+    target = dj.load_target(args.target, dtype=args.dtype)
+    try:
+        prof = profile_target(target, counts, context=args.context, warmup=args.warmup, repeats=args.repeats,
+                              seed=args.seed, progress=not args.no_progress, log=print)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    prof["target"] = os.path.abspath(args.target)
+    path, png = save_profile(prof, args.out, plot=not args.no_plot)
+    print("| B | ms/step | steps/s | tokens/s |\n|---:|---:|---:|---:|")
+    for p in prof["measured"]:
+        print(f"| {p['tokens']} | {1e3 * p['seconds']:.2f} | {p['sps']:.1f} | {p['tokens'] * p['sps']:.0f} |")
+    print(f"[profile] wrote {path}" + (f" and {png}" if png else "") +
+          f"; use it with PrefixScheduler(load_sps({path!r}))")
+    return 0
+
+
+def add_profile_parser(sub) -> None:
+    p = sub.add_parser("profile", help="measure the target's verify steps/second SPS(B) (scheduler input)",
+                       description=cmd_profile.__doc__)
+    p.add_argument("--target", required=True, help="HF target directory")
+    p.add_argument("--tokens", default=None, help="comma-separated B values (default: 1,2,3,4,6,8,... up to "
+                                                   "--max-tokens)")
+    p.add_argument("--max-tokens", type=int, default=512, help="largest B when --tokens is not given (default 512)")
+    p.add_argument("--context", type=int, default=128, help="KV-cache tokens per row attended by each token")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--out", default="sps_profile.json", help="JSON path (a PNG goes beside it)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_profile)
+
+
+__all__ = ["default_token_counts", "measure_sps", "sps_table", "profile_target", "save_profile", "plot_profile",
+           "cmd_profile", "add_profile_parser"]

@@ -1,0 +1,344 @@
+"""Confidence schedulers (spec §6.4): per-row proposal lengths from the draft's per-position confidences.
+
+Reading of the paper's Algorithm 1 (hardware-aware prefix scheduler) that this module implements
+------------------------------------------------------------------------------------------------------
+Inputs per round: the confidences ``c [R, Bs]`` of the R active requests (``c[r, j-1]`` is the predicted
+probability that draft ``j`` is accepted *given* drafts ``1..j-1`` were) and a pre-profiled table
+``sps [Bmax+1]``: target verify steps per second when a step verifies ``B`` tokens in total.
+
+- ``a[r, j] = prod_{i<=j} c[r, i]`` (1-based j) is the predicted probability that request r's first j drafts all
+  survive, i.e. that verifying draft j adds one expected accepted token.
+- **B counts every verified token, anchors included**: each request always verifies its anchor ``x_start``
+  (L=0 is a plain decoding step), so ``B = R + sum_r L_r``.
+- **tau counts expected committed tokens, bonus included**: a request with ``L_r`` drafts commits
+  ``m_r + 1`` tokens (accepted drafts + the residual / bonus token), with ``E[m_r + 1] = 1 + sum_{j<=L_r} a[r, j]``,
+  so ``tau = R + sum_r sum_{j<=L_r} a[r, j]`` (the batch's expected committed tokens, not a per-request mean).
+- Objective: ``Theta = tau * SPS(B)``, expected committed tokens per second. Start at ``L = 0``:
+  ``B = R, tau = R, Theta_best = R * SPS(R)`` (plain decoding). Visit the pairs (r, j) with ``a > 0`` in
+  descending order of ``a``; admitting one sets ``L_r = j``, ``B += 1``, ``tau += a[r, j]``. Keep it when
+  ``Theta > Theta_best``; **stop at the first pair that does not improve Theta** (the break).
+- A batch larger than the table (``B > Bmax``) is infeasible: such an admission counts as no improvement.
+
+Why the break keeps decoding lossless. Rejection sampling is lossless for any proposal length chosen by a
+*stopping rule*: whether draft j is verified may depend on the context and on drafts ``1..j-1``, but not on
+draft j itself or later ones. ``c[r, j]`` is computed from the previous draft token (spec §4.3: ``prev_k``), so
+``a[r, j]`` is a function of drafts ``1..j-1`` only. With the break, the pair (r, j) is admitted iff every
+step up to its position in the sorted order improved Theta; those steps involve only pairs with ``a >= a[r, j]``,
+which within row r are ``j' <= j`` (``a`` is non-increasing along j and ties are broken by (row, j)), plus other
+rows' pairs, which are independent of row r's drafts given the context. So ``L_r >= j`` is decided from row r's
+drafts ``< j``. Without the break (global arg-max over all prefixes of the sorted order), ``L_r >= j`` also
+depends on ``a[r, j+1], a[r, j+2], ...``, i.e. on draft j itself: verifying a draft because *it* was a good
+draft biases the output (the paper's Appendix A, reproduced in tests/decode/test_scheduler.py: target (0.7,
+0.3), no-break output (0.85, 0.15)).
+
+Zero-overhead scheduling (ZOS). The capacity ``K`` (how many draft tokens the step verifies) is fixed from
+the confidences of the round two steps earlier, with a *global* search (arg-max of Theta over all prefixes, no
+break: it copes with jagged SPS curves); the current round then admits the top-K pairs by up-to-date ``a``.
+That stays lossless: K is already fixed (old information), and whether (r, j) is in the top K depends only on
+pairs ranked above it, i.e. on row r's drafts ``< j`` and other rows.
+
+Ties: pairs are ordered by ``a`` descending, then by row, then by position (a stable sort of the row-major
+flattening), so equal ``a`` within a row (a confidence of exactly 1) is admitted left to right and every
+row's admitted set is a prefix. Everything is vectorised (one sort + cumulative sums) and jittable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+# ---- input checks (host side, only when the inputs are concrete) ---------------------------------------
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_confidences(confidences, name: str = "confidences") -> None:
+    """Raises ValueError unless ``confidences`` is ``[R, Bs]`` with every entry in [0, 1] (NaN is rejected).
+
+    Traced values are not checked (inside jit a NaN confidence gives ``a = NaN``, which is never admitted)."""
+    if not _is_concrete(confidences):
+        return
+    c = np.asarray(confidences)
+    if c.ndim != 2:
+        raise ValueError(f"{name} must be [R, Bs], got shape {c.shape}")
+    if np.isnan(c).any():
+        r, j = np.argwhere(np.isnan(c))[0]
+        raise ValueError(f"{name} contain NaN (first at row {r}, position {j})")
+    bad = (c < 0) | (c > 1)
+    if bad.any():
+        r, j = np.argwhere(bad)[0]
+        raise ValueError(f"{name} must lie in [0, 1]; row {r}, position {j} is {c[r, j]!r}")
+
+
+def check_sps(sps, rows: int | None = None) -> None:
+    """Raises ValueError unless ``sps`` is a 1-D table ``[Bmax+1]`` (index = verified tokens B) whose entries
+    ``1..Bmax`` are finite and > 0 (entry 0 is never read: a step verifies at least one token) and which covers
+    at least ``rows`` tokens (the anchors alone: B = R)."""
+    if not _is_concrete(sps):
+        return
+    s = np.asarray(sps, np.float64)
+    if s.ndim != 1:
+        raise ValueError(f"sps must be a 1-D table [Bmax+1] indexed by verified tokens B, got shape {s.shape}")
+    if s.shape[0] < 2:
+        raise ValueError(f"sps table is too short ({s.shape[0]} entries): it needs SPS(B) for B = 1 .. Bmax")
+    if rows is not None and s.shape[0] < rows + 1:
+        raise ValueError(f"sps table is too short: it covers B <= {s.shape[0] - 1} verified tokens, but {rows} "
+                         f"requests verify at least their {rows} anchors (need >= {rows + 1} entries)")
+    body = s[1:]
+    bad = ~np.isfinite(body) | (body <= 0)
+    if bad.any():
+        b = int(np.argmax(bad)) + 1
+        raise ValueError(f"sps must be finite and > 0 for B >= 1; SPS({b}) = {s[b]!r}")
+
+
+# ---- the vectorised core --------------------------------------------------------------------------------
+
+def cumulative_acceptance(confidences: jax.Array) -> jax.Array:
+    """``[R, Bs]`` conditional confidences -> ``a [R, Bs]``, ``a[:, j] = prod_{i<=j} c[:, i]``.
+
+    Multiplied left to right (an unrolled loop over the Bs positions, not a scan) so the result is exactly the
+    sequential float32 product: ``a`` is then non-increasing along j bit for bit (``x * c <= x`` for c <= 1)."""
+    c = jnp.asarray(confidences, jnp.float32)
+    cols = [c[:, 0]]
+    for j in range(1, c.shape[1]):
+        cols.append(cols[-1] * c[:, j])
+    return jnp.stack(cols, axis=1)
+
+
+def _sorted_pairs(a: jax.Array, active: jax.Array):
+    """Pairs (r, j) ordered by a descending, ties by row-major index; inactive / a <= 0 pairs last.
+
+    Returns (sorted a ``[N]`` (0 for the excluded), valid ``[N]`` bool, flat index ``[N]``), N = R*Bs."""
+    r, bs = a.shape
+    valid = active[:, None] & (a > 0)              # NaN > 0 is False: a NaN confidence is never admitted
+    key = jnp.where(valid, -a, 1.0).reshape(-1)    # -a in [-1, 0) for valid pairs, 1 sorts them last
+    idx = jnp.arange(r * bs, dtype=jnp.int32)
+    key_s, idx_s = jax.lax.sort((key, idx), num_keys=1, is_stable=True)
+    ok = key_s < 1.0
+    return jnp.where(ok, -key_s, 0.0), ok, idx_s
+
+
+def _objective(sorted_a: jax.Array, ok: jax.Array, n_rows: jax.Array, sps: jax.Array) -> jax.Array:
+    """Theta after admitting the first k sorted pairs, k = 0..N: ``[N+1]`` (-inf where infeasible)."""
+    bmax = sps.shape[0] - 1
+    n = sorted_a.shape[0]
+    k = jnp.arange(n + 1, dtype=jnp.int32)
+    tau = n_rows.astype(jnp.float32) + jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.cumsum(sorted_a)])
+    b = n_rows + k
+    feasible = (b <= bmax) & jnp.concatenate([jnp.ones((1,), bool), ok])
+    theta = tau * sps[jnp.clip(b, 0, bmax)]
+    return jnp.where(feasible, theta, -jnp.inf)
+
+
+def _lengths_from_admitted(admitted_sorted: jax.Array, idx_s: jax.Array, shape) -> jax.Array:
+    r, bs = shape
+    flat = jnp.zeros((r * bs,), jnp.int32).at[idx_s].set(admitted_sorted.astype(jnp.int32))
+    return flat.reshape(r, bs).sum(axis=1).astype(jnp.int32)
+
+
+def _prepare(confidences, sps, active):
+    check_confidences(confidences)
+    c = jnp.asarray(confidences, jnp.float32)
+    rows = c.shape[0]
+    if active is not None and _is_concrete(active):
+        rows = int(np.sum(np.asarray(active, bool)))
+    check_sps(sps, rows)
+    s = jnp.asarray(sps, jnp.float32)
+    act = jnp.ones((rows,), bool) if active is None else jnp.asarray(active, bool)
+    return c, s, act
+
+
+def prefix_schedule(confidences, sps, active=None, *, early_stop: bool = True) -> jax.Array:
+    """Algorithm 1 (hardware-aware prefix scheduler): proposal lengths ``L [R]`` int32 in ``0..Bs``.
+
+    Args:
+      confidences: ``[R, Bs]`` per-position conditional confidences in [0, 1] (calibrated sigmoids).
+      sps: ``[Bmax+1]`` steps per second by verified-token count B (anchors included); entry 0 unused.
+      active: optional ``[R]`` bool; inactive rows get L=0 and count neither in B nor in tau.
+      early_stop: True (the paper's algorithm, lossless) stops at the first pair that does not improve
+        Theta. False searches globally (arg-max over all prefixes of the sorted order). **False is not
+        lossless** when used with the current round's confidences (Appendix A); it exists to demonstrate that
+        and as the capacity search of :func:`zos_capacity`.
+    """
+    c, s, act = _prepare(confidences, sps, active)
+    return _prefix_core(c, s, act, bool(early_stop))
+
+
+@functools.partial(jax.jit, static_argnames=("early_stop",))
+def _prefix_core(c, s, act, early_stop):
+    # jitted so eager calls (benchmarks, tests) do not dispatch op by op; inlined when called under a trace
+    a = cumulative_acceptance(c)
+    sorted_a, ok, idx_s = _sorted_pairs(a, act)
+    theta = _objective(sorted_a, ok, jnp.sum(act.astype(jnp.int32)), s)
+    if early_stop:
+        improves = theta[1:] > theta[:-1]          # Theta_best == Theta_{k-1} as long as nothing broke yet
+        count = jnp.sum(jnp.cumprod(improves.astype(jnp.int32)))
+    else:
+        count = jnp.argmax(theta)                  # first maximum: a strict '>' search records the first best
+    admitted = jnp.arange(sorted_a.shape[0]) < count
+    return _lengths_from_admitted(admitted, idx_s, a.shape)
+
+
+def zos_capacity(old_confidences, sps, old_active=None) -> jax.Array:
+    """ZOS capacity K (int32 scalar): the draft-token count maximising Theta for an *earlier* round's
+    confidences ``[R', Bs]``, by global search (no break). K depends only on old information."""
+    c, s, act = _prepare(old_confidences, sps, old_active)
+    return _capacity_core(c, s, act)
+
+
+@jax.jit
+def _capacity_core(c, s, act):
+    a = cumulative_acceptance(c)
+    sorted_a, ok, _ = _sorted_pairs(a, act)
+    theta = _objective(sorted_a, ok, jnp.sum(act.astype(jnp.int32)), s)
+    return jnp.argmax(theta).astype(jnp.int32)
+
+
+def top_k_lengths(confidences, capacity, sps, active=None) -> jax.Array:
+    """Admits the top ``capacity`` pairs of the current round by up-to-date ``a`` (those with ``a > 0`` and
+    while ``B <= Bmax``): lengths ``[R]`` int32. Lossless for any capacity fixed before this round."""
+    c, s, act = _prepare(confidences, sps, active)
+    return _top_k_core(c, jnp.asarray(capacity, jnp.int32), s, act)
+
+
+@jax.jit
+def _top_k_core(c, capacity, s, act):
+    a = cumulative_acceptance(c)
+    sorted_a, ok, idx_s = _sorted_pairs(a, act)
+    n_rows = jnp.sum(act.astype(jnp.int32))
+    k = jnp.arange(sorted_a.shape[0], dtype=jnp.int32)
+    admitted = ok & (k < capacity) & (n_rows + k + 1 <= s.shape[0] - 1)
+    return _lengths_from_admitted(admitted, idx_s, a.shape)
+
+
+def zos_schedule(confidences, old_confidences, sps, active=None, old_active=None) -> jax.Array:
+    """Zero-overhead scheduling: capacity from ``old_confidences`` (two rounds earlier, global search), tokens
+    ranked by the current ``confidences``. Shapes: ``[R, Bs]``, ``[R', Bs]``, ``[Bmax+1]`` -> lengths ``[R]``."""
+    return top_k_lengths(confidences, zos_capacity(old_confidences, sps, old_active), sps, active)
+
+
+# ---- scheduler objects for dj.speculative_generate(scheduler=...) -----------------------------------------
+
+def _sps_tuple(sps) -> tuple[float, ...]:
+    if isinstance(sps, (str, bytes)):
+        raise ValueError("sps must be a sequence of numbers (load a profile with load_sps)")
+    table = tuple(float(x) for x in np.asarray(sps, np.float64).reshape(-1))
+    check_sps(np.asarray(table))
+    return table
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulePolicy:
+    """What a compiled decode loop keys on: the scheduling rule, not the SPS table (a traced argument, so a new
+    curve of the same length does not recompile). ``kind``: "prefix" (Algorithm 1) or "zos"."""
+
+    kind: str
+    delay: int = 0
+
+    def init_state(self, batch: int, block_size: int):
+        if self.kind == "prefix":
+            return ()
+        # ring buffer of the last `delay` rounds' confidences and active masks
+        return (jnp.zeros((self.delay, batch, block_size), jnp.float32), jnp.zeros((self.delay, batch), bool))
+
+    def __call__(self, confidences, active, state, round_index, sps):
+        """``[B, Bs]`` confidences, ``[B]`` active, state, round index, ``[Bmax+1]`` table -> (L ``[B]``, state)."""
+        sps = jnp.asarray(sps, jnp.float32)
+        if self.kind == "prefix":
+            return prefix_schedule(confidences, sps, active), state
+        conf_hist, act_hist = state
+        slot = round_index % self.delay            # holds round (round_index - delay) until overwritten below
+        capacity = zos_capacity(conf_hist[slot], sps, act_hist[slot])
+        zos = top_k_lengths(confidences, capacity, sps, active)
+        warm = prefix_schedule(confidences, sps, active)   # no history yet: Algorithm 1 with the break
+        lengths = jnp.where(round_index >= self.delay, zos, warm)
+        state = (conf_hist.at[slot].set(jnp.asarray(confidences, jnp.float32)),
+                 act_hist.at[slot].set(jnp.asarray(active, bool)))
+        return lengths, state
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixScheduler:
+    """Algorithm 1 per round on the active rows' (calibrated) confidences. Frozen and hashable.
+
+    ``sps``: steps per second by verified-token count, ``[Bmax+1]`` (see :func:`load_sps`)."""
+
+    sps: tuple[float, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "sps", _sps_tuple(self.sps))
+
+    @property
+    def policy(self) -> SchedulePolicy:
+        return SchedulePolicy("prefix")
+
+    def init_state(self, batch: int, block_size: int):
+        return self.policy.init_state(batch, block_size)
+
+    def __call__(self, confidences, active, state, round_index):
+        """``[B, Bs]`` confidences, ``[B]`` active -> (L ``[B]`` int32, state)."""
+        return self.policy(confidences, active, state, round_index, self.sps)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroOverheadScheduler:
+    """ZOS: capacity from the confidences ``delay`` rounds earlier (global search), top-K current pairs.
+
+    Until ``delay`` rounds of history exist the round uses Algorithm 1 with the break (lossless)."""
+
+    sps: tuple[float, ...]
+    delay: int = 2
+
+    def __post_init__(self):
+        object.__setattr__(self, "sps", _sps_tuple(self.sps))
+        if int(self.delay) < 1:
+            raise ValueError(f"delay must be >= 1, got {self.delay}")
+        object.__setattr__(self, "delay", int(self.delay))
+
+    @property
+    def policy(self) -> SchedulePolicy:
+        return SchedulePolicy("zos", self.delay)
+
+    def init_state(self, batch: int, block_size: int):
+        return self.policy.init_state(batch, block_size)
+
+    def __call__(self, confidences, active, state, round_index):
+        return self.policy(confidences, active, state, round_index, self.sps)
+
+
+def load_sps(path) -> tuple[float, ...]:
+    """The ``sps`` table of a ``dspark profile`` JSON (key ``sps_table``) or a JSON list of numbers."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        obj = json.load(f)
+    table = obj.get("sps_table") if isinstance(obj, dict) else obj
+    if table is None:
+        raise ValueError(f"{path}: expected a JSON list or a profile with an 'sps_table' list")
+    return _sps_tuple(table)
+
+
+def expected_throughput(confidences, lengths, sps, active=None) -> jax.Array:
+    """Theta = tau * SPS(B) of given lengths (for reports and tests): ``[R, Bs]``, ``[R]``, ``[Bmax+1]`` -> scalar."""
+    c = jnp.asarray(confidences, jnp.float32)
+    act = jnp.ones((c.shape[0],), bool) if active is None else jnp.asarray(active, bool)
+    a = cumulative_acceptance(c)
+    j = jnp.arange(c.shape[1])[None, :]
+    lengths = jnp.asarray(lengths, jnp.int32)
+    tau = jnp.sum(act) + jnp.sum(jnp.where(act[:, None] & (j < lengths[:, None]), a, 0.0))
+    b = jnp.sum(jnp.where(act, lengths + 1, 0))
+    s = jnp.asarray(sps, jnp.float32)
+    return jnp.where(b < s.shape[0], tau * s[jnp.clip(b, 0, s.shape[0] - 1)], -jnp.inf)
+
+
+Scheduler = PrefixScheduler | ZeroOverheadScheduler
+
+__all__ = ["SchedulePolicy", "prefix_schedule", "zos_schedule", "zos_capacity", "top_k_lengths",
+           "cumulative_acceptance", "check_confidences", "check_sps", "PrefixScheduler", "ZeroOverheadScheduler", "load_sps",
+           "expected_throughput", "Scheduler"]
