@@ -48,6 +48,15 @@ def verify_block(draft_tokens: jax.Array, draft_logits: jax.Array, target_logits
       proposal_lengths: ``[B]`` L per row (0..Bs): only the first L drafts are verified.
       key: PRNG key; cfg: sampling settings shared by draft and target.
     """
+    if cfg.greedy:
+        return _verify_greedy(draft_tokens, target_logits, proposal_lengths)
+    return verify_block_general(draft_tokens, draft_logits, target_logits, proposal_lengths, key, cfg)
+
+
+def verify_block_general(draft_tokens, draft_logits, target_logits, proposal_lengths, key,
+                         cfg: SamplingConfig) -> Verdict:
+    """The rule of spec §4.4 written once for every sampling setting (greedy = one-hot distributions);
+    :func:`verify_block` uses it except at temperature 0, where a shortcut gives the same verdict."""
     b, bs = draft_tokens.shape
     p_t = probabilities(target_logits, cfg)                                    # [B, Bs+1, V]
     p_d = probabilities(draft_logits, cfg)                                     # [B, Bs, V]
@@ -71,3 +80,16 @@ def verify_block(draft_tokens: jax.Array, draft_logits: jax.Array, target_logits
     else:
         next_token = jax.random.categorical(k_next, jnp.log(residual), axis=-1)
     return Verdict(num_accepted=m.astype(jnp.int32), next_token=next_token.astype(jnp.int32), accepted=accepted)
+
+
+def _verify_greedy(draft_tokens: jax.Array, target_logits: jax.Array, proposal_lengths: jax.Array) -> Verdict:
+    """Temperature 0: the general rule with one-hot distributions, without building them. A draft token (the
+    argmax of its own logits) is accepted iff it equals the target argmax; the residual of a rejection is the
+    target's one-hot argmax, and so is the bonus. Same result as the general path, a fraction of its work
+    (no [B, Bs+1, V] probability tensors)."""
+    bs = draft_tokens.shape[1]
+    t_arg = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)               # [B, Bs+1]
+    accepted = (draft_tokens == t_arg[:, :bs]) & (jnp.arange(bs)[None, :] < proposal_lengths[:, None])
+    m = jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=1), axis=1)
+    next_token = jnp.take_along_axis(t_arg, m[:, None], axis=1)[:, 0]
+    return Verdict(num_accepted=m.astype(jnp.int32), next_token=next_token, accepted=accepted)

@@ -40,18 +40,18 @@ class DemoSettings:
     num_layers: int = 6
     num_heads: int = 2
     head_dim: int = 64
-    max_length: int = 256
-    target_steps: int = 600
+    max_length: int = 192
+    target_steps: int = 400
     target_batch: int = 16
     target_lr: float = 3e-3
-    regen_conversations: int = 800
+    regen_conversations: int = 640
     regen_new_tokens: int = 128
     regen_batch: int = 16
     draft_layers: int = 2
     block_size: int = 6
     num_anchors: int = 32
     markov_rank: int = 64
-    draft_steps: int = 500
+    draft_steps: int = 250
     draft_batch: int = 16
     draft_lr: float = 3e-3
     eval_samples: int = 16
@@ -286,7 +286,7 @@ class Demo:
             results["drafts"][kind] = {}
             for b in s.eval_batch_sizes:
                 es = EvalSettings(max_new_tokens=s.eval_new_tokens, temperature=0.0, batch_size=b,
-                                  max_samples=s.eval_samples * max(1, b // 2), seed=s.seed)
+                                  max_samples=s.eval_samples, seed=s.seed)
                 res = evaluate(target, draft, data_dir, ["heldout", "humaneval", "mbpp"], es, target_dir=target_dir,
                                progress=self.progress, log=lambda m: None)
                 results["drafts"][kind][f"batch{b}"] = res

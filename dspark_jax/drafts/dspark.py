@@ -234,7 +234,7 @@ class DSparkDraft(DraftBase):
         rank = self.config.markov_rank if head is not None else 1
         init = (anchor.astype(jnp.int32), jnp.zeros((anchor.shape[0], rank), self.dtype))
         _, (toks, logits, prevs) = jax.lax.scan(
-            body, init, (jnp.moveaxis(out, 1, 0), jnp.moveaxis(base, 1, 0), keys))
+            body, init, (jnp.moveaxis(out, 1, 0), jnp.moveaxis(base, 1, 0), keys), unroll=True)
         toks, logits, prevs = jnp.moveaxis(toks, 0, 1), jnp.moveaxis(logits, 0, 1), jnp.moveaxis(prevs, 0, 1)
         return Proposal(tokens=toks, logits=logits, confidence_logits=self.confidence(out, prevs),
                         block_hidden=out, cache=cache)

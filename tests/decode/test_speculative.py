@@ -75,6 +75,30 @@ def test_verify_accepts_everything_when_draft_equals_target():
     assert (np.asarray(v.num_accepted) == 4).all()
 
 
+def test_greedy_verify_shortcut_equals_the_general_rule():
+    """At temperature 0 verify_block skips the one-hot probability tensors; its verdict must be the general
+    rule's on every row: drafts that match the target argmax for a while, then differ; all proposal lengths."""
+    from dspark_jax.decode.verify import verify_block_general
+
+    rng = np.random.default_rng(3)
+    b, bs = 256, 5
+    t_logits = jnp.asarray(rng.normal(size=(b, bs + 1, V)), jnp.float32)
+    d_logits = jnp.asarray(rng.normal(size=(b, bs, V)), jnp.float32)
+    t_arg = np.asarray(jnp.argmax(t_logits, -1))
+    agree = rng.integers(0, bs + 1, b)                      # rows agree with the target for a random prefix
+    toks = np.where(np.arange(bs)[None, :] < agree[:, None], t_arg[:, :bs], (t_arg[:, :bs] + 1) % V)
+    # draft logits whose argmax is the drafted token (greedy drafts are argmaxes of their own logits)
+    d_logits = d_logits.at[np.arange(b)[:, None], np.arange(bs)[None, :], toks].add(100.0)
+    lengths = jnp.asarray(rng.integers(0, bs + 1, b), jnp.int32)
+    cfg = SamplingConfig(temperature=0.0)
+    fast = verify_block(jnp.asarray(toks), d_logits, t_logits, lengths, jax.random.key(0), cfg)
+    ref = verify_block_general(jnp.asarray(toks), d_logits, t_logits, lengths, jax.random.key(0), cfg)
+    np.testing.assert_array_equal(fast.num_accepted, ref.num_accepted)
+    np.testing.assert_array_equal(fast.next_token, ref.next_token)
+    np.testing.assert_array_equal(fast.accepted, ref.accepted)
+    assert 0 < int(np.sum(np.asarray(fast.num_accepted) == np.asarray(lengths))) < b  # both outcomes occur
+
+
 def _first_tokens_distribution(target, prompt, n_tokens, cfg: SamplingConfig):
     """Exact joint distribution of the first ``n_tokens`` new tokens under the warped target: ``[V]*n``."""
     seqs = [()]
