@@ -37,6 +37,7 @@ class EvalSettings:
     batch_size: int = 1
     max_samples: int | None = None
     warmup: bool = True
+    scheduler: Any = None  # a PrefixScheduler / ZeroOverheadScheduler (dspark_jax.decode.scheduler) or None
 
 
 def drafts_per_round(draft) -> int:
@@ -85,8 +86,8 @@ def evaluate_dataset(target, draft, name: str, prompts: list[list[int]], setting
         seed = settings.seed + idx[0]
 
         def spec():
-            return dj.speculative_generate(target, draft, rows, threshold=settings.threshold, scheduler=None,
-                                           seed=seed, **kw)
+            return dj.speculative_generate(target, draft, rows, threshold=settings.threshold,
+                                           scheduler=settings.scheduler, seed=seed, **kw)
 
         def plain():
             return dj.generate(target, rows, seed=seed, **kw)
@@ -301,9 +302,18 @@ def cmd_eval(args) -> int:
         raise SystemExit(f"error: the target directory {args.target!r} has no tokenizer; eval applies its chat "
                          "template to the prompts (copy tokenizer.json / tokenizer_config.json there)")
     draft = dj.load_draft(args.draft, dtype=args.draft_dtype)
+    scheduler = None
+    if args.sps is not None:
+        from dspark_jax.decode.scheduler import PrefixScheduler, ZeroOverheadScheduler, load_sps
+
+        try:
+            table = load_sps(args.sps)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --sps {args.sps!r}: {e}") from None
+        scheduler = ZeroOverheadScheduler(table) if args.scheduler == "zos" else PrefixScheduler(table)
     settings = EvalSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
-                            max_samples=args.max_samples, warmup=not args.no_warmup)
+                            max_samples=args.max_samples, warmup=not args.no_warmup, scheduler=scheduler)
     try:
         results = evaluate(target, draft, args.data_dir, names, settings, target_dir=args.target,
                            rounds_dir=os.path.join(args.out, "rounds"), progress=not args.no_progress)
@@ -332,6 +342,10 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="prompts per batch (default 1, as DeepSpec)")
     p.add_argument("--max-new-tokens", type=int, default=2048)
     p.add_argument("--threshold", type=float, default=0.0, help="confidence threshold theta (0 = full blocks)")
+    p.add_argument("--sps", default=None, help="schedule proposal lengths with this SPS profile (`dspark profile` "
+                   "JSON): the hardware-aware prefix scheduler; needs a draft with a confidence head")
+    p.add_argument("--scheduler", default="prefix", choices=["prefix", "zos"],
+                   help="with --sps: Algorithm 1 (prefix, default) or its zero-overhead variant (zos)")
     p.add_argument("--seed", type=int, default=980406)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="target dtype")
     p.add_argument("--draft-dtype", default=None, choices=["float32", "bfloat16"],

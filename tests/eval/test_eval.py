@@ -276,3 +276,26 @@ def test_eval_cli_errors(pair_dirs, data_dir, tmp_path):
         cli.main(base + ["--target", tdir, "--data-dir", str(tmp_path / "nowhere"), "--datasets", "gsm8k"])
     with pytest.raises(SystemExit, match="has no tokenizer"):
         cli.main(base + ["--target", bare, "--data-dir", data_dir, "--datasets", "gsm8k"])
+
+
+def test_eval_cli_with_prefix_scheduler(pair_dirs, data_dir, tmp_path):
+    """`dspark eval --sps`: the prefix scheduler picks the proposal lengths. A flat steps/s table (verification is
+    free) keeps full proposals; a table whose step time grows with every verified token (SPS ~ 1/B) admits no
+    draft at all (tau = 1: plain decoding inside the speculative loop), and both stay lossless at temperature 0."""
+    tdir, ddir, _ = pair_dirs
+    bmax = int(BATCH) * (BLOCK + 1)
+    results = {}
+    for name, table in (("flat", [100.0] * (bmax + 1)), ("linear", [100.0] + [100.0 / b for b in range(1, bmax + 1)])):
+        sps = tmp_path / f"{name}.json"
+        sps.write_text(json.dumps(table))
+        out = tmp_path / name
+        assert cli.main(["eval", "--target", tdir, "--draft", ddir, "--data-dir", data_dir, "--datasets", "gsm8k",
+                         "--batch-size", BATCH, "--max-new-tokens", "8", "--temperature", "0", "--sps", str(sps),
+                         "--out", str(out), "--no-progress"]) == 0
+        results[name] = json.loads((out / "results.json").read_text())["datasets"][0]
+    assert results["linear"]["mean_proposal"] == 0 and results["linear"]["tau"] == 1.0
+    assert results["flat"]["mean_proposal"] > 0 and results["flat"]["tau"] > 1.0
+    assert results["flat"]["greedy_match_rate"] == results["linear"]["greedy_match_rate"] == 1.0
+    with pytest.raises(SystemExit, match="--sps"):
+        cli.main(["eval", "--target", tdir, "--draft", ddir, "--data-dir", data_dir, "--datasets", "gsm8k",
+                  "--sps", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x"), "--no-progress"])
