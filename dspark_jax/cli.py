@@ -1,4 +1,5 @@
-"""The ``dspark`` command line: ``dspark demo``, ``generate``, ``eval``, ``generate-data``, ``train``, ``prepare-cache``.
+"""The ``dspark`` command line: ``demo``, ``generate``, ``eval``, ``generate-data``, ``train``, ``prepare-cache``,
+``calibrate``, ``profile``.
 
 Every command prints a human summary and writes machine-readable JSON beside it.
 """

@@ -96,8 +96,7 @@ def draft_config_for(cfg: TrainConfig, target_cfg: TargetConfig):
                        l1_loss_alpha=d.l1_loss_alpha, confidence_loss_alpha=d.confidence_loss_alpha, **common)
 
 
-def model_flops_per_token(target_cfg: TargetConfig, draft, num_anchors: int, block_size: int,
-                          online: bool) -> Callable[[float, float], float]:
+def model_flops_per_token(target_cfg: TargetConfig, draft, online: bool) -> Callable[[float, float], float]:
     """``(context_tokens, block_tokens) -> FLOPs`` of one micro-step (matmul FLOPs, attention scores excluded):
     the target forward ``2 * P_target`` per context token (when online) and the draft's forward + backward
     ``6 * P_draft_trainable`` per block token (DSpark: ``K * Bs`` block tokens per sequence; Eagle3: TTT steps)."""
@@ -343,8 +342,7 @@ class Trainer:
                                        lr_schedule=self.schedule,
                                        compiler_options=self.compiler_options)
         self.target_state = shard_target_state(nnx.split(self.target)[1], self.mesh) if online else None
-        bs = 1 if self.draft.config.is_eagle3 else self.draft.config.block_size
-        self.flops = model_flops_per_token(self.target_cfg, self.draft, self.draft.config.num_anchors, bs, online)
+        self.flops = model_flops_per_token(self.target_cfg, self.draft, online)
 
     # ---- state ----------------------------------------------------------------------------------------
     def initial_state(self):
