@@ -1,5 +1,5 @@
 """The ``dspark`` command line: ``demo``, ``generate``, ``eval``, ``generate-data``, ``train``, ``prepare-cache``,
-``calibrate``, ``profile``.
+``calibrate``, ``profile``, ``convert draft``, ``inspect``.
 
 Every command prints a human summary and writes machine-readable JSON beside it.
 """
@@ -98,6 +98,107 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _read_vocab_file(path: str) -> list[int]:
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --draft-vocab {path!r} does not exist")
+    try:
+        with open(path) as f:
+            ids = json.load(f)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: --draft-vocab {path}: not valid JSON ({e.msg})") from None
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise SystemExit(f"error: --draft-vocab {path}: expected a JSON list of target token ids")
+    return ids
+
+
+def cmd_convert_draft(args) -> int:
+    """Converts a draft checkpoint between formats. The input format is detected from config.json; what the
+    output format cannot represent is refused with the reason (pruning only with --draft-vocab)."""
+    from dspark_jax.config import ConfigError
+    from dspark_jax.convert.formats import (FORMAT_LABELS, export_draft, load_checkpoint, plan_export,
+                                            read_checkpoint)
+    from dspark_jax.convert.safetensors_io import CheckpointError
+
+    src, dst = os.path.abspath(args.input), os.path.abspath(args.output)
+    if src == dst:
+        raise SystemExit("error: OUT must differ from IN")
+    if os.path.isdir(dst) and os.listdir(dst) and not args.overwrite:
+        raise SystemExit(f"error: {args.output!r} exists and is not empty (pass --overwrite to replace its files)")
+    vocab = _read_vocab_file(args.draft_vocab) if args.draft_vocab else None
+    try:
+        ck = read_checkpoint(args.input, target=args.target)
+        plan_export(ck.config, args.to, pruned=vocab is not None or ck.config.draft_vocab is not None,
+                    allow_nonstandard=args.allow_nonstandard)
+        keeps_shared = args.to in ("deepspec", "speculators")
+        if ck.shared and keeps_shared and args.target is None:
+            raise SystemExit(f"error: {args.input} ({ck.label}) does not store {', '.join(ck.shared)}; the "
+                             f"{FORMAT_LABELS[args.to]} format does: pass --target DIR (the target model)")
+        draft = load_checkpoint(ck, target=args.target, shared_placeholder=not keeps_shared and args.target is None)
+        export_draft(draft, args.output, args.to, draft_vocab=vocab, allow_nonstandard=args.allow_nonstandard,
+                     verifier=args.verifier, store_embedding=args.store_embedding)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"{args.input}: {ck.label} -> {args.output}: {FORMAT_LABELS[args.to]}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    """Prints what a draft checkpoint is: format, algorithm, conventions, shapes, which target it fits."""
+    from dspark_jax.config import ConfigError, TargetConfig, read_config_json
+    from dspark_jax.convert.formats import describe, format_description, read_checkpoint
+    from dspark_jax.convert.safetensors_io import CheckpointError
+
+    try:
+        tcfg = TargetConfig.from_json(args.target) if args.target else None
+        ck = read_checkpoint(args.dir, target=tcfg)
+    except ConfigError as e:
+        try:    # a target checkpoint is worth naming as such rather than "unknown draft format"
+            d, _ = read_config_json(args.dir)
+            t = TargetConfig.from_hf_dict(d)
+        except (ConfigError, FileNotFoundError):
+            raise SystemExit(f"error: {e}") from None
+        print(f"{args.dir}: a {t.model_type} target model ({t.num_hidden_layers} layers, hidden {t.hidden_size}, "
+              f"vocab {t.vocab_size}), not a draft")
+        return 0
+    except (CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    info = describe(ck, tcfg)
+    print(format_description(info))
+    if args.json:
+        _write_json(args.json, info)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def add_format_parsers(sub) -> None:
+    from dspark_jax.convert.formats import FORMATS
+
+    p = sub.add_parser("convert", help="convert checkpoints between formats", description="Checkpoint conversion.")
+    csub = p.add_subparsers(dest="what", required=True)
+    c = csub.add_parser("draft", help="convert a draft (DeepSpec / SpecForge / speculators / z-lab)",
+                        description=cmd_convert_draft.__doc__)
+    c.add_argument("input", metavar="IN", help="draft directory (config.json + safetensors), any supported format")
+    c.add_argument("output", metavar="OUT", help="output directory")
+    c.add_argument("--to", required=True, choices=FORMATS, help="output format")
+    c.add_argument("--target", help="target HF directory: fills the embedding / LM head for formats that do not "
+                   "store them and checks that the draft fits")
+    c.add_argument("--draft-vocab", help="JSON list of target token ids: prune the draft vocabulary to them "
+                   "(speculators, and SpecForge Eagle3; d2t/t2d)")
+    c.add_argument("--verifier", help="speculators verifier.name_or_path (the target's hub name)")
+    c.add_argument("--allow-nonstandard", action="store_true", help="--to deepspec: write a bonus-anchor draft "
+                   "with 'sample_from_anchor: false' (read here and by vLLM, ignored by DeepSpec's own code)")
+    c.add_argument("--store-embedding", action="store_true", help="--to specforge, Eagle3: also write "
+                   "embed_tokens.weight (SpecForge leaves the frozen embedding out by default)")
+    c.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+    c.set_defaults(func=cmd_convert_draft)
+
+    p = sub.add_parser("inspect", help="what a draft checkpoint is", description=cmd_inspect.__doc__)
+    p.add_argument("dir", metavar="DIR", help="checkpoint directory")
+    p.add_argument("--target", help="target HF directory (or its config.json): check that the draft fits it")
+    p.add_argument("--json", help="also write the description as JSON here")
+    p.set_defaults(func=cmd_inspect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dspark", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_calibrate_parser(sub)       # dspark calibrate: STS temperatures for the draft's confidence head
     add_profile_parser(sub)         # dspark profile: SPS(B) table for the prefix scheduler
+    add_format_parsers(sub)         # dspark convert draft, dspark inspect: draft checkpoint formats
     return parser
 
 

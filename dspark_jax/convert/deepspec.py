@@ -1,6 +1,7 @@
 """DeepSpec draft checkpoints <-> nnx drafts (spec §1.9): ``config.json`` + safetensors, no ``model.`` prefix.
 
-``load_draft`` needs no target: the architecture comes from ``architectures[0]`` (Qwen3DSparkModel for
+``load_draft`` reads every supported format (formats.py) and needs no target for DeepSpec's, which stores
+the embedding and LM head: the architecture comes from ``architectures[0]`` (Qwen3DSparkModel for
 DSpark and DFlash, Qwen3Eagle3Model for Eagle3) and every dimension is checked against the tensors, so a
 misconfigured draft fails loudly instead of drafting garbage.
 """
@@ -14,13 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dspark_jax.convert.keymap import dtype_name, export_tensors, fill_state, read_state, resolve_dtype
-from dspark_jax.convert.names import DEEPSPEC_DSPARK_RULES, DEEPSPEC_EAGLE3_RULES, DEEPSPEC_IGNORED
-from dspark_jax.convert.safetensors_io import checkpoint_files, save_shards
-from dspark_jax.drafts.config import DraftConfig
+from dspark_jax.convert.keymap import dtype_name, export_tensors
+from dspark_jax.convert.names import DEEPSPEC_DSPARK_RULES, DEEPSPEC_EAGLE3_RULES
+from dspark_jax.convert.safetensors_io import save_shards
+from dspark_jax.config import read_config_json
+from dspark_jax.drafts.config import GEMMA4_ARCHITECTURES, DraftConfig
 
 
 def _draft_class(config: DraftConfig):
+    if config.architecture in GEMMA4_ARCHITECTURES:
+        from dspark_jax.convert.gemma4_draft import gemma4_draft_class
+
+        return gemma4_draft_class(config)
     if config.is_eagle3:
         from dspark_jax.drafts.eagle3 import Eagle3Draft
 
@@ -30,28 +36,25 @@ def _draft_class(config: DraftConfig):
     return DSparkDraft, DEEPSPEC_DSPARK_RULES
 
 
-def load_draft(path: str | os.PathLike, dtype=None, *, sharding=None, attention_impl: str = "auto"):
-    """Loads a DeepSpec DSpark / DFlash / Eagle3 draft directory.
+def load_draft(path: str | os.PathLike, dtype=None, *, target=None, sharding=None, attention_impl: str = "auto"):
+    """Loads a draft directory in any supported format (DeepSpec, SpecForge, speculators, z-lab; detected from
+    ``config.json``, see :mod:`dspark_jax.convert.formats`).
 
     Args:
       path: directory with ``config.json`` and ``model.safetensors`` (or shards + index).
       dtype: parameter/compute dtype; None = the checkpoint's ``dtype`` (bf16 for released drafts).
+      target: a loaded target (or its HF directory): checks that the draft fits it and supplies the embedding /
+        LM head for formats that do not store them (SpecForge, z-lab, some speculators exports).
       sharding: optional ``(nnx_path, shape, logical_axes) -> Sharding`` as in ``dj.load_target``.
     """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"draft checkpoint directory {path!r} does not exist")
-    config = DraftConfig.from_json(path)
-    dt = resolve_dtype(dtype if dtype is not None else config.dtype)
-    cls, rules = _draft_class(config)
-    abstract = nnx.eval_shape(lambda: cls(config, dtype=dt, attention_impl=attention_impl))
-    graphdef, abs_state = nnx.split(abstract)
-    files = checkpoint_files(path)
-    values = read_state(abs_state, files, rules, DEEPSPEC_IGNORED, dt, sharding, strip_prefix="_orig_mod.")
-    draft = nnx.merge(graphdef, fill_state(abs_state, values))
-    from dspark_jax.decode.calibrate import attach_saved_temperatures
+    from dspark_jax.convert.gemma4_draft import is_gemma4_draft_json, load_gemma4_draft
 
-    return attach_saved_temperatures(draft, path)   # STS temperatures from `dspark calibrate`, when present
+    if os.path.isdir(os.fspath(path)) and is_gemma4_draft_json(read_config_json(path)[0]):
+        return load_gemma4_draft(path, dtype, sharding=sharding, attention_impl=attention_impl)
+    from dspark_jax.convert.formats import load_checkpoint, read_checkpoint
+
+    return load_checkpoint(read_checkpoint(path, target=target), dtype, target=target, sharding=sharding,
+                           attention_impl=attention_impl)
 
 
 def draft_to_torch_tensors(draft) -> dict:
@@ -69,8 +72,8 @@ def save_draft(draft, path: str | os.PathLike, *, max_shard_bytes: int = 50 * 2*
     path = os.fspath(path)
     out_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else draft.dtype))
     tensors = {k: (v if v.dtype == out_dtype else v.astype(out_dtype)) for k, v in draft_to_torch_tensors(draft).items()}
+    cfg = draft.config.to_hf_dict()      # first: a config DeepSpec cannot express must not leave tensors behind
     save_shards(tensors, path, max_shard_bytes=max_shard_bytes)
-    cfg = draft.config.to_hf_dict()
     cfg["dtype"] = dtype_name(out_dtype)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)

@@ -12,10 +12,11 @@ import os
 import numpy as np
 from flax import nnx
 
-from dspark_jax.config import ConfigError, TargetConfig
+from dspark_jax.config import ConfigError, TargetConfig, read_config_json
 from dspark_jax.convert.keymap import ShardingFn, dtype_name, export_tensors, fill_state, read_state, resolve_dtype
 from dspark_jax.convert.names import QWEN3_IGNORED, QWEN3_TARGET_RULES
 from dspark_jax.convert.safetensors_io import CheckpointError, checkpoint_files, save_shards
+from dspark_jax.targets.gemma4_config import GEMMA4_TYPES
 from dspark_jax.targets.qwen3 import Qwen3ForCausalLM
 
 
@@ -23,7 +24,7 @@ from dspark_jax.targets.qwen3 import Qwen3ForCausalLM
 
 def load_target(path: str | os.PathLike, dtype="float32", *, sharding: ShardingFn | None = None,
                 attention_impl: str = "auto", load_tokenizer: bool = True) -> Qwen3ForCausalLM:
-    """Loads an HF Qwen3 / Qwen3-MoE checkpoint directory into an nnx target.
+    """Loads an HF Qwen3 / Qwen3-MoE / Gemma4 checkpoint directory into an nnx target (by ``model_type``).
 
     Args:
       path: directory with ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``).
@@ -34,6 +35,13 @@ def load_target(path: str | os.PathLike, dtype="float32", *, sharding: ShardingF
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    if _model_type(path) in GEMMA4_TYPES:
+        from dspark_jax.convert.gemma4 import load_gemma4_target
+
+        model = load_gemma4_target(path, dtype, sharding=sharding, attention_impl=attention_impl)
+        if load_tokenizer:
+            model.attach_tokenizer(_maybe_tokenizer(path))
+        return model
     config = TargetConfig.from_json(path)
     dt = resolve_dtype(dtype)
     abstract = nnx.eval_shape(lambda: Qwen3ForCausalLM(config, dtype=dt, attention_impl=attention_impl))
@@ -45,6 +53,11 @@ def load_target(path: str | os.PathLike, dtype="float32", *, sharding: ShardingF
     if load_tokenizer:
         model.attach_tokenizer(_maybe_tokenizer(path))
     return model
+
+
+def _model_type(path: str):
+    d, _ = read_config_json(path)
+    return d.get("model_type")
 
 
 def _maybe_tokenizer(path: str):
@@ -65,6 +78,12 @@ def target_to_torch_tensors(model: Qwen3ForCausalLM) -> dict[str, np.ndarray]:
 
 def save_target(model: Qwen3ForCausalLM, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> str:
     """Writes ``config.json`` + safetensors (+ tokenizer files) in the layout transformers writes."""
+    from dspark_jax.targets.gemma4 import Gemma4ForCausalLM
+
+    if isinstance(model, Gemma4ForCausalLM):
+        from dspark_jax.convert.gemma4 import save_gemma4_target
+
+        return save_gemma4_target(model, os.fspath(path), max_shard_bytes=max_shard_bytes)
     if not isinstance(model, Qwen3ForCausalLM):
         raise TypeError(f"save_target takes a target model, got {type(model).__name__}")
     path = os.fspath(path)

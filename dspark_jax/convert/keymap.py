@@ -89,9 +89,12 @@ def _to_nnx(kind: str, arr: np.ndarray) -> np.ndarray:
 
 
 def read_state(abs_state, files, rules, ignored, dtype, sharding: ShardingFn | None, skip_keys=frozenset(),
-               strip_prefix: str | None = None):
+               strip_prefix: str | None = None, tensors=None):
     """Reads every checkpoint tensor into a dict nnx_path -> jax.Array, strictly: a missing, unexpected or
-    mis-shaped key is a :class:`CheckpointError` naming it (and both shapes)."""
+    mis-shaped key is a :class:`CheckpointError` naming it (and both shapes).
+
+    ``tensors``: optional iterable of ``(source, key, handle)`` (``handle.shape``, ``handle.read()``) used instead
+    of reading ``files``, for converters that rename or reshape tensors on the way in."""
     matcher = _Matcher(rules)
     expected = {}  # nnx path -> (shape, logical_axes)
     for p, var in nnx.to_flat_state(abs_state):
@@ -110,7 +113,7 @@ def read_state(abs_state, files, rules, ignored, dtype, sharding: ShardingFn | N
         sh = sharding(nnx_path, shape, axes) if sharding is not None else None
         values[nnx_path] = jax.device_put(arr, sh) if sh is not None else jnp.asarray(arr)
 
-    for file, key, handle in iter_tensors(files):
+    for file, key, handle in (iter_tensors(files) if tensors is None else tensors):
         if strip_prefix and key.startswith(strip_prefix):
             key = key[len(strip_prefix):]
         if key in skip_keys or any(rx.match(key) for rx in ignored):

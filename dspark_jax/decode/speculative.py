@@ -25,6 +25,7 @@ from flax import nnx
 from dspark_jax.decode.calibrate import resolve_temperatures
 from dspark_jax.decode.output import GenerationOutput
 from dspark_jax.decode.prompts import encode_prompts, pad_batch
+from dspark_jax.decode.ragged import ragged_buckets, verify_forward
 from dspark_jax.decode.sampling import SamplingConfig, sample_tokens
 from dspark_jax.decode.scheduler import PrefixScheduler, SchedulePolicy, ZeroOverheadScheduler, check_sps
 from dspark_jax.decode.verify import verify_block
@@ -42,12 +43,13 @@ class SpecSettings:
     target_capacity: int
     draft_capacity: int
     scheduler: SchedulePolicy | None = None     # the rule; its SPS table is a traced argument of the loop
+    ragged_buckets: tuple[int, ...] = ()         # () = padded [B, Bs+1] verify; else flat capacities (ragged.py)
 
 
 def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temperature: float = 0.0,
                          top_k: int = 0, top_p: float = 1.0, threshold: float = 0.0, scheduler=None,
                          stop_token_ids: Sequence[int] | None = None, seed: int = 0,
-                         calibration=None) -> GenerationOutput:
+                         calibration=None, ragged_verify: bool | None = None) -> GenerationOutput:
     """Speculative decoding with a DSpark / DFlash / Eagle3 draft; lossless w.r.t. the (warped) target distribution.
 
     Args:
@@ -68,6 +70,11 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
         attribute when set (``dj.load_draft`` sets it from ``sts_temperatures.json`` in the draft directory),
         else none; False = raw confidences; or a sequence of Bs floats, or a path to such a JSON file / to a
         draft directory holding one (see :mod:`dspark_jax.decode.calibrate`).
+      ragged_verify: True = the target verifies a flattened batch of exactly the ``sum(L + 1)`` chosen tokens,
+        padded only up to the next static bucket (:mod:`dspark_jax.decode.ragged`), so verification costs what
+        the threshold / scheduler chose instead of ``B * (Bs+1)`` tokens; False = the padded forward. None
+        (default) = ragged when proposal lengths vary (a threshold or a scheduler) and the target supports it.
+        Same output either way.
     Returns:
       :class:`GenerationOutput` with tokens ``[B, max_new_tokens]`` (-1 padded), lengths, accept_lengths
       ``[B, rounds]`` (m+1 per round; m for a terminal stop round; 0 where a row had no round),
@@ -104,8 +111,14 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
     if scheduler is not None:
         check_sps(scheduler.sps, rows=ids.shape[0])
     capacity = ids.shape[1] + int(max_new_tokens) + _drafts_per_round(draft.config) + 2
+    can_flatten = hasattr(target, "forward_flat")
+    if ragged_verify and not can_flatten:
+        raise ValueError(f"ragged_verify=True but {type(target).__name__} has no forward_flat")
+    if ragged_verify is None:
+        ragged_verify = can_flatten and (scheduler is not None or threshold > 0)
+    buckets = ragged_buckets(ids.shape[0], _drafts_per_round(draft.config) + 1) if ragged_verify else ()
     settings = SpecSettings(int(max_new_tokens), sampling, stops, float(threshold), capacity, capacity,
-                            scheduler.policy if scheduler is not None else None)
+                            scheduler.policy if scheduler is not None else None, buckets)
     # traced, not static: a new SPS curve or new temperatures do not recompile (z / 1.0 == z exactly)
     sched_sps = jnp.asarray(scheduler.sps, jnp.float32) if scheduler is not None else None
     conf_temps = None
@@ -253,9 +266,15 @@ def _spec_jit(t_graph, t_state, d_graph, d_state, ids, lengths, key, sched_sps, 
             L = _proposal_lengths(conf_p, settings.threshold, bs, batch)
         if usable is not None:
             L = jnp.minimum(L, usable)
-        ver = target(jnp.concatenate([c["anchor"][:, None], tokens], axis=1), c["t_cache"], num_new=L + 1,
-                     tap_layer_ids=taps)
-        verdict = verify_block(tokens, logits, ver.logits, L, k_ver, settings.sampling)
+        seq = jnp.concatenate([c["anchor"][:, None], tokens], axis=1)
+        if settings.ragged_buckets:
+            # finished rows verify nothing (their results are discarded anyway)
+            v_logits, v_taps, v_cache = verify_forward(target, seq, jnp.where(active, L + 1, 0), c["t_cache"],
+                                                       taps, settings.ragged_buckets)
+        else:
+            ver = target(seq, c["t_cache"], num_new=L + 1, tap_layer_ids=taps)
+            v_logits, v_taps, v_cache = ver.logits, ver.taps, ver.cache
+        verdict = verify_block(tokens, logits, v_logits, L, k_ver, settings.sampling)
         m = verdict.num_accepted
         # a stop token among the accepted drafts ends the row there, without a bonus token
         is_stop = jnp.isin(tokens, stop_arr) & (slots[:, :bs] < m[:, None])
@@ -272,8 +291,8 @@ def _spec_jit(t_graph, t_state, d_graph, d_state, ids, lengths, key, sched_sps, 
         n_out = jnp.where(active, c["n_out"] + n_commit, c["n_out"])
         committed_stop = stop_in_drafts | jnp.isin(verdict.next_token, stop_arr)
         done = c["done"] | (active & (committed_stop | (n_out >= max_new)))
-        t_cache = ver.cache.with_lengths(jnp.where(active, start + n_commit, start))
-        dstate = _absorb_commit(draft, c["dstate"], d_cache_after, ver.taps, committed, n_commit, active)
+        t_cache = v_cache.with_lengths(jnp.where(active, start + n_commit, start))
+        dstate = _absorb_commit(draft, c["dstate"], d_cache_after, v_taps, committed, n_commit, active)
         r, st = c["rnd"], c["stats"]
         conf_rec = conf_p if conf_p is not None else jnp.zeros((batch, bs))
         logit_rec = conf.astype(jnp.float32) if conf is not None else jnp.zeros((batch, bs))

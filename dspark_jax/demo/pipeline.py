@@ -55,6 +55,7 @@ class DemoSettings:
     draft_batch: int = 16
     draft_lr: float = 3e-3
     eval_samples: int = 16
+    calib_samples: int = 48
     eval_new_tokens: int = 96
     eval_batch_sizes: tuple[int, ...] = (1, 8)
     seed: int = 0
@@ -68,7 +69,7 @@ FULL = DemoSettings()
 QUICK = DemoSettings(conversations=400, vocab_size=1024, hidden_size=64, num_layers=6, num_heads=2, head_dim=32,
                      max_length=128, target_steps=120, target_batch=16, regen_conversations=96, regen_new_tokens=48,
                      draft_layers=1, block_size=4, num_anchors=16, markov_rank=32, draft_steps=60, draft_batch=8,
-                     eval_samples=4, eval_new_tokens=32, eval_batch_sizes=(1,))
+                     eval_samples=4, eval_new_tokens=32, eval_batch_sizes=(1,), calib_samples=8)
 
 DRAFT_KINDS = ("dspark", "dflash", "eagle3")
 
@@ -272,6 +273,53 @@ class Demo:
             shutil.copyfile(os.path.join(ASSETS, "eval", f"{name}.jsonl"), os.path.join(path, f"{name}.jsonl"))
         return path
 
+    def calibrate(self, drafts: dict[str, str]) -> dict[str, Any] | None:
+        """STS calibration of the DSpark draft's confidence head (spec §6.3) on held-out prompts the evaluation
+        does not use: full-block greedy rounds are recorded, temperatures are fitted on half the prompts and
+        ECE/AUC reported on the other half; ``sts_temperatures.json`` is written beside the draft (``dj.load_draft``
+        applies it) with the reliability diagram and ``calibration.json`` in ``<work>/calibration``."""
+        import dspark_jax as dj
+        from dspark_jax.decode import calibrate as C
+        from dspark_jax.decode.synthetic import resolve_stop_ids
+        from dspark_jax.eval import datasets as D
+
+        if "dspark" not in drafts:
+            return None
+        s = self.s
+        stage = "calibration"
+        key = s.key("calib_samples", "eval_samples", "eval_new_tokens", "seed") + \
+            self._stage_key(os.path.join("drafts", "dspark"))
+        path = os.path.join(self.work, stage)
+        if self._done(stage, key):
+            with open(os.path.join(path, "calibration.json")) as f:
+                return json.load(f)
+        self._fresh(stage, key)
+        data_dir = self.eval_data()
+        target_dir = os.path.join(self.work, "target")
+        target = dj.load_target(target_dir)
+        draft = dj.load_draft(drafts["dspark"], dtype="float32")
+        evaluated = set(D.load_prompts(data_dir, "heldout", s.eval_samples, s.seed))
+        texts = [t for t in D.read_first_turns(os.path.join(data_dir, "heldout.jsonl")) if t not in evaluated]
+        prompts = [D.chat_prompt_ids(target.tokenizer, t) for t in texts[:s.calib_samples]]
+        self.log(f"[demo] calibrating the dspark draft's confidences on {len(prompts)} held-out prompts")
+        rounds = C.record_rounds(target, draft, prompts, max_new_tokens=s.eval_new_tokens, temperature=0.0,
+                                 batch_size=8, seed=s.seed, stop_token_ids=resolve_stop_ids(target, target_dir),
+                                 progress=self.progress)
+        res = C.fit_from_rounds(rounds, holdout=0.5, seed=s.seed)
+        C.save_temperatures(drafts["dspark"], res.temperatures, {"fit_rounds": res.fit_rounds, "source": "demo"})
+        z, lab, val = C.rounds_to_samples(rounds)
+        png = C.reliability_diagram(z, lab, val, res.temperatures, os.path.join(path, "reliability.png"),
+                                    log=self.log)
+        summary = {"prompts": len(prompts), "fit_rounds": res.fit_rounds, "eval_rounds": res.eval_rounds,
+                   "temperatures": list(res.temperatures), "positions": res.report, "plot": png}
+        with open(os.path.join(path, "calibration.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        self._finish(stage, key, {"temperatures": list(res.temperatures)})
+        for e in res.report:
+            self.log(f"[demo] position {e['position']}: T={e.get('temperature') or 0:.2f} ECE {e['ece_before'] * 100:.1f}%"
+                     f" -> {e['ece_after'] * 100:.1f}%, AUC {e['auc_before'] or 0:.3f}")
+        return summary
+
     def evaluate(self, drafts: dict[str, str]) -> dict[str, Any]:
         import dspark_jax as dj
         from dspark_jax.eval.run import EvalSettings, evaluate
@@ -303,7 +351,10 @@ class Demo:
         self._timed("target", self.target)
         self._timed("data", self.data)
         drafts = self._timed("drafts", self.drafts)
+        calibration = self._timed("calibrate", lambda: self.calibrate(drafts))
         results = self._timed("eval", lambda: self.evaluate(drafts))
+        if calibration is not None:
+            results["calibration"] = calibration
         results["timings"] = {**self.timings, "total": time.perf_counter() - t0}
         from dspark_jax.demo.report import write_report
 

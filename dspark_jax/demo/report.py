@@ -52,6 +52,13 @@ def markdown(results: dict[str, Any]) -> str:
     for k, v in tau_ratios(rows).items():
         lines.append(f"- τ ratio {k}: {v:.3f}")
     lines += ["", PAPER_NOTE]
+    cal = results.get("calibration")
+    if cal:
+        from dspark_jax.decode.calibrate import format_report
+
+        lines += ["", f"Confidence calibration of the dspark draft (STS, fitted on {cal['fit_rounds']} rounds, "
+                      f"reported on {cal['eval_rounds']} rounds of other held-out prompts):", "",
+                  format_report(cal["positions"])]
     if "timings" in results:
         lines.append("")
         lines.append("Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()))

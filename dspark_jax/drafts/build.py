@@ -20,8 +20,14 @@ def build_draft(target, config: DraftConfig, *, seed: int = 0, dtype=None, param
     param_dtype="float32"``: the optimizer updates fp32 weights and each matmul casts them to bf16."""
     if not isinstance(config, DraftConfig):
         raise TypeError(f"config must be a DraftConfig, got {type(config).__name__}")
-    cfg = config.bind(target.config)
-    if cfg.is_eagle3:
+    from dspark_jax.targets.gemma4_config import Gemma4Config
+
+    if isinstance(target.config, Gemma4Config):
+        from dspark_jax.drafts.gemma4 import Gemma4DSparkDraft, Gemma4Eagle3Draft, bind_gemma4
+
+        cfg = bind_gemma4(config, target.config)
+        cls = Gemma4Eagle3Draft if cfg.is_eagle3 else Gemma4DSparkDraft
+    elif (cfg := config.bind(target.config)).is_eagle3:
         from dspark_jax.drafts.eagle3 import Eagle3Draft
 
         cls = Eagle3Draft

@@ -28,6 +28,15 @@ class DraftBase(nnx.Module):
         """``[..., H]`` -> ``lm_head(hidden)`` ``[..., V]`` (no extra norm for Qwen3)."""
         return jnp.einsum("...h,vh->...v", hidden.astype(self.dtype), self.lm_head[...].astype(self.dtype))
 
+    def restrict_vocab(self, logits: jax.Array) -> jax.Array:
+        """``[..., V]`` proposal logits -> the same with ids outside a pruned ``draft_vocab`` at -inf, so the
+        draft samples (and rejection sampling sees) the renormalised pruned distribution, as vLLM's d2t does."""
+        dv = self.config.draft_vocab
+        if dv is None:
+            return logits
+        keep = jnp.zeros((logits.shape[-1],), bool).at[jnp.asarray(dv, jnp.int32)].set(True)
+        return jnp.where(keep, logits, -jnp.inf)
+
     def check_tap_width(self, taps: jax.Array) -> None:
         want = self.config.num_taps * self.config.arch.hidden_size
         if taps.shape[-1] != want:

@@ -17,8 +17,54 @@ from dspark_jax.config import ConfigError, TargetConfig, read_config_json
 
 DSPARK_ARCH = "Qwen3DSparkModel"
 EAGLE3_ARCH = "Qwen3Eagle3Model"
-ARCHITECTURES = (DSPARK_ARCH, EAGLE3_ARCH)
+# Gemma4 drafts (drafts/gemma4.py): same DSpark/DFlash semantics; arch is a Gemma4Config
+GEMMA4_DSPARK_ARCH = "Gemma4DSparkModel"
+GEMMA4_EAGLE3_ARCH = "Gemma4Eagle3Model"
+GEMMA4_ARCHITECTURES = (GEMMA4_DSPARK_ARCH, GEMMA4_EAGLE3_ARCH)
+ARCHITECTURES = (DSPARK_ARCH, EAGLE3_ARCH, *GEMMA4_ARCHITECTURES)
 MARKOV_TYPES = ("vanilla", "gated", "rnn")
+# Eagle3 layer variants (DRAFT_FORMATS §1.5 / §2.4). Both: [emb ; hidden] (2H) into q/k/v, residual on the
+# un-normalised hidden, pre-norm output fed back, logits = lm_head(norm(h)).
+# EAGLE3_DEEPSPEC: DeepSpec's Qwen3Eagle3Model: Qwen3 attention (q_norm/k_norm, attention_bias honoured), 5 taps.
+# EAGLE3_LLAMA: SpecForge/SGLang LlamaForCausalLMEagle3 (and vLLM's Llama Eagle3): no q_norm/k_norm, q/k/v/o
+# without bias, any number of taps (the SpecForge file holds 3), a pruned trained lm_head via d2t/t2d.
+EAGLE3_DEEPSPEC = "deepspec"
+EAGLE3_LLAMA = "llama"
+EAGLE3_VARIANTS = (EAGLE3_DEEPSPEC, EAGLE3_LLAMA)
+
+# Block slot conventions (DRAFT_FORMATS §0.2). The block is always [anchor, MASK, ...] from the anchor's position.
+# ANCHOR_FIRST (DeepSpec, SpecForge DSpark, speculators sample_from_anchor=true): slot k predicts the token after
+# it, so every slot drafts. BONUS_ANCHOR (z-lab, SpecForge DFlash, older speculators): slot k >= 1 predicts the
+# token at its own position and slot 0 drafts nothing. Weights look the same either way, so only this flag tells.
+ANCHOR_FIRST = "anchor_first"
+BONUS_ANCHOR = "bonus_anchor"
+SLOT_CONVENTIONS = (ANCHOR_FIRST, BONUS_ANCHOR)
+# Tapped-layer id conventions (DRAFT_FORMATS §0.1). LAYER_OUTPUT (DeepSpec, z-lab, SpecForge, SGLang): id L is
+# the output of decoder layer L, -1 the embeddings. LAYER_INPUT (speculators, vLLM aux ids): id L is the residual
+# stream entering layer L. input id = output id + 1. ``DraftConfig.target_layer_ids`` is always LAYER_OUTPUT,
+# because the target taps (and so training and decoding) take output ids; readers convert on the way in.
+LAYER_OUTPUT = "output"
+LAYER_INPUT = "input"
+
+
+def layer_ids_to(ids, convention: str) -> tuple[int, ...]:
+    """Output-convention ids -> ids as ``convention`` writes them."""
+    if convention not in (LAYER_OUTPUT, LAYER_INPUT):
+        raise ConfigError(f"layer id convention {convention!r} is not one of {(LAYER_OUTPUT, LAYER_INPUT)}")
+    return tuple(int(i) + (convention == LAYER_INPUT) for i in ids)
+
+
+def layer_ids_from(ids, convention: str) -> tuple[int, ...]:
+    """Ids written in ``convention`` -> output-convention ids (what ``target_layer_ids`` holds)."""
+    if convention not in (LAYER_OUTPUT, LAYER_INPUT):
+        raise ConfigError(f"layer id convention {convention!r} is not one of {(LAYER_OUTPUT, LAYER_INPUT)}")
+    return tuple(int(i) - (convention == LAYER_INPUT) for i in ids)
+
+def specforge_eagle3_layer_ids(num_target_layers: int) -> tuple[int, int, int]:
+    """SpecForge/SGLang's default Eagle3 taps for a ``T``-layer target, output convention: ``[1, T//2-1, T-4]``."""
+    t = int(num_target_layers)
+    return (1, t // 2 - 1, t - 4)
+
 
 # keys DeepSpec adds to the copied target config (and which TargetConfig does not model)
 _DSPARK_KEYS = ("block_size", "mask_token_id", "target_layer_ids", "num_anchors", "num_target_layers",
@@ -39,8 +85,12 @@ class DraftConfig:
     """A DSpark / DFlash / Eagle3 draft.
 
     DSpark = ``markov_rank > 0`` (+ ``enable_confidence_head``); DFlash = ``markov_rank 0`` and no
-    confidence head (same architecture name); Eagle3 = ``architecture="Qwen3Eagle3Model"``.
+    confidence head (same architecture name); Eagle3 = ``architecture="Qwen3Eagle3Model"`` (``eagle3_variant``
+    "llama" = SpecForge's Llama Eagle3 layer, without q/k norms).
     ``arch=None`` means "derive from the target" (``dj.build_draft`` fills it in).
+
+    Conventions: ``target_layer_ids`` are layer-*output* ids (see ``layer_ids``); ``block_size`` counts drafted
+    tokens per block and ``slot_convention`` says which slot drafts what (``num_block_slots`` backbone slots).
     """
 
     architecture: str = DSPARK_ARCH
@@ -67,16 +117,26 @@ class DraftConfig:
     arch: TargetConfig | None = None
     extra_json: str = "{}"
     dtype: str = "bfloat16"
+    # ``block_size`` is the number of tokens drafted per block (what decoding, losses and calibration count);
+    # the backbone runs ``num_block_slots`` slots, which is what every checkpoint's ``block_size`` field holds.
+    slot_convention: str = ANCHOR_FIRST
+    # pruned draft vocabulary (speculators / SpecForge d2t): ascending target ids the draft may propose; None =
+    # the full vocab. Proposals renormalise over these ids; training still sees the full vocab.
+    draft_vocab: tuple[int, ...] | None = dataclasses.field(default=None, repr=False)
+    # Eagle3 only: which Eagle3 layer (EAGLE3_VARIANTS); never written to a DeepSpec config.json
+    eagle3_variant: str = EAGLE3_DEEPSPEC
 
     def __post_init__(self):
         if isinstance(self.target_layer_ids, list):
             object.__setattr__(self, "target_layer_ids", tuple(self.target_layer_ids))
+        if self.draft_vocab is not None and not isinstance(self.draft_vocab, tuple):
+            object.__setattr__(self, "draft_vocab", tuple(int(i) for i in self.draft_vocab))
         self.validate()
 
     # ---- variants ------------------------------------------------------------------------
     @property
     def is_eagle3(self) -> bool:
-        return self.architecture == EAGLE3_ARCH
+        return self.architecture in (EAGLE3_ARCH, GEMMA4_EAGLE3_ARCH)
 
     @property
     def has_markov(self) -> bool:
@@ -89,6 +149,19 @@ class DraftConfig:
     @property
     def num_taps(self) -> int:
         return len(self.target_layer_ids)
+
+    @property
+    def num_block_slots(self) -> int:
+        """Backbone slots per block (anchor included): ``block_size``, +1 under the bonus-anchor convention."""
+        return self.block_size + (self.slot_convention == BONUS_ANCHOR)
+
+    @property
+    def draft_vocab_size(self) -> int | None:
+        return None if self.draft_vocab is None else len(self.draft_vocab)
+
+    def layer_ids(self, convention: str = LAYER_OUTPUT) -> tuple[int, ...]:
+        """``target_layer_ids`` as a format of ``convention`` writes them (input ids = output ids + 1)."""
+        return layer_ids_to(self.target_layer_ids, convention)
 
     @property
     def loss_alphas(self) -> tuple[float, float, float]:
@@ -120,7 +193,7 @@ class DraftConfig:
         if self.is_eagle3:
             if -1 in ids:
                 raise ConfigError(f"{where}: Eagle3 target_layer_ids may not include -1")
-            if len(ids) != 5:
+            if self.eagle3_variant == EAGLE3_DEEPSPEC and len(ids) != 5:
                 raise ConfigError(f"{where}: Eagle3 target_layer_ids must hold exactly 5 ids (DeepSpec), got {list(ids)}")
         else:
             if self.markov_rank < 0:
@@ -129,6 +202,20 @@ class DraftConfig:
                 raise ConfigError(f"{where}: markov_head_type={self.markov_head_type!r} is not one of {MARKOV_TYPES}")
         if self.num_draft_layers < 1:
             raise ConfigError(f"{where}: num_draft_layers must be >= 1")
+        if self.eagle3_variant not in EAGLE3_VARIANTS:
+            raise ConfigError(f"{where}: eagle3_variant={self.eagle3_variant!r} is not one of {EAGLE3_VARIANTS}")
+        if self.eagle3_variant != EAGLE3_DEEPSPEC and self.architecture != EAGLE3_ARCH:
+            raise ConfigError(f"{where}: eagle3_variant={self.eagle3_variant!r} applies to {EAGLE3_ARCH} drafts only")
+        if self.slot_convention not in SLOT_CONVENTIONS:
+            raise ConfigError(f"{where}: slot_convention={self.slot_convention!r} is not one of {SLOT_CONVENTIONS}")
+        if self.slot_convention == BONUS_ANCHOR and self.is_eagle3:
+            raise ConfigError(f"{where}: slot_convention={BONUS_ANCHOR!r} applies to block drafts, not Eagle3")
+        if self.draft_vocab is not None:
+            dv = self.draft_vocab
+            if not dv or any(b <= a for a, b in zip(dv, dv[1:])) or dv[0] < 0:
+                raise ConfigError(f"{where}: draft_vocab must be non-empty, strictly ascending target ids >= 0")
+            if self.arch is not None and dv[-1] >= self.arch.vocab_size:
+                raise ConfigError(f"{where}: draft_vocab holds id {dv[-1]} outside the vocab [0, {self.arch.vocab_size})")
         if self.num_target_layers is not None and ids[-1] >= self.num_target_layers - 1:
             raise ConfigError(
                 f"{where}: target_layer_ids {list(ids)} must stay below the target's last layer "
@@ -164,6 +251,10 @@ class DraftConfig:
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any], where: str = "config.json") -> "DraftConfig":
         d = dict(d)
+        if (d.get("architectures") or [None])[0] in GEMMA4_ARCHITECTURES:
+            from dspark_jax.convert.gemma4_draft import gemma4_draft_config_from_hf
+
+            return gemma4_draft_config_from_hf(d, where)
         archs = d.get("architectures") or []
         if not archs:
             raise ConfigError(f"{where}: missing 'architectures' (expected one of {ARCHITECTURES})")
@@ -181,7 +272,7 @@ class DraftConfig:
         arch_dict = dict(d)
         arch_dict["model_type"] = "qwen3"
         arch = TargetConfig.from_hf_dict(arch_dict, where=where)
-        known = _ARCH_KEYS | set(_DSPARK_KEYS) | set(_EAGLE3_KEYS)
+        known = _ARCH_KEYS | set(_DSPARK_KEYS) | set(_EAGLE3_KEYS) | {"sample_from_anchor"}
         extra = {k: v for k, v in d.items() if k not in known}
         kw: dict[str, Any] = dict(architecture=architecture, target_layer_ids=tuple(int(i) for i in d["target_layer_ids"]),
                                   num_target_layers=d.get("num_target_layers"), arch=arch,
@@ -196,6 +287,14 @@ class DraftConfig:
                       num_anchors=int(d["num_anchors"]), enable_confidence_head=bool(d["enable_confidence_head"]),
                       confidence_head_with_markov=bool(d.get("confidence_head_with_markov", True)),
                       markov_rank=int(d["markov_rank"]), markov_head_type=str(d.get("markov_head_type", "vanilla")))
+            # not a DeepSpec key: written (and read, as vLLM's native DSpark loader does) only for bonus-anchor
+            # drafts, whose config.json block_size counts the anchor slot too
+            if "sample_from_anchor" in d:
+                sfa = d["sample_from_anchor"]
+                if not isinstance(sfa, bool):
+                    raise ConfigError(f"{where}: sample_from_anchor must be true or false, got {sfa!r}")
+                if not sfa:
+                    kw.update(slot_convention=BONUS_ANCHOR, block_size=kw["block_size"] - 1)
         try:
             return cls(**kw)
         except ConfigError as e:
@@ -209,6 +308,14 @@ class DraftConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         if self.arch is None:
             raise ConfigError("DraftConfig.arch is unset: bind it to a target first (dj.build_draft does)")
+        if self.architecture in GEMMA4_ARCHITECTURES:
+            from dspark_jax.convert.gemma4_draft import gemma4_draft_config_to_hf
+
+            return gemma4_draft_config_to_hf(self)
+        if self.eagle3_variant != EAGLE3_DEEPSPEC:
+            raise ConfigError("a DeepSpec config.json cannot hold a Llama-style Eagle3 draft (no q_norm/k_norm; "
+                              "DeepSpec's Qwen3Eagle3Model has them): write it as SpecForge "
+                              "(LlamaForCausalLMEagle3) or speculators (dspark convert draft --to ...)")
         d = self.arch.to_hf_dict()
         d.update(json.loads(self.extra_json))
         d["architectures"] = [self.architecture]
@@ -226,8 +333,13 @@ class DraftConfig:
             if self.target_model_name_or_path is not None:
                 d["target_model_name_or_path"] = self.target_model_name_or_path
             return d
-        d.update(block_size=self.block_size, mask_token_id=self.mask_token_id, num_anchors=self.num_anchors,
+        if self.draft_vocab is not None:
+            raise ConfigError("a DeepSpec config.json cannot hold a pruned draft vocabulary (draft_vocab); write "
+                              "the draft in the speculators format (dspark convert draft --to speculators)")
+        d.update(block_size=self.num_block_slots, mask_token_id=self.mask_token_id, num_anchors=self.num_anchors,
                  enable_confidence_head=self.enable_confidence_head, markov_rank=self.markov_rank)
+        if self.slot_convention == BONUS_ANCHOR:
+            d["sample_from_anchor"] = False
         if self.enable_confidence_head:
             d["confidence_head_with_markov"] = self.confidence_head_with_markov
         if self.markov_rank:

@@ -15,7 +15,8 @@ from flax import nnx
 
 from dspark_jax.cache import KVCache
 from dspark_jax.decode.sampling import SamplingConfig, sample_tokens
-from dspark_jax.drafts.backbone import DraftLayer, inference_mask, training_mask
+from dspark_jax import kernels
+from dspark_jax.drafts.backbone import DraftLayer, inference_mask
 from dspark_jax.drafts.common import DraftBase
 from dspark_jax.drafts.config import DraftConfig
 from dspark_jax.drafts.heads import ConfidenceHead, MarkovHead
@@ -35,6 +36,8 @@ class DraftTrainOutput:
     target_ids, eval_mask ``[B,N,Bs]``.
     draft_hidden ``[B,N,Bs,H]`` (post-norm), target_hidden ``[B,N,Bs,H]`` (aligned), markov_u ``[B,N,Bs,r]``
     (None without Markov head), lm_head ``[V,H]``, markov_w2 ``[V,r]``: enough for a vocab-chunked loss.
+    softcap (static): the ``cap`` of ``cap * tanh(x / cap)`` applied to the lm_head logits before the Markov bias
+    (Gemma4), or None; the chunked loss must apply it too.
     """
 
     draft_logits: jax.Array | None
@@ -47,6 +50,7 @@ class DraftTrainOutput:
     markov_u: jax.Array | None
     lm_head: jax.Array
     markov_w2: jax.Array | None
+    softcap: float | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -138,6 +142,7 @@ class DSparkDraft(DraftBase):
         """
         cfg = self.config
         bs, mask_id = cfg.block_size, cfg.mask_token_id
+        ns = cfg.num_block_slots
         b, s = input_ids.shape
         n = anchors.shape[1]
         _check_shape("target_hidden", target_hidden, (b, s, cfg.num_taps * cfg.arch.hidden_size))
@@ -149,13 +154,15 @@ class DSparkDraft(DraftBase):
         slots = jnp.arange(bs, dtype=jnp.int32)
         anchor_tok = jnp.take_along_axis(input_ids, anchors, axis=1)                       # [B, N]
         block_ids = jnp.concatenate([jnp.where(keep, anchor_tok, mask_id)[..., None],
-                                     jnp.full((b, n, bs - 1), mask_id, input_ids.dtype)], axis=-1)
-        block_pos = (anchors[..., None] + slots).reshape(b, n * bs)
+                                     jnp.full((b, n, ns - 1), mask_id, input_ids.dtype)], axis=-1)
+        block_pos = (anchors[..., None] + jnp.arange(ns, dtype=jnp.int32)).reshape(b, n * ns)
         ctx_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        mask = training_mask(anchors, keep, s, bs)
+        mask = kernels.DSparkBlockMask(anchors, keep, ns)   # spec §1.5 mask, structured: Pallas kernel can skip tiles
         ctx = self.fuse_context(target_hidden)
-        out, _ = self.backbone(self.embed(block_ids.reshape(b, n * bs)), block_pos, ctx, ctx_pos, mask)
-        out = out.reshape(b, n, bs, -1)
+        out, _ = self.backbone(self.embed(block_ids.reshape(b, n * ns)), block_pos, ctx, ctx_pos, mask)
+        # bonus-anchor slot 0 predicts the anchor itself (known): the drafting slots, and so the labels
+        # x_{a+1} .. x_{a+Bs}, are the same as anchor-first's
+        out = out.reshape(b, n, ns, -1)[:, :, ns - bs:]
 
         lab = anchors[..., None] + 1 + slots                                                # [B, N, Bs]
         safe = jnp.where(keep[..., None], jnp.minimum(lab, s - 1), 0)
@@ -194,20 +201,24 @@ class DSparkDraft(DraftBase):
           cache: context-only KV cache (lengths c).
           ctx_taps: ``[B, P, Lt*H]`` pending context features for positions ``c .. c+count-1`` (rest padding).
           ctx_count: ``[B]`` pending rows per row; anchor: ``[B]`` the last committed token (at ``start``).
-        Returns: (block hidden ``[B, Bs, H]`` post-norm, cache with lengths ``start = c + count``).
+        Returns: (block hidden ``[B, Bs, H]`` post-norm, one row per drafting slot, cache with lengths
+        ``start = c + count``). Under the bonus-anchor convention the backbone runs ``Bs + 1`` slots and the
+        anchor slot's row is dropped.
         """
         bs, mask_id = self.config.block_size, self.config.mask_token_id
+        ns = self.config.num_block_slots
         b, p = ctx_taps.shape[:2]
         if cache.capacity < p:
             raise ValueError(f"draft cache capacity {cache.capacity} < {p} pending context rows")
         c = cache.lengths
         start = c + ctx_count.astype(jnp.int32)
         ctx_pos = c[:, None] + jnp.arange(p, dtype=jnp.int32)
-        block_pos = start[:, None] + jnp.arange(bs, dtype=jnp.int32)
-        block_ids = jnp.concatenate([anchor[:, None].astype(jnp.int32), jnp.full((b, bs - 1), mask_id, jnp.int32)], 1)
-        mask = inference_mask(start, cache.capacity, bs)
-        return self.backbone(self.embed(block_ids), block_pos, self.fuse_context(ctx_taps), ctx_pos, mask,
-                             cache, ctx_count)
+        block_pos = start[:, None] + jnp.arange(ns, dtype=jnp.int32)
+        block_ids = jnp.concatenate([anchor[:, None].astype(jnp.int32), jnp.full((b, ns - 1), mask_id, jnp.int32)], 1)
+        mask = inference_mask(start, cache.capacity, ns)
+        out, cache = self.backbone(self.embed(block_ids), block_pos, self.fuse_context(ctx_taps), ctx_pos, mask,
+                                   cache, ctx_count)
+        return out[:, ns - bs:], cache
 
     def propose(self, cache: KVCache, ctx_taps, ctx_count, anchor, key, sampling: SamplingConfig = SamplingConfig()):
         """Proposes one block per row (spec §4.2-4.3): backbone, then sequential Markov sampling.
@@ -228,6 +239,7 @@ class DSparkDraft(DraftBase):
             if head is not None:
                 u, state = head.step(h_k, prev, state)
                 logits = logits + head.bias(u)
+            logits = self.restrict_vocab(logits)
             tok = sample_tokens(logits, key_k, sampling)
             return (tok, state), (tok, logits, prev)
 

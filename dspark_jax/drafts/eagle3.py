@@ -34,12 +34,13 @@ from dspark_jax.cache import KVCache, causal_cache_mask, write_rows
 from dspark_jax.config import TargetConfig
 from dspark_jax.decode.sampling import SamplingConfig, sample_tokens
 from dspark_jax.drafts.common import DraftBase
-from dspark_jax.drafts.config import DraftConfig
+from dspark_jax.drafts.config import EAGLE3_DEEPSPEC, DraftConfig
 from dspark_jax.nn.attention import Attention
 from dspark_jax.nn.frozen import Frozen
 from dspark_jax.nn.linear import linear
 from dspark_jax.nn.mlp import SwiGLU
 from dspark_jax.nn.norm import RMSNorm
+from dspark_jax.nn.rope import apply_rope
 
 EAGLE3_NUM_TAPS = 5
 
@@ -55,6 +56,7 @@ class Eagle3TrainOutput:
     position_mask ``[T,B,S]`` fp32: ``loss_mask`` with the last valid token zeroed, shifted left by ``j``.
     draft_hidden ``[T,B,S,H]`` post-norm; target_hidden ``[T,B,S,H]`` aligned ``last_hidden[t+j+1]`` (zeros
       past the end); lm_head ``[V,H]``: enough for a vocab-chunked loss.
+    softcap (static): ``cap`` of ``cap * tanh(x / cap)`` on the lm_head logits (Gemma4) or None.
     """
 
     draft_logits: jax.Array | None
@@ -63,6 +65,7 @@ class Eagle3TrainOutput:
     draft_hidden: jax.Array
     target_hidden: jax.Array
     lm_head: jax.Array
+    softcap: float | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -85,11 +88,13 @@ class Eagle3Proposal:
 
 
 class Eagle3Attention(Attention):
-    """Qwen3 attention whose q/k/v read the 2H-wide ``[emb ; hidden]`` input while ``o_proj`` writes H."""
+    """Qwen3 attention whose q/k/v read the 2H-wide ``[emb ; hidden]`` input while ``o_proj`` writes H.
+
+    ``qk_norm=False``: the Llama Eagle3 layer (SpecForge ``LlamaForCausalLMEagle3``): no q_norm/k_norm."""
 
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *, eps: float = 1e-6,
                  bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02,
-                 attention_impl: str = "auto", rngs: nnx.Rngs):
+                 attention_impl: str = "auto", qk_norm: bool = True, rngs: nnx.Rngs):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
         self.attention_impl = attention_impl
@@ -99,8 +104,22 @@ class Eagle3Attention(Attention):
         self.k_proj = mk(2 * hidden, num_kv_heads * head_dim, ("embed", "kv_heads"))
         self.v_proj = mk(2 * hidden, num_kv_heads * head_dim, ("embed", "kv_heads"))
         self.o_proj = mk(num_heads * head_dim, hidden, ("heads", "embed"))
-        self.q_norm = RMSNorm(head_dim, eps, param_dtype=param_dtype, axis_name=None)
-        self.k_norm = RMSNorm(head_dim, eps, param_dtype=param_dtype, axis_name=None)
+        if qk_norm:
+            self.q_norm = RMSNorm(head_dim, eps, param_dtype=param_dtype, axis_name=None)
+            self.k_norm = RMSNorm(head_dim, eps, param_dtype=param_dtype, axis_name=None)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        if self.q_norm is not None:
+            return super().queries(x, cos, sin)
+        return apply_rope(self.q_proj(x).reshape(*x.shape[:-1], self.num_heads, self.head_dim), cos, sin)
+
+    def keys_values(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if self.k_norm is not None:
+            return super().keys_values(x, cos, sin)
+        shape = (*x.shape[:-1], self.num_kv_heads, self.head_dim)
+        return apply_rope(self.k_proj(x).reshape(shape), cos, sin), self.v_proj(x).reshape(shape)
 
     def project_out(self, o: jax.Array) -> jax.Array:
         """Attention output ``[B,S,nh,hd]`` -> ``o_proj`` ``[B,S,H]``."""
@@ -108,14 +127,16 @@ class Eagle3Attention(Attention):
 
 
 class Eagle3Layer(nnx.Module):
-    """One Eagle3 decoder layer (``Qwen3Eagle3DecoderLayer``)."""
+    """One Eagle3 decoder layer (``Qwen3Eagle3DecoderLayer``; ``llama=True``: SpecForge's ``midlayer``, a
+    ``LlamaDecoderLayer`` with the same wiring but no q/k norms and bias-free projections)."""
 
-    def __init__(self, cfg: TargetConfig, *, dtype, param_dtype, attention_impl: str = "auto", rngs: nnx.Rngs):
+    def __init__(self, cfg: TargetConfig, *, dtype, param_dtype, attention_impl: str = "auto", llama: bool = False,
+                 rngs: nnx.Rngs):
         std, h = cfg.initializer_range, cfg.hidden_size
         self.self_attn = Eagle3Attention(h, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                                         eps=cfg.rms_norm_eps, bias=cfg.attention_bias, dtype=dtype,
+                                         eps=cfg.rms_norm_eps, bias=cfg.attention_bias and not llama, dtype=dtype,
                                          param_dtype=param_dtype, init_std=std, attention_impl=attention_impl,
-                                         rngs=rngs)
+                                         qk_norm=not llama, rngs=rngs)
         self.mlp = SwiGLU(h, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype, init_std=std, rngs=rngs)
         self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype)
@@ -177,7 +198,11 @@ def shift_left(x: jax.Array, n: int, fill=0) -> jax.Array:
 
 
 class Eagle3Draft(DraftBase):
-    """DeepSpec ``Qwen3Eagle3Model`` (1 layer in released configs; any ``num_draft_layers`` works here)."""
+    """DeepSpec ``Qwen3Eagle3Model`` (1 layer in released configs; any ``num_draft_layers`` works here).
+
+    ``config.eagle3_variant == "llama"``: SpecForge's ``LlamaForCausalLMEagle3`` (no q/k norms, bias-free
+    attention, any number of taps; its pruned ``[Vd, H]`` lm_head is held scattered into ``[V, H]`` with the
+    draft vocabulary in ``config.draft_vocab``, which proposals are restricted to)."""
 
     def __init__(self, config: DraftConfig, *, dtype=jnp.float32, param_dtype=None, attention_impl: str = "auto",
                  rngs: nnx.Rngs | None = None):
@@ -185,7 +210,8 @@ class Eagle3Draft(DraftBase):
             raise ValueError("DraftConfig.arch is unset: use dj.build_draft(target, config) or config.bind(target)")
         if not config.is_eagle3:
             raise ValueError(f"Eagle3Draft is for Qwen3Eagle3Model configs, got {config.architecture!r}")
-        if config.num_taps != EAGLE3_NUM_TAPS:
+        llama = config.eagle3_variant != EAGLE3_DEEPSPEC
+        if config.num_taps != EAGLE3_NUM_TAPS and not llama:
             raise ValueError(f"Eagle3 expects exactly {EAGLE3_NUM_TAPS} target_layer_ids, got "
                              f"{list(config.target_layer_ids)}")
         if any(i < 0 for i in config.target_layer_ids):
@@ -205,7 +231,7 @@ class Eagle3Draft(DraftBase):
         self.fc = linear(config.num_taps * h, h, (None, "embed"), dtype=dtype, param_dtype=param_dtype,
                          init_std=std, rngs=rngs)
         self.layers = nnx.List([Eagle3Layer(arch, dtype=dtype, param_dtype=param_dtype,
-                                            attention_impl=attention_impl, rngs=rngs)
+                                            attention_impl=attention_impl, llama=llama, rngs=rngs)
                                 for _ in range(config.num_draft_layers)])
         self.norm = RMSNorm(h, arch.rms_norm_eps, param_dtype=param_dtype)
         self.init_rope()
@@ -368,7 +394,7 @@ class Eagle3Draft(DraftBase):
 
         h0 = last_hidden.astype(self.dtype)
         n0 = self.norm(h0)
-        logits0 = self.base_logits(n0)
+        logits0 = self.restrict_vocab(self.base_logits(n0))
         tok0 = forced[:, 0] if forced is not None else sample_tokens(logits0, keys[0], sampling)
 
         def body(carry, i):
@@ -376,7 +402,7 @@ class Eagle3Draft(DraftBase):
             cache, out = self.forward_cached(cache, h[:, None], tok[:, None], jnp.ones((b,), jnp.int32))
             h = out[:, 0]
             normed = self.norm(h)
-            logits = self.base_logits(normed)
+            logits = self.restrict_vocab(self.base_logits(normed))
             t = (jnp.take(forced, i, axis=1) if forced is not None
                  else sample_tokens(logits, jnp.take(keys, i, axis=0), sampling))
             return (cache, h, t), (t, logits, normed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "xla")
+from dspark_jax.kernels._dispatch import IMPLS, check_impl  # noqa: F401  (IMPLS re-exported)
 
 
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
@@ -40,7 +40,16 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
 
 
 def attention(q, k, v, mask, scale, impl: str = "auto"):
-    """Dispatches to a kernel by ``impl`` (see module doc); same contract as :func:`attention_reference`."""
-    if impl not in IMPLS:
-        raise ValueError(f"attention impl={impl!r} is not one of {IMPLS}")
+    """Dispatches by ``impl`` (``"auto"|"xla"|"pallas"``); same contract as :func:`attention_reference`.
+
+    ``mask`` may be a dense boolean array (always the XLA reference: there is no generic dense-mask kernel) or a
+    structured :class:`~dspark_jax.kernels.block_attention.DSparkBlockMask` (the training block mask, spec §1.5),
+    which goes to :func:`~dspark_jax.kernels.block_attention.dspark_block_attention` and so to the Pallas kernel
+    when ``impl`` resolves to Pallas.
+    """
+    check_impl(impl, "attention")
+    from dspark_jax.kernels.block_attention import DSparkBlockMask, dspark_block_attention
+    if isinstance(mask, DSparkBlockMask):
+        return dspark_block_attention(q, k, v, mask.anchors, mask.block_keep, scale, block_size=mask.block_size,
+                                      impl=impl)
     return attention_reference(q, k, v, mask, scale)

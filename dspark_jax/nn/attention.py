@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax import kernels
+from dspark_jax.kernels._dispatch import resolve as resolve_impl
 from dspark_jax.nn.linear import linear
 from dspark_jax.nn.norm import RMSNorm
 from dspark_jax.nn.rope import apply_rope
@@ -47,3 +48,42 @@ class Attention(nnx.Module):
         """Attention then o_proj: ``q [B,S,nh,hd]``, ``k/v [B,T,nkv,hd]``, ``mask [B,S,T]`` -> ``[B,S,H]``."""
         o = kernels.attention(q, k, v, mask, self.scale, impl=self.attention_impl)
         return self.o_proj(o.reshape(*o.shape[:2], self.num_heads * self.head_dim))
+
+    def attend_ragged(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, row: jax.Array,
+                      kv_len: jax.Array, layout: tuple[jax.Array, int] | None = None) -> jax.Array:
+        """Ragged attention then o_proj: flattened query tokens ``q [T,nh,hd]`` of cache rows ``row [T]`` (-1 =
+        padding) each see slots ``[0, kv_len[t])`` of ``k/v_cache [R,C,nkv,hd]`` -> ``[T,H]``.
+
+        ``layout = (col [T], width)`` says where each token sits in a padded ``[R, width]`` block. With the XLA
+        implementation the scores are then computed in that padded layout (batched matmuls over each row's cache)
+        instead of gathering a cache row per token, which XLA executes as a copy of ``T x C`` keys; the Pallas
+        kernel reads each token's row in place and needs no layout."""
+        o = ragged_attend(q, k_cache, v_cache, row, kv_len, self.scale, self.attention_impl, layout)
+        return self.o_proj(o.reshape(o.shape[0], self.num_heads * self.head_dim))
+
+
+def ragged_attend(q, k_cache, v_cache, row, kv_len, scale, impl, layout=None, kv_start=None):
+    """Ragged attention ``q [T,nh,hd]`` -> ``[T,nh,hd]`` over slots ``[kv_start, kv_len)`` (``kv_start`` None = 0;
+    sliding-window layers pass their window start) of each token's cache row; ``layout`` as in
+    :meth:`Attention.attend_ragged` (used by the XLA implementation only)."""
+    kind, _ = resolve_impl(impl, "ragged_attention")
+    if kind == "xla" and layout is not None:
+        return _ragged_via_padded(q, k_cache, v_cache, row, kv_len, layout, scale, kv_start)
+    return kernels.ragged_attention(q, k_cache, v_cache, row, kv_len, scale, kv_start=kv_start, impl=impl)
+
+
+def _ragged_via_padded(q, k_cache, v_cache, row, kv_len, layout, scale, kv_start=None):
+    """Ragged attention computed as padded cache attention: scatter the tokens to ``[R, width]``, attend with a
+    ``kv_start <= slot < kv_len`` mask, gather back (padding tokens get 0)."""
+    col, width = layout
+    r, c = k_cache.shape[:2]
+    dst = jnp.where(row >= 0, row, r)
+    qp = jnp.zeros((r, width) + q.shape[1:], q.dtype).at[dst, col].set(q, mode="drop")
+    lens = jnp.zeros((r, width), jnp.int32).at[dst, col].set(kv_len.astype(jnp.int32), mode="drop")
+    slots = jnp.arange(c)[None, None, :]
+    mask = slots < lens[:, :, None]
+    if kv_start is not None:
+        starts = jnp.zeros((r, width), jnp.int32).at[dst, col].set(kv_start.astype(jnp.int32), mode="drop")
+        mask = mask & (slots >= starts[:, :, None])
+    o = kernels.attention_reference(qp, k_cache, v_cache, mask, scale)
+    return jnp.where((row >= 0)[:, None, None], o[jnp.maximum(row, 0), col], 0).astype(q.dtype)

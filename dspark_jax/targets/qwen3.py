@@ -66,6 +66,20 @@ class DecoderLayer(nnx.Module):
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, (k, v)
 
+    def flat_call(self, h, cos, sin, kv_cache, row, pos, layout=None):
+        """Flattened tokens ``h [1,T,H]`` of cache rows ``row [T]`` (-1 = padding) at positions ``pos [T]``:
+        writes their keys at ``(row, pos)``, attends causally within the row; returns (h, (k, v) caches)."""
+        x = self.input_layernorm(h)
+        q = self.self_attn.queries(x, cos, sin)[0]
+        k, v = self.self_attn.keys_values(x, cos, sin)
+        kc, vc = kv_cache
+        dst = jnp.where(row >= 0, row, kc.shape[0])         # padding writes land out of bounds: dropped
+        kc = kc.at[dst, pos].set(k[0].astype(kc.dtype), mode="drop")
+        vc = vc.at[dst, pos].set(v[0].astype(vc.dtype), mode="drop")
+        h = h + self.self_attn.attend_ragged(q, kc, vc, row, pos + 1, layout)[None]
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, (kc, vc)
+
 
 class Qwen3ForCausalLM(nnx.Module):
     """Qwen3 / Qwen3-MoE causal LM (``model_type`` 'qwen3' or 'qwen3_moe').
@@ -190,8 +204,51 @@ class Qwen3ForCausalLM(nnx.Module):
         return TargetOutput(logits=logits, taps=taps, last_hidden=last_hidden, cache=new_cache)
 
 
+    def forward_flat(self, input_ids: jax.Array, row: jax.Array, pos: jax.Array, cache: KVCache, *,
+                     tap_layer_ids: Sequence[int] = (), layout: tuple[jax.Array, int] | None = None) -> TargetOutput:
+        """Runs a flattened ragged token batch through the target (verification whose cost follows the tokens
+        verified, not rows x block width).
+
+        Args:
+          input_ids: ``[T]`` token ids; token ``t`` belongs to cache row ``row[t]`` (-1 = padding: no cache write,
+            zero attention output) at absolute position ``pos[t]``. A row's tokens must cover its positions
+            ``lengths[r] .. pos`` contiguously so causal attention sees every earlier token.
+          cache: the KV cache; its ``lengths`` are returned unchanged (the caller commits lengths).
+          tap_layer_ids: as in :meth:`__call__`.
+          layout: optional ``(col [T], width)``: token ``t`` is column ``col[t]`` of its row in a padded
+            ``[R, width]`` block; lets the XLA attention work in that layout (see ``Attention.attend_ragged``).
+        Returns:
+          :class:`TargetOutput` with logits ``[T, V]``, taps ``[T, Lt*H]``, last_hidden ``[T, H]``, the cache with
+          the tokens' keys/values written.
+        """
+        if input_ids.ndim != 1 or row.shape != input_ids.shape or pos.shape != input_ids.shape:
+            raise ValueError(f"input_ids/row/pos must be equal [T] vectors, got {input_ids.shape}, {row.shape}, "
+                             f"{pos.shape}")
+        taps_wanted = self.check_tap_layer_ids(tap_layer_ids)
+        pos = pos.astype(jnp.int32)
+        cos, sin = self.rope(pos[None])
+        h = self.embed(input_ids[None])
+        tapped = {-1: h} if -1 in taps_wanted else {}
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            h, (k, v) = layer.flat_call(h, cos, sin, (cache.keys[i], cache.values[i]), row, pos, layout)
+            keys.append(k)
+            values.append(v)
+            if i in taps_wanted:
+                tapped[i] = h
+        last_hidden = self.norm(h)[0]
+        taps = jnp.concatenate([tapped[i][0] for i in taps_wanted], axis=-1) if taps_wanted else None
+        return TargetOutput(logits=self.compute_logits(last_hidden), taps=taps, last_hidden=last_hidden,
+                            cache=KVCache(tuple(keys), tuple(values), cache.lengths))
+
+
 def build_target(config: TargetConfig, *, dtype="float32", seed: int = 0, attention_impl: str = "auto"):
-    """A randomly initialised target (N(0, initializer_range) linears, unit norms) for ``config``."""
+    """A randomly initialised target (N(0, initializer_range) linears, unit norms) for ``config``
+    (a :class:`TargetConfig`, or a ``Gemma4Config`` for a Gemma4 target)."""
+    if getattr(config, "model_type", None) in ("gemma4_text", "gemma4"):
+        from dspark_jax.targets.gemma4 import build_gemma4_target
+
+        return build_gemma4_target(config, dtype=dtype, seed=seed, attention_impl=attention_impl)
     if config.model_type not in ("qwen3", "qwen3_moe"):
         raise ConfigError(f"model_type={config.model_type!r} has no target family")
     return Qwen3ForCausalLM(config, dtype=jnp.dtype(dtype), attention_impl=attention_impl, rngs=nnx.Rngs(seed))

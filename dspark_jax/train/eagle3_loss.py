@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.drafts.config import DraftConfig
+from dspark_jax.kernels.vocab_loss import apply_softcap
 from dspark_jax.train.loss import vocab_chunk_size
 
 
@@ -32,9 +33,10 @@ def soft_ce_reference(draft_logits, target_logits):
     return ce, l1, correct
 
 
-def soft_ce_chunked(draft_hidden, target_hidden, lm_head, chunk: int):
+def soft_ce_chunked(draft_hidden, target_hidden, lm_head, chunk: int, *, softcap: float | None = None):
     """Same as :func:`soft_ce_reference` from post-norm hidden states ``[..., H]`` and ``lm_head [V, H]``,
-    without materialising ``[..., V]`` (a zero target hidden state gives the uniform distribution)."""
+    without materialising ``[..., V]`` (a zero target hidden state gives the uniform distribution, softcapped or
+    not); ``softcap``: ``cap`` of ``cap * tanh(x / cap)`` on both logits, or None."""
     vocab = lm_head.shape[0]
     c = vocab_chunk_size(vocab, chunk)
     n_chunks = -(-vocab // c)
@@ -49,7 +51,8 @@ def soft_ce_chunked(draft_hidden, target_hidden, lm_head, chunk: int):
 
     def logits_of(i):
         neg = jnp.where(valid[i], 0.0, -jnp.inf)
-        return jnp.einsum("...h,vh->...v", hd, w[i]) + neg, jnp.einsum("...h,vh->...v", ht, w[i]) + neg
+        return (apply_softcap(jnp.einsum("...h,vh->...v", hd, w[i]), softcap) + neg,
+                apply_softcap(jnp.einsum("...h,vh->...v", ht, w[i]), softcap) + neg)
 
     lead = draft_hidden.shape[:-1]
 
@@ -98,7 +101,8 @@ def eagle3_loss(outputs, config: DraftConfig, *, vocab_chunk: int | None = None)
     if vocab_chunk is None:
         ce, l1, correct = soft_ce_reference(outputs.draft_logits, outputs.target_logits)
     else:
-        ce, l1, correct = soft_ce_chunked(outputs.draft_hidden, outputs.target_hidden, outputs.lm_head, vocab_chunk)
+        ce, l1, correct = soft_ce_chunked(outputs.draft_hidden, outputs.target_hidden, outputs.lm_head, vocab_chunk,
+                                          softcap=outputs.softcap)
     mask = outputs.position_mask.astype(jnp.float32)                                    # [T,B,S]
     n_steps, b, s = mask.shape
     valid = mask > 0

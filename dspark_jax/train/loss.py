@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.drafts.config import DraftConfig
+from dspark_jax.kernels.vocab_loss import apply_softcap, vocab_loss
 
 
 def slot_weights(eval_mask: jax.Array, config: DraftConfig) -> jax.Array:
@@ -44,11 +45,13 @@ def vocab_chunk_size(vocab: int, wanted: int) -> int:
     return min(wanted, vocab)
 
 
-def slot_ce_l1_chunked(draft_hidden, target_hidden, markov_u, lm_head, markov_w2, target_ids, chunk: int):
+def slot_ce_l1_chunked(draft_hidden, target_hidden, markov_u, lm_head, markov_w2, target_ids, chunk: int, *,
+                       softcap: float | None = None):
     """Same as :func:`slot_ce_l1_reference` without materialising ``[.., V]``.
 
     Args: draft_hidden / target_hidden ``[..., H]``; markov_u ``[..., r]`` or None; lm_head ``[V, H]``;
-    markov_w2 ``[V, r]`` or None; target_ids ``[...]``; chunk: vocab rows per step.
+    markov_w2 ``[V, r]`` or None; target_ids ``[...]``; chunk: vocab rows per step; softcap: ``cap`` of
+    ``cap * tanh(x / cap)`` on the lm_head logits (draft and target, before the Markov bias) or None.
     """
     vocab = lm_head.shape[0]
     c = vocab_chunk_size(vocab, chunk)
@@ -58,8 +61,7 @@ def slot_ce_l1_chunked(draft_hidden, target_hidden, markov_u, lm_head, markov_w2
     hd, ht = draft_hidden.astype(f32), target_hidden.astype(f32)
     u = None if markov_u is None else markov_u.astype(f32)
 
-    def chunked(w):
-        w = w.astype(f32)
+    def chunked(w):  # kept in its dtype: cast per chunk below (no full fp32 copy of [V, H])
         if pad:
             w = jnp.pad(w, ((0, pad), (0, 0)))
         return w.reshape(n_chunks, c, w.shape[-1])
@@ -69,10 +71,11 @@ def slot_ce_l1_chunked(draft_hidden, target_hidden, markov_u, lm_head, markov_w2
     valid = (jnp.arange(n_chunks * c) < vocab).reshape(n_chunks, c)
 
     def logits_of(i):
-        d = jnp.einsum("...h,vh->...v", hd, w_head[i])
+        wi = w_head[i].astype(f32)
+        d = apply_softcap(jnp.einsum("...h,vh->...v", hd, wi), softcap)
         if u is not None:
-            d = d + jnp.einsum("...r,vr->...v", u, w_markov[i])
-        t = jnp.einsum("...h,vh->...v", ht, w_head[i])
+            d = d + jnp.einsum("...r,vr->...v", u, w_markov[i].astype(f32))
+        t = apply_softcap(jnp.einsum("...h,vh->...v", ht, wi), softcap)
         neg = jnp.where(valid[i], 0.0, -jnp.inf)
         return d + neg, t + neg
 
@@ -96,19 +99,22 @@ def slot_ce_l1_chunked(draft_hidden, target_hidden, markov_u, lm_head, markov_w2
         return acc + jnp.abs(jnp.exp(d - lse_d[..., None]) - jnp.exp(t - lse_t[..., None])).sum(-1), None
 
     l1, _ = jax.lax.scan(l1_body, jnp.zeros(lead, f32), jnp.arange(n_chunks))
-    tgt_logit = jnp.einsum("...h,...h->...", hd, jnp.take(lm_head, target_ids, axis=0).astype(f32))
+    tgt_logit = apply_softcap(jnp.einsum("...h,...h->...", hd, jnp.take(lm_head, target_ids, axis=0).astype(f32)),
+                              softcap)
     if u is not None:
         tgt_logit = tgt_logit + jnp.einsum("...r,...r->...", u, jnp.take(markov_w2, target_ids, axis=0).astype(f32))
     return lse_d - tgt_logit, l1
 
 
-def dspark_loss(outputs, config: DraftConfig, *, vocab_chunk: int | None = None):
+def dspark_loss(outputs, config: DraftConfig, *, vocab_chunk: int | None = None, impl: str = "auto"):
     """Spec §3.4 loss and §3.6 metrics.
 
     Args:
       outputs: a :class:`DraftTrainOutput` from ``draft.train_forward``.
       config: the draft's config (loss weights, gamma; DFlash = CE only).
       vocab_chunk: if set, reduce over the vocab in chunks of this many rows (needs no materialised logits).
+      impl: with ``vocab_chunk``, which vocab reduction (``kernels.vocab_loss``): ``xla`` = the scan below,
+        ``pallas`` = the fused kernel, ``auto`` = Pallas on TPU/GPU, XLA on CPU (or ``$DSPARK_KERNEL_IMPL``).
     Returns:
       (loss scalar, metrics dict of scalars: ce, l1, bce, accept_rate@k, tau_probabilistic, weight_sum,
       conf_abs_error, conf_bias, conf_cumprod_bias).
@@ -118,8 +124,9 @@ def dspark_loss(outputs, config: DraftConfig, *, vocab_chunk: int | None = None)
     if vocab_chunk is None:
         ce, l1 = slot_ce_l1_reference(outputs.draft_logits, outputs.target_logits, outputs.target_ids)
     else:
-        ce, l1 = slot_ce_l1_chunked(outputs.draft_hidden, outputs.target_hidden, outputs.markov_u, outputs.lm_head,
-                                    outputs.markov_w2, outputs.target_ids, vocab_chunk)
+        ce, l1 = vocab_loss(outputs.draft_hidden, outputs.target_hidden, outputs.markov_u, outputs.lm_head,
+                            outputs.markov_w2, outputs.target_ids, chunk=vocab_chunk, impl=impl,
+                            softcap=outputs.softcap)
     mask = outputs.eval_mask.astype(jnp.float32)
     w = slot_weights(mask, config)
     w_sum = jnp.sum(w)

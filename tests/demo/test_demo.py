@@ -83,7 +83,17 @@ def test_drafts_and_results(demo_run):
             assert all(r is None or 0.0 <= r <= 1.0 for r in d["accept_rate"])
             assert d["greedy_match_rate"] == 1.0  # lossless: speculative == plain greedy, every prompt
             assert d["speculative"]["tokens_per_s"] > 0 and d["plain"]["tokens_per_s"] > 0
+    # STS calibration of the dspark draft on held-out rounds: temperatures saved beside the draft, applied on load
+    cal = json.load(open(os.path.join(demo.work, "calibration", "calibration.json")))
+    assert len(cal["temperatures"]) == TEST.block_size and all(t > 0 for t in cal["temperatures"])
+    assert cal["fit_rounds"] > 0 and cal["eval_rounds"] > 0
+    assert all(0.0 <= e["ece_before"] <= 1.0 and 0.0 <= e["ece_after"] <= 1.0 for e in cal["positions"]
+               if e["ece_before"] is not None)
+    dspark = dj.load_draft(os.path.join(demo.work, "drafts", "dspark", "draft"))
+    assert list(dspark.sts_temperatures) == pytest.approx(cal["temperatures"])
+    assert saved["calibration"]["temperatures"] == cal["temperatures"]
     md = open(os.path.join(demo.work, "eval", "results.md")).read()
+    assert "Confidence calibration of the dspark draft" in md
     assert md.count("| dspark |") == 3 and "τ ratio heldout/batch1: dspark/dflash" in md
     assert any(line.startswith("[demo] done") for line in lines)
 
@@ -91,9 +101,9 @@ def test_drafts_and_results(demo_run):
 def test_rerun_reuses_every_stage(demo_run):
     demo, _, _ = demo_run
     stamp = {s: os.path.getmtime(os.path.join(demo.work, s, "stage.json"))
-             for s in ("corpus", "target", "data", "drafts/dspark")}
+             for s in ("corpus", "target", "data", "drafts/dspark", "calibration")}
     lines = []
     again = Demo(demo.work, TEST, progress=False, log=lines.append, compiler_options=FAST_COMPILE)
-    again.corpus(), again.target(), again.data(), again.drafts()
+    again.corpus(), again.target(), again.data(), again.calibrate(again.drafts())
     assert stamp == {s: os.path.getmtime(os.path.join(demo.work, s, "stage.json")) for s in stamp}
-    assert not any("training" in line for line in lines)
+    assert not any("training" in line or "calibrating" in line for line in lines)

@@ -166,16 +166,28 @@ def test_context_dependence_follows_the_mask(drafts, batch, anchors_keep):
     d = drafts["vanilla"]
     anchors, keep = anchors_keep
 
-    # forward mode on purpose: jit(jacrev) here (a vmapped VJP over 384 cotangents with unbatched primals)
-    # is miscompiled by XLA:CPU in jax 0.10.2 -- `jit(lambda a, b: a * (a * b).sum(-1, keepdims=True))` with
-    # a [1,16,16], b [256,16,16] is wrong -- and reports dependencies that do not exist.
-    @jax.jit
-    def jac(taps):
-        f = lambda t: d.train_forward(batch["input_ids"], batch["loss_mask"], t, batch["target_last_hidden"],
-                                      anchors, keep).draft_hidden
-        return jax.jacfwd(f)(taps)
+    # Dependency by perturbation: move one context row taps[b', j] at a time and see which outputs change. Neither
+    # jacrev (jit(jacrev) of this vmapped VJP is miscompiled by XLA:CPU in jax 0.10.2 and reports dependencies that
+    # do not exist) nor jacfwd (cannot pass the Pallas kernels' custom_vjp, DSPARK_KERNEL_IMPL=pallas) works
+    # everywhere; a random perturbation changes every output that depends on the row (with probability 1).
+    f = lambda t: d.train_forward(batch["input_ids"], batch["loss_mask"], t, batch["target_last_hidden"],
+                                  anchors, keep).draft_hidden
+    taps = batch["target_hidden"]
+    nb, ns = taps.shape[:2]
+    noise = jax.random.normal(jax.random.key(7), taps.shape[2:], taps.dtype)
 
-    dep = np.abs(np.asarray(jac(batch["target_hidden"]))).max(axis=(3, 6)) > 0    # [B,N,Bs,B',S]
+    @jax.jit
+    def changes(t):
+        # the unperturbed output comes out of the same compiled body (scale 0), so rounding cannot differ
+        def one(x):
+            idx, scale = x
+            return f(t.at[idx // ns, idx % ns].add(scale * noise))
+        idx = jnp.repeat(jnp.arange(nb * ns), 2)
+        scale = jnp.tile(jnp.asarray([0.0, 1.0], taps.dtype), nb * ns)
+        out = jax.lax.map(one, (idx, scale)).reshape(nb * ns, 2, *taps.shape[:1], -1, *f(t).shape[2:])
+        return jnp.abs(out[:, 1] - out[:, 0]).max(axis=-1) > 0                             # [B'*S, B, N, Bs]
+
+    dep = np.asarray(changes(taps)).reshape(nb, ns, *f(taps).shape[:3]).transpose(2, 3, 4, 0, 1)  # [B,N,Bs,B',S]
     a, kp = np.asarray(anchors), np.asarray(keep)
     want = np.zeros_like(dep)
     for b, n in itertools.product(range(2), range(N)):

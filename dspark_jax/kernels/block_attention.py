@@ -1,0 +1,79 @@
+"""Training attention under the DSpark block mask (spec §1.5): the XLA reference and the dispatch.
+
+Queries are N blocks of ``Bs`` slots; keys are ``[target context (S) ; block keys (N*Bs)]``. A query of block n
+sees the context keys strictly before ``anchors[n]`` and every slot of its own block; blocks never see each
+other; a dropped block (``block_keep`` False) sees nothing and returns zeros.
+
+Model code does not call :func:`dspark_block_attention` directly: it passes a :class:`DSparkBlockMask` as the
+``mask`` of :func:`dspark_jax.kernels.attention`, which routes it here, so the layers stay mask-agnostic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from dspark_jax.kernels import _dispatch
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DSparkBlockMask:
+    """The spec §1.5 mask in structured form: anchors ``[B, N]`` int, block_keep ``[B, N]`` bool, static
+    ``block_size``. ``dense(ctx_len)`` materialises the ``[B, N*Bs, S + N*Bs]`` boolean mask."""
+
+    anchors: jax.Array
+    block_keep: jax.Array
+    block_size: int = dataclasses.field(metadata=dict(static=True))
+
+    def dense(self, ctx_len: int) -> jax.Array:
+        return block_mask(self.anchors, self.block_keep, ctx_len, self.block_size)
+
+
+def block_mask(anchors: jax.Array, block_keep: jax.Array, ctx_len: int, block_size: int) -> jax.Array:
+    """Dense spec §1.5 mask ``[B, N*Bs, S + N*Bs]`` (same as ``drafts.backbone.training_mask``)."""
+    b, n = anchors.shape
+    q_block = jnp.repeat(jnp.arange(n), block_size)
+    q_anchor = jnp.repeat(anchors, block_size, axis=1)
+    q_keep = jnp.repeat(block_keep.astype(bool), block_size, axis=1)
+    ctx = jnp.arange(ctx_len)[None, None, :] < q_anchor[:, :, None]
+    own = jnp.broadcast_to((q_block[:, None] == q_block[None, :])[None], (b, n * block_size, n * block_size))
+    return jnp.concatenate([ctx, own], axis=-1) & q_keep[:, :, None]
+
+
+def _check(q, k, v, anchors, block_keep, block_size):
+    b, nq, nh, hd = q.shape
+    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != hd or nh % k.shape[2]:
+        raise ValueError(f"k/v {k.shape}/{v.shape} do not match q {q.shape}")
+    n = anchors.shape[1]
+    if anchors.shape != (b, n) or block_keep.shape != (b, n) or n * block_size != nq:
+        raise ValueError(f"anchors {anchors.shape}/block_keep {block_keep.shape} x block_size {block_size} "
+                         f"do not cover {nq} queries")
+    if k.shape[1] < nq:
+        raise ValueError(f"k has {k.shape[1]} keys, fewer than the {nq} block keys")
+
+
+def dspark_block_attention_reference(q, k, v, anchors, block_keep, scale, *, block_size: int):
+    """Dense-mask reference. q ``[B, N*Bs, nh, hd]``; k, v ``[B, S + N*Bs, nkv, hd]`` (context keys first, then
+    the block keys in query order); anchors, block_keep ``[B, N]``. Returns ``[B, N*Bs, nh, hd]`` in q's dtype."""
+    from dspark_jax.kernels.attention import attention_reference
+    _check(q, k, v, anchors, block_keep, block_size)
+    mask = block_mask(anchors.astype(jnp.int32), block_keep, k.shape[1] - q.shape[1], block_size)
+    return attention_reference(q, k, v, mask, scale)
+
+
+def dspark_block_attention(q, k, v, anchors, block_keep, scale, *, block_size: int, impl: str = "auto",
+                           block_q: int | None = None, block_k: int | None = None):
+    """Dispatches by ``impl`` (see :mod:`dspark_jax.kernels._dispatch`); same contract as
+    :func:`dspark_block_attention_reference`. ``block_q``/``block_k`` override the Pallas tile sizes (queries /
+    keys per tile)."""
+    kind, target = _dispatch.resolve(impl, "dspark_block_attention")
+    if kind == "xla":
+        return dspark_block_attention_reference(q, k, v, anchors, block_keep, scale, block_size=block_size)
+    _check(q, k, v, anchors, block_keep, block_size)
+    from dspark_jax.kernels import block_attention_pallas
+    return block_attention_pallas.block_attention_pallas(q, k, v, anchors.astype(jnp.int32), block_keep.astype(bool),
+                                                         scale, block_size=block_size, target=target,
+                                                         block_q=block_q, block_k=block_k)
