@@ -3,4 +3,5 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh" "test"
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-exec python -m pytest -q "$@"
+# --durations: the slowest tests are listed in every run (CI logs included), to keep the suite within budget
+exec python -m pytest -q --durations=20 "$@"

@@ -95,21 +95,20 @@ def test_verify_forward_runs_the_smallest_bucket(plain_target):
         assert float(logits[1, 0, 0]) == want              # ... and the smallest one that fits is the one run
 
 
-@pytest.mark.parametrize("mode", ["threshold", "scheduler"])
-def test_ragged_and_padded_verification_agree(bigram_target, draft_factory, mode):
-    """Greedy: same tokens, same proposal and acceptance lengths with ragged and padded verification, and equal to
-    the target's own greedy decode; sampled: same tokens for the same seed (the verdicts only differ if fp32
-    logits computed in a different order flip a comparison, which these tiny models do not)."""
+@pytest.mark.parametrize("mode,temperature", [("threshold", 0.0), ("scheduler", 1.0)])
+def test_ragged_and_padded_verification_agree(bigram_target, draft_factory, mode, temperature):
+    """Same tokens, proposal and acceptance lengths with ragged and padded verification: greedy with a threshold
+    (also == the target's own greedy decode) and sampled with Algorithm 1 for the same seed (the verdicts could only
+    differ if fp32 logits computed in another order flipped a comparison, which these tiny models do not)."""
     draft = draft_factory(bigram_target, oracle_scale=0.7)
     kw = dict(threshold=0.6) if mode == "threshold" else dict(
         scheduler=PrefixScheduler(tuple(1000.0 / (1 + 0.15 * max(b - 1, 0)) for b in range(len(PROMPTS) * 5 + 1))))
-    plain = dj.generate(bigram_target, PROMPTS, max_new_tokens=12, stop_token_ids=())
-    for temperature in (0.0, 1.0):
-        outs = [dj.speculative_generate(bigram_target, draft, PROMPTS, max_new_tokens=12, temperature=temperature,
-                                        stop_token_ids=(), seed=3, ragged_verify=flag, **kw) for flag in (True, False)]
-        np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
-        np.testing.assert_array_equal(outs[0].proposal_lengths, outs[1].proposal_lengths)
-        np.testing.assert_array_equal(outs[0].accept_lengths, outs[1].accept_lengths)
-        if temperature == 0.0:
-            np.testing.assert_array_equal(outs[0].tokens, plain.tokens)
-            assert len(np.unique(outs[0].proposal_lengths)) >= 2              # lengths really varied
+    outs = [dj.speculative_generate(bigram_target, draft, PROMPTS, max_new_tokens=12, temperature=temperature,
+                                    stop_token_ids=(), seed=3, ragged_verify=flag, **kw) for flag in (True, False)]
+    np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+    np.testing.assert_array_equal(outs[0].proposal_lengths, outs[1].proposal_lengths)
+    np.testing.assert_array_equal(outs[0].accept_lengths, outs[1].accept_lengths)
+    assert len(np.unique(outs[0].proposal_lengths)) >= 2                  # lengths really varied
+    if temperature == 0.0:
+        plain = dj.generate(bigram_target, PROMPTS, max_new_tokens=12, stop_token_ids=())
+        np.testing.assert_array_equal(outs[0].tokens, plain.tokens)
