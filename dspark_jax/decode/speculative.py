@@ -73,7 +73,8 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
       ragged_verify: True = the target verifies a flattened batch of exactly the ``sum(L + 1)`` chosen tokens,
         padded only up to the next static bucket (:mod:`dspark_jax.decode.ragged`), so verification costs what
         the threshold / scheduler chose instead of ``B * (Bs+1)`` tokens; False = the padded forward. None
-        (default) = ragged when proposal lengths vary (a threshold or a scheduler) and the target supports it.
+        (default) = ragged when proposal lengths vary (a threshold or a scheduler), the batch has more than one
+        row (at batch 1 the bucket switch costs more than it saves: measured on CPU) and the target supports it.
         Same output either way.
     Returns:
       :class:`GenerationOutput` with tokens ``[B, max_new_tokens]`` (-1 padded), lengths, accept_lengths
@@ -115,7 +116,8 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
     if ragged_verify and not can_flatten:
         raise ValueError(f"ragged_verify=True but {type(target).__name__} has no forward_flat")
     if ragged_verify is None:
-        ragged_verify = can_flatten and (scheduler is not None or threshold > 0)
+        # one row verifies at most Bs+1 tokens: too few for packing to save more than the switch costs
+        ragged_verify = can_flatten and (scheduler is not None or threshold > 0) and ids.shape[0] > 1
     buckets = ragged_buckets(ids.shape[0], _drafts_per_round(draft.config) + 1) if ragged_verify else ()
     settings = SpecSettings(int(max_new_tokens), sampling, stops, float(threshold), capacity, capacity,
                             scheduler.policy if scheduler is not None else None, buckets)
