@@ -28,6 +28,7 @@ from flax import nnx
 from dspark_jax import kernels
 from dspark_jax.cache import KVCache, causal_cache_mask, write_rows
 from dspark_jax.config import ConfigError, RopeConfig
+from dspark_jax.decode.ragged import check_flat_inputs
 from dspark_jax.nn.attention import ragged_attend
 from dspark_jax.nn.host import HostAttachment
 from dspark_jax.nn.linear import embed, linear
@@ -448,9 +449,7 @@ class Gemma4ForCausalLM(nnx.Module):
         """Same contract as :meth:`Qwen3ForCausalLM.forward_flat` (flattened ragged verification): ``input_ids``,
         ``row``, ``pos`` ``[T]``; returns softcapped logits ``[T, V]``, taps ``[T, Lt*H]``, last_hidden ``[T, H]``
         and the cache with the tokens' keys written at ``(row, pos)``, lengths unchanged."""
-        if input_ids.ndim != 1 or row.shape != input_ids.shape or pos.shape != input_ids.shape:
-            raise ValueError(f"input_ids/row/pos must be equal [T] vectors, got {input_ids.shape}, {row.shape}, "
-                             f"{pos.shape}")
+        check_flat_inputs(input_ids, row, pos)
         taps_wanted = self.check_tap_layer_ids(tap_layer_ids)
         pos = pos.astype(jnp.int32)
         # the padded path's sliding mask is kv_pos > q_pos - window: slots [pos - window + 1, pos]

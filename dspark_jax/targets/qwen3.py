@@ -12,6 +12,7 @@ from flax import nnx
 
 from dspark_jax.cache import KVCache, causal_cache_mask, write_rows
 from dspark_jax.config import ConfigError, TargetConfig
+from dspark_jax.decode.ragged import check_flat_inputs
 from dspark_jax.nn.attention import Attention
 from dspark_jax.nn.host import HostAttachment
 from dspark_jax.nn.linear import embed, linear
@@ -221,9 +222,7 @@ class Qwen3ForCausalLM(nnx.Module):
           :class:`TargetOutput` with logits ``[T, V]``, taps ``[T, Lt*H]``, last_hidden ``[T, H]``, the cache with
           the tokens' keys/values written.
         """
-        if input_ids.ndim != 1 or row.shape != input_ids.shape or pos.shape != input_ids.shape:
-            raise ValueError(f"input_ids/row/pos must be equal [T] vectors, got {input_ids.shape}, {row.shape}, "
-                             f"{pos.shape}")
+        check_flat_inputs(input_ids, row, pos)
         taps_wanted = self.check_tap_layer_ids(tap_layer_ids)
         pos = pos.astype(jnp.int32)
         cos, sin = self.rope(pos[None])
