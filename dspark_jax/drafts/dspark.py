@@ -70,6 +70,10 @@ class Proposal:
 class DSparkDraft(DraftBase):
     """DSpark / DFlash draft for a Qwen3(-MoE) target. ``config`` must be bound (``config.arch`` set)."""
 
+    # what a family variant swaps (Gemma4: its norm and its sandwich-norm layer); everything else is shared
+    norm_class = RMSNorm
+    layer_class = DraftLayer
+
     def __init__(self, config: DraftConfig, *, dtype=jnp.float32, param_dtype=None, attention_impl: str = "auto",
                  rngs: nnx.Rngs | None = None):
         if config.arch is None:
@@ -87,11 +91,11 @@ class DSparkDraft(DraftBase):
         self.lm_head = Frozen(init(rngs.params(), (v, h), param_dtype), logical_axes=("vocab", "embed"))
         self.fc = linear(config.num_taps * h, h, (None, "embed"), dtype=dtype, param_dtype=param_dtype,
                          init_std=std, rngs=rngs)
-        self.hidden_norm = RMSNorm(h, arch.rms_norm_eps, param_dtype=param_dtype)
-        self.layers = nnx.List([DraftLayer(arch, dtype=dtype, param_dtype=param_dtype,
-                                           attention_impl=attention_impl, rngs=rngs)
+        self.hidden_norm = self.norm_class(h, arch.rms_norm_eps, param_dtype=param_dtype)
+        self.layers = nnx.List([self.layer_class(arch, dtype=dtype, param_dtype=param_dtype,
+                                                 attention_impl=attention_impl, rngs=rngs)
                                 for _ in range(config.num_draft_layers)])
-        self.norm = RMSNorm(h, arch.rms_norm_eps, param_dtype=param_dtype)
+        self.norm = self.norm_class(h, arch.rms_norm_eps, param_dtype=param_dtype)
         r = config.markov_rank
         self.markov_head = MarkovHead(v, h, r, config.markov_head_type, dtype=dtype, param_dtype=param_dtype,
                                       init_std=std, rngs=rngs) if config.has_markov else None

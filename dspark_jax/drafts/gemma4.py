@@ -32,7 +32,6 @@ from dspark_jax.config import ConfigError
 from dspark_jax.drafts.config import GEMMA4_ARCHITECTURES, GEMMA4_DSPARK_ARCH, GEMMA4_EAGLE3_ARCH, DraftConfig
 from dspark_jax.drafts.dspark import DSparkDraft
 from dspark_jax.drafts.eagle3 import EAGLE3_NUM_TAPS, Eagle3Draft
-from dspark_jax.drafts.heads import ConfidenceHead, MarkovHead
 from dspark_jax.nn.frozen import Frozen
 from dspark_jax.nn.linear import linear
 from dspark_jax.targets.gemma4 import Gemma4Attention, Gemma4MLP, GemmaRMSNorm, gemma4_inv_freq, softcap
@@ -111,6 +110,9 @@ class Gemma4DraftLayer(nnx.Module):
 class Gemma4DSparkDraft(DSparkDraft):
     """DSpark / DFlash draft for a Gemma4 target. ``config`` must be bound (``config.arch`` a Gemma4Config)."""
 
+    norm_class = GemmaRMSNorm
+    layer_class = Gemma4DraftLayer
+
     def __init__(self, config: DraftConfig, *, dtype=jnp.float32, param_dtype=None, attention_impl: str = "auto",
                  rngs: nnx.Rngs | None = None):
         if not isinstance(config.arch, Gemma4Config):
@@ -118,29 +120,7 @@ class Gemma4DSparkDraft(DSparkDraft):
                              "(use dj.build_draft(gemma4_target, config))")
         if config.is_eagle3:
             raise ValueError("Gemma4DSparkDraft is for DSpark / DFlash configs")
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
-        param_dtype = dtype if param_dtype is None else param_dtype
-        arch = config.arch
-        self.config = config
-        self.dtype = jnp.dtype(dtype)
-        h, v, std = arch.hidden_size, arch.vocab_size, arch.initializer_range
-        init = nnx.initializers.normal(std)
-        self.embed_tokens = Frozen(init(rngs.params(), (v, h), param_dtype), logical_axes=("vocab", "embed"))
-        self.lm_head = Frozen(init(rngs.params(), (v, h), param_dtype), logical_axes=("vocab", "embed"))
-        self.fc = linear(config.num_taps * h, h, (None, "embed"), dtype=dtype, param_dtype=param_dtype,
-                         init_std=std, rngs=rngs)
-        self.hidden_norm = GemmaRMSNorm(h, arch.rms_norm_eps, param_dtype=param_dtype)
-        self.layers = nnx.List([Gemma4DraftLayer(arch, dtype=dtype, param_dtype=param_dtype,
-                                                 attention_impl=attention_impl, rngs=rngs)
-                                for _ in range(config.num_draft_layers)])
-        self.norm = GemmaRMSNorm(h, arch.rms_norm_eps, param_dtype=param_dtype)
-        r = config.markov_rank
-        self.markov_head = MarkovHead(v, h, r, config.markov_head_type, dtype=dtype, param_dtype=param_dtype,
-                                      init_std=std, rngs=rngs) if config.has_markov else None
-        self.confidence_head = ConfidenceHead(
-            h, r, config.confidence_head_with_markov and config.has_markov, dtype=dtype, param_dtype=param_dtype,
-            init_std=std, rngs=rngs) if config.has_confidence else None
-        self.init_rope()
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
 
     def init_rope(self) -> None:
         arch = self.config.arch
