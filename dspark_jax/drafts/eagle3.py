@@ -204,6 +204,11 @@ class Eagle3Draft(DraftBase):
     attention, any number of taps; its pruned ``[Vd, H]`` lm_head is held scattered into ``[V, H]`` with the
     draft vocabulary in ``config.draft_vocab``, which proposals are restricted to)."""
 
+    norm_class = RMSNorm     # a family variant (Gemma4) swaps the norm and, via make_layer, the layer
+
+    def make_layer(self, arch, **kwargs):
+        return Eagle3Layer(arch, llama=self.config.eagle3_variant != EAGLE3_DEEPSPEC, **kwargs)
+
     def __init__(self, config: DraftConfig, *, dtype=jnp.float32, param_dtype=None, attention_impl: str = "auto",
                  rngs: nnx.Rngs | None = None):
         if config.arch is None:
@@ -230,10 +235,10 @@ class Eagle3Draft(DraftBase):
         self.lm_head = Frozen(init(rngs.params(), (v, h), param_dtype), logical_axes=("vocab", "embed"))
         self.fc = linear(config.num_taps * h, h, (None, "embed"), dtype=dtype, param_dtype=param_dtype,
                          init_std=std, rngs=rngs)
-        self.layers = nnx.List([Eagle3Layer(arch, dtype=dtype, param_dtype=param_dtype,
-                                            attention_impl=attention_impl, llama=llama, rngs=rngs)
+        self.layers = nnx.List([self.make_layer(arch, dtype=dtype, param_dtype=param_dtype,
+                                                attention_impl=attention_impl, rngs=rngs)
                                 for _ in range(config.num_draft_layers)])
-        self.norm = RMSNorm(h, arch.rms_norm_eps, param_dtype=param_dtype)
+        self.norm = self.norm_class(h, arch.rms_norm_eps, param_dtype=param_dtype)
         self.init_rope()
 
     # ---- shared pieces -------------------------------------------------------------------

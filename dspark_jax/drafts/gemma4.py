@@ -33,7 +33,6 @@ from dspark_jax.drafts.config import GEMMA4_ARCHITECTURES, GEMMA4_DSPARK_ARCH, G
 from dspark_jax.drafts.dspark import DSparkDraft
 from dspark_jax.drafts.eagle3 import EAGLE3_NUM_TAPS, Eagle3Draft
 from dspark_jax.nn.frozen import Frozen
-from dspark_jax.nn.linear import linear
 from dspark_jax.targets.gemma4 import Gemma4Attention, Gemma4MLP, GemmaRMSNorm, gemma4_inv_freq, softcap
 from dspark_jax.targets.gemma4_config import Gemma4Config
 
@@ -190,6 +189,11 @@ class Gemma4Eagle3Draft(Eagle3Draft):
     """Eagle3 draft for a Gemma4 target (TTT training, chain drafting and caches as :class:`Eagle3Draft`);
     scaled embedding, softcapped draft and target logits, full-attention RoPE and geometry."""
 
+    norm_class = GemmaRMSNorm
+
+    def make_layer(self, arch, **kwargs):
+        return Gemma4Eagle3Layer(arch, **kwargs)
+
     def __init__(self, config: DraftConfig, *, dtype=jnp.float32, param_dtype=None, attention_impl: str = "auto",
                  rngs: nnx.Rngs | None = None):
         if not isinstance(config.arch, Gemma4Config) or not config.is_eagle3:
@@ -197,23 +201,7 @@ class Gemma4Eagle3Draft(Eagle3Draft):
         if config.num_taps != EAGLE3_NUM_TAPS or any(i < 0 for i in config.target_layer_ids):
             raise ValueError(f"Eagle3 expects exactly {EAGLE3_NUM_TAPS} non-negative target_layer_ids, got "
                              f"{list(config.target_layer_ids)}")
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
-        param_dtype = dtype if param_dtype is None else param_dtype
-        arch = config.arch
-        self.config = config
-        self.dtype = jnp.dtype(dtype)
-        self.attention_impl = attention_impl
-        h, v, std = arch.hidden_size, arch.vocab_size, arch.initializer_range
-        init = nnx.initializers.normal(std)
-        self.embed_tokens = Frozen(init(rngs.params(), (v, h), param_dtype), logical_axes=("vocab", "embed"))
-        self.lm_head = Frozen(init(rngs.params(), (v, h), param_dtype), logical_axes=("vocab", "embed"))
-        self.fc = linear(config.num_taps * h, h, (None, "embed"), dtype=dtype, param_dtype=param_dtype,
-                         init_std=std, rngs=rngs)
-        self.layers = nnx.List([Gemma4Eagle3Layer(arch, dtype=dtype, param_dtype=param_dtype,
-                                                  attention_impl=attention_impl, rngs=rngs)
-                                for _ in range(config.num_draft_layers)])
-        self.norm = GemmaRMSNorm(h, arch.rms_norm_eps, param_dtype=param_dtype)
-        self.init_rope()
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
 
     # RoPE, scaled embedding and cache geometry are the DSpark draft's (both use the full-attention layout)
     init_rope = Gemma4DSparkDraft.init_rope
