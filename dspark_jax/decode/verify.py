@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.decode.sampling import SamplingConfig, warp_logits
+from dspark_jax.decode.sampling import SamplingConfig, argmax_last, warp_logits
 
 RESIDUAL_EPS = 1e-8
 
@@ -23,7 +23,7 @@ RESIDUAL_EPS = 1e-8
 def probabilities(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
     """``[..., V]`` logits -> fp32 probabilities of what is sampled: one-hot argmax when greedy."""
     if cfg.greedy:
-        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+        return jax.nn.one_hot(argmax_last(logits), logits.shape[-1], dtype=jnp.float32)
     return jax.nn.softmax(warp_logits(logits, cfg), axis=-1)
 
 
@@ -76,7 +76,7 @@ def verify_block_general(draft_tokens, draft_logits, target_logits, proposal_len
     mass = jnp.sum(residual, axis=-1, keepdims=True)
     residual = jnp.where(mass > RESIDUAL_EPS, residual, pt_m)
     if cfg.greedy:
-        next_token = jnp.argmax(residual, axis=-1)
+        next_token = argmax_last(residual)
     else:
         next_token = jax.random.categorical(k_next, jnp.log(residual), axis=-1)
     return Verdict(num_accepted=m.astype(jnp.int32), next_token=next_token.astype(jnp.int32), accepted=accepted)
@@ -88,7 +88,7 @@ def _verify_greedy(draft_tokens: jax.Array, target_logits: jax.Array, proposal_l
     target's one-hot argmax, and so is the bonus. Same result as the general path, a fraction of its work
     (no [B, Bs+1, V] probability tensors)."""
     bs = draft_tokens.shape[1]
-    t_arg = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)               # [B, Bs+1]
+    t_arg = argmax_last(target_logits)              # [B, Bs+1]
     accepted = (draft_tokens == t_arg[:, :bs]) & (jnp.arange(bs)[None, :] < proposal_lengths[:, None])
     m = jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=1), axis=1)
     next_token = jnp.take_along_axis(t_arg, m[:, None], axis=1)[:, 0]
