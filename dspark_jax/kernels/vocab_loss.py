@@ -35,6 +35,14 @@ Three implementations, same contract ``(ce [...], l1 [...])``:
 
 No ``[rows, V]`` array exists in any implementation but the reference; the fused path's extra memory is
 ``O(rows * H)`` (fp32 gradient accumulators), ``O(V * r)`` (the W2 gradient) and a ``[rows, tile]`` tile.
+
+Soft targets (Eagle3, :func:`soft_vocab_loss`): the same kernels with the label replaced by the target's whole
+distribution, ``CE = lse_d - sum_v p_t d`` (``onehot(y)`` becomes ``p_t`` in ``g_d``; ``g_t`` gains
+``-dCE * p_t * (d - sum_v p_t d)``), plus the first-occurrence argmax of both logits, tracked in pass 1.
+
+Under a multi-device jit each Pallas forward / backward is wrapped in ``custom_partitioning``
+(:func:`_row_sharded`): the kernels run on each device's shard of the rows, the ``[V, .]`` weights are gathered
+for the call, and the weight gradients (sums over rows) are ``psum``-ed over the row shards.
 """
 
 from __future__ import annotations
@@ -58,7 +66,8 @@ TPU_TILES = (128, 256)
 GPU_TILES = (64, 64, 64)  # (rows, vocab, hidden chunk); powers of two for Triton
 XLA_VOCAB_TILE = 2048    # vocab rows per step of the plain-XLA driver
 
-__all__ = ["ce_l1_from_logits", "vocab_loss", "vocab_loss_fused", "vocab_loss_reference"]
+__all__ = ["ce_l1_from_logits", "soft_ce_from_logits", "soft_vocab_loss", "soft_vocab_loss_fused",
+           "soft_vocab_loss_reference", "vocab_loss", "vocab_loss_fused", "vocab_loss_reference"]
 
 
 # ---- references ---------------------------------------------------------------------------------------------
@@ -69,6 +78,17 @@ def ce_l1_from_logits(draft_logits, target_logits, target_ids):
     p_t = jax.nn.softmax(target_logits.astype(F32), axis=-1)
     l1 = jnp.sum(jnp.abs(jnp.exp(logp_d) - p_t), axis=-1)
     return ce, l1
+
+
+def soft_ce_from_logits(draft_logits, target_logits):
+    """``[..., V]`` each -> (soft CE ``-sum_v p_t log p_d``, L1 ``sum_v |p_d - p_t|``, argmax match), each
+    ``[...]``; fp32 softmaxes."""
+    logp_d = jax.nn.log_softmax(draft_logits.astype(F32), axis=-1)
+    p_t = jax.nn.softmax(target_logits.astype(F32), axis=-1)
+    ce = -jnp.sum(p_t * logp_d, axis=-1)
+    l1 = jnp.sum(jnp.abs(jnp.exp(logp_d) - p_t), axis=-1)
+    correct = jnp.argmax(draft_logits, axis=-1) == jnp.argmax(target_logits, axis=-1)
+    return ce, l1, correct
 
 
 def apply_softcap(x, cap: float | None):
@@ -94,6 +114,14 @@ def vocab_loss_reference(draft_hidden, target_hidden, markov_u, lm_head, markov_
     return ce_l1_from_logits(d, t, target_ids)
 
 
+def soft_vocab_loss_reference(draft_hidden, target_hidden, lm_head, *, softcap: float | None = None):
+    """Dense reference of :func:`soft_vocab_loss`: fp32 ``[..., V]`` logits, then :func:`soft_ce_from_logits`."""
+    hp = lax.Precision.HIGHEST
+    logits = lambda h: apply_softcap(  # noqa: E731
+        jnp.einsum("...h,vh->...v", h.astype(F32), lm_head.astype(F32), precision=hp), softcap)
+    return soft_ce_from_logits(logits(draft_hidden), logits(target_hidden))
+
+
 # ---- dispatch -----------------------------------------------------------------------------------------------
 def vocab_loss(draft_hidden, target_hidden, markov_u, lm_head, markov_w2, target_ids, *, chunk: int = 8192,
                impl: str = "auto", row_tile: int | None = None, vocab_tile: int | None = None,
@@ -116,16 +144,33 @@ def vocab_loss(draft_hidden, target_hidden, markov_u, lm_head, markov_w2, target
                              backend=target, row_tile=row_tile, vocab_tile=vocab_tile, softcap=softcap)
 
 
+def soft_vocab_loss(draft_hidden, target_hidden, lm_head, *, chunk: int = 8192, impl: str = "auto",
+                    row_tile: int | None = None, vocab_tile: int | None = None, softcap: float | None = None):
+    """Soft-target (Eagle3) reductions per row without materialising ``[..., V]``: (soft CE, L1, argmax match),
+    as :func:`soft_vocab_loss_reference`. ``target_hidden`` is a constant (``stop_gradient``) on every path, as
+    the XLA scan (:func:`dspark_jax.train.eagle3_loss.soft_ce_chunked`) has always treated it. Arguments as in
+    :func:`vocab_loss`."""
+    kind, target = resolve(impl, "soft_vocab_loss")
+    target_hidden = lax.stop_gradient(target_hidden)
+    if kind == "xla":
+        from dspark_jax.train.eagle3_loss import soft_ce_chunked  # that module imports this one
+
+        return soft_ce_chunked(draft_hidden, target_hidden, lm_head, chunk, softcap=softcap)
+    return soft_vocab_loss_fused(draft_hidden, target_hidden, lm_head, backend=target, row_tile=row_tile,
+                                 vocab_tile=vocab_tile, softcap=softcap)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Cfg:
-    kind: str        # "tpu" | "gpu"
+    kind: str        # "tpu" | "gpu" | "xla"
     interpret: bool
-    tr: int          # rows per tile
+    tr: int          # rows per tile (requested; fitted to each shard's rows by _fit_rows)
     tv: int          # vocab rows per tile
     vocab: int
     hc: int          # GPU: hidden / rank columns per inner step
     hp: bool         # fp32 operands: full-precision dots
     softcap: float | None = None   # cap on the lm_head logits (before the Markov bias)
+    soft: bool = False             # soft targets (Eagle3): CE against p_t, argmax match; no label ids
 
 
 def _next_pow2(x: int) -> int:
@@ -134,6 +179,36 @@ def _next_pow2(x: int) -> int:
 
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
+
+
+def _fit_rows(cfg: _Cfg, rows: int) -> _Cfg:
+    """The row tile for ``rows`` rows: a shard's, not the global count, so a small shard is not padded to a tile
+    sized for the whole batch."""
+    if cfg.kind == "tpu":
+        tr = min(cfg.tr, _round_up(rows, 8))
+    elif cfg.kind == "gpu":
+        tr = min(cfg.tr, max(16, _next_pow2(rows)))
+    else:
+        tr = rows
+    return dataclasses.replace(cfg, tr=int(tr))
+
+
+def _make_cfg(backend, rows, vocab, hidden, rank, dt, row_tile, vocab_tile, softcap, soft):
+    kind, _, mode = backend.partition("-")
+    if kind not in ("tpu", "gpu", "xla") or mode not in ("", "interpret") or (kind == "xla" and mode):
+        raise ValueError(f"vocab_loss_fused backend={backend!r}: expected tpu|gpu[-interpret] or xla")
+    if kind == "xla":          # all rows at once, a loop over vocab chunks (the last one overlaps, no padding)
+        tr, tv, hc = rows, min(vocab_tile or XLA_VOCAB_TILE, vocab), hidden
+    elif kind == "tpu":
+        tr, tv = row_tile or TPU_TILES[0], vocab_tile or TPU_TILES[1]
+        tv = vocab if vocab <= tv else tv
+        hc = hidden
+    else:
+        tr, tv, hc = row_tile or GPU_TILES[0], vocab_tile or GPU_TILES[1], GPU_TILES[2]
+        tv = min(tv, max(16, _next_pow2(vocab)))
+        hc = min(hc, max(16, _next_pow2(max(hidden, rank))))
+    return _Cfg(kind, mode == "interpret", int(tr), int(tv), int(vocab), int(hc), jnp.dtype(dt) == jnp.float32,
+                None if softcap is None else float(softcap), soft)
 
 
 def vocab_loss_fused(draft_hidden, target_hidden, markov_u, lm_head, markov_w2, target_ids, *,
@@ -147,40 +222,32 @@ def vocab_loss_fused(draft_hidden, target_hidden, markov_u, lm_head, markov_w2, 
     can see on any backend. Tiles default per driver (``TPU_TILES``, ``GPU_TILES``, ``XLA_VOCAB_TILE``).
     ``softcap``: as in :func:`vocab_loss_reference`.
     """
-    kind, _, mode = backend.partition("-")
-    if kind not in ("tpu", "gpu", "xla") or mode not in ("", "interpret") or (kind == "xla" and mode):
-        raise ValueError(f"vocab_loss_fused backend={backend!r}: expected tpu|gpu[-interpret] or xla")
     lead = target_ids.shape
     rows = math.prod(lead)
     vocab, hidden = lm_head.shape
     has_u = markov_u is not None
     dt = jnp.result_type(draft_hidden, target_hidden, lm_head, *((markov_u, markov_w2) if has_u else ()))
-    if kind == "xla":          # all rows at once, a loop over vocab chunks (the last one overlaps, no padding)
-        tr, tv, hc = rows, min(vocab_tile or XLA_VOCAB_TILE, vocab), hidden
-    elif kind == "tpu":
-        tr, tv = row_tile or TPU_TILES[0], vocab_tile or TPU_TILES[1]
-        tr = min(tr, _round_up(rows, 8))
-        tv = vocab if vocab <= tv else tv
-        hc = hidden
-    else:
-        tr, tv, hc = row_tile or GPU_TILES[0], vocab_tile or GPU_TILES[1], GPU_TILES[2]
-        tr = min(tr, max(16, _next_pow2(rows)))
-        tv = min(tv, max(16, _next_pow2(vocab)))
-        hc = min(hc, max(16, _next_pow2(max(hidden, markov_u.shape[-1] if has_u else 1))))
-    cfg = _Cfg(kind, mode == "interpret", int(tr), int(tv), int(vocab), int(hc), jnp.dtype(dt) == jnp.float32,
-               None if softcap is None else float(softcap))
-    padded = _round_up(rows, tr)
+    cfg = _make_cfg(backend, rows, vocab, hidden, markov_u.shape[-1] if has_u else 1, dt, row_tile, vocab_tile,
+                    softcap, False)
+    flat = lambda x: x.reshape(rows, x.shape[-1]).astype(dt)  # noqa: E731
+    ce, l1 = _fused(flat(draft_hidden), flat(target_hidden), flat(markov_u) if has_u else None, lm_head.astype(dt),
+                    markov_w2.astype(dt) if has_u else None, target_ids.reshape(rows).astype(jnp.int32), cfg)
+    return ce.reshape(lead), l1.reshape(lead)
 
-    def flat(x):
-        x = x.reshape(rows, x.shape[-1]).astype(dt)
-        return jnp.pad(x, ((0, padded - rows), (0, 0))) if padded > rows else x
 
-    ids = target_ids.reshape(rows).astype(jnp.int32)
-    ids = jnp.pad(ids, (0, padded - rows)) if padded > rows else ids
-    u = flat(markov_u) if has_u else None
-    w2 = markov_w2.astype(dt) if has_u else None
-    ce, l1 = _fused(flat(draft_hidden), flat(target_hidden), u, lm_head.astype(dt), w2, ids, cfg)
-    return ce[:rows].reshape(lead), l1[:rows].reshape(lead)
+def soft_vocab_loss_fused(draft_hidden, target_hidden, lm_head, *, backend: str = "tpu-interpret",
+                          row_tile: int | None = None, vocab_tile: int | None = None, softcap: float | None = None):
+    """:func:`vocab_loss_fused` with soft targets: ``(soft CE, L1, argmax match)`` per row, as
+    :func:`soft_vocab_loss_reference`. Gradients reach ``target_hidden`` and ``lm_head`` too when they are
+    differentiated (the CE's target-side term included)."""
+    lead = draft_hidden.shape[:-1]
+    rows = math.prod(lead)
+    vocab, hidden = lm_head.shape
+    dt = jnp.result_type(draft_hidden, target_hidden, lm_head)
+    cfg = _make_cfg(backend, rows, vocab, hidden, 1, dt, row_tile, vocab_tile, softcap, True)
+    flat = lambda x: x.reshape(rows, x.shape[-1]).astype(dt)  # noqa: E731
+    ce, l1, match = _fused(flat(draft_hidden), flat(target_hidden), None, lm_head.astype(dt), None, None, cfg)
+    return ce.reshape(lead), l1.reshape(lead), match.reshape(lead)
 
 
 # ---- tile math shared by both drivers (row vectors are [tr, 1]) -------------------------------------------------
@@ -195,12 +262,26 @@ def _online(m, s, x):
     return m_new, s_new
 
 
-def _l1_terms(d, t, lse_d, lse_t):
+def _argmax_update(m, arg, x, cols):
+    """First-occurrence argmax over the chunks seen so far (``jnp.argmax``'s tie rule), given the running max
+    ``m`` *before* this chunk. Indices are fp32 (exact below 2^24) so every driver keeps float row vectors."""
+    cmax = jnp.max(x, axis=1, keepdims=True)
+    carg = jnp.min(jnp.where(x == cmax, cols.astype(F32), jnp.inf), axis=1, keepdims=True)
+    return jnp.where(cmax > m, carg, arg)
+
+
+def _pass2_terms(soft, d, t, cols, lbl, lse_d, lse_t):
+    """Per-chunk sums of pass 2: ``(L1, a_d, a_t, tg)``; ``tg`` is the label logit ``d[y]`` (``lbl`` = ids), or
+    with soft targets ``sum_v p_t d`` (``lbl`` unused). Either way ``CE = lse_d - tg``."""
     p_d, p_t = jnp.exp(d - lse_d), jnp.exp(t - lse_t)
     diff = p_d - p_t
     sg = _sign(diff)
     s = functools.partial(jnp.sum, axis=1, keepdims=True)
-    return s(jnp.abs(diff)), s(p_d * sg), s(p_t * sg)
+    if soft:   # masked columns are d = t = -inf, p_t = 0: keep 0 * -inf out of the sum
+        tg = s(jnp.where(p_t > 0, p_t * d, 0.0))
+    else:
+        tg = s(jnp.where(cols == lbl, d, 0.0))
+    return s(jnp.abs(diff)), s(p_d * sg), s(p_t * sg), tg
 
 
 def _capped(z, cap):
@@ -212,15 +293,19 @@ def _capped(z, cap):
     return cap * th, 1.0 - th * th
 
 
-def _logit_grads(d, t, cols, ids, lse_d, lse_t, a_d, a_t, dce, dl1, need_t, jac=(None, None)):
+def _logit_grads(d, t, cols, lbl, lse_d, lse_t, a_d, a_t, dce, dl1, need_t, jac=(None, None), soft=False):
     """Returns ``(g_d, g_dh, g_t)``: the gradient of the draft logits (what the Markov term receives), of the
     draft's raw ``lm_head`` logits (``g_d`` through the softcap's derivative ``jac[0]``) and of the target's raw
-    logits."""
+    logits. ``lbl``: the label ids, or with ``soft`` the forward's ``tg = sum_v p_t d``."""
     p_d, p_t = jnp.exp(d - lse_d), jnp.exp(t - lse_t)
     sg = _sign(p_d - p_t)
-    onehot = (cols == ids).astype(F32)
-    g_d = dl1 * p_d * (sg - a_d) + dce * (p_d - onehot)
-    g_t = dl1 * p_t * (a_t - sg) if need_t else None
+    target = p_t if soft else (cols == lbl).astype(F32)
+    g_d = dl1 * p_d * (sg - a_d) + dce * (p_d - target)
+    g_t = None
+    if need_t:
+        g_t = dl1 * p_t * (a_t - sg)
+        if soft:   # d(-sum_v p_t d)/dt_v = -p_t,v (d_v - tg); masked columns (p_t = 0, d = -inf) give 0
+            g_t = g_t - dce * jnp.where(p_t > 0, p_t * (d - lbl), 0.0)
     jd, jt = jac
     g_dh = g_d if jd is None else g_d * jd
     if g_t is not None and jt is not None:
@@ -278,6 +363,7 @@ def _tpu_call(cfg, kernel, grid, in_specs, out_specs, out_shape, semantics):
 
 
 def _tpu_forward(cfg, hd, ht, u, w, w2, ids):
+    """-> ``(ce, l1, lse_d, lse_t, a_d, a_t, tg)`` and, with soft targets, the two argmaxes (fp32), all ``[rows]``."""
     rows, hidden = hd.shape
     has_u = u is not None
     grid = (rows // cfg.tr, pl.cdiv(cfg.vocab, cfg.tv))
@@ -290,30 +376,36 @@ def _tpu_forward(cfg, hd, ht, u, w, w2, ids):
     in_specs = [row_spec(hidden), row_spec(hidden)] + ([row_spec(r)] if has_u else []) + [voc_spec(hidden)] + (
         [voc_spec(r)] if has_u else [])
     names = [("hd", True), ("ht", True), ("u", has_u), ("w", True), ("w2", has_u)]
+    lse_outs = ["md", "sd", "mt", "st"] + (["xd", "xt"] if cfg.soft else [])
 
     def lse_kernel(*refs):
-        x = _split_refs(refs, names + [("md", True), ("sd", True), ("mt", True), ("st", True)])
+        x = _split_refs(refs, names + [(n, True) for n in lse_outs])
         j = pl.program_id(1)
 
         @pl.when(j == 0)
         def _init():
-            for n, v in (("md", -jnp.inf), ("sd", 0.0), ("mt", -jnp.inf), ("st", 0.0)):
-                x[n][...] = jnp.full((cfg.tr, LANES), v, F32)
+            for n in lse_outs:
+                x[n][...] = jnp.full((cfg.tr, LANES), -jnp.inf if n in ("md", "mt") else 0.0, F32)
 
-        d, t, _, _, _, _ = _tpu_tile_logits(cfg, j, x["hd"][...], x["ht"][...], _get(x, "u"), x["w"][...],
-                                            _get(x, "w2"))
-        for m, s, z in (("md", "sd", d), ("mt", "st", t)):
-            mn, sn = _online(x[m][:, :1], x[s][:, :1], z)
+        d, t, cols, _, _, _ = _tpu_tile_logits(cfg, j, x["hd"][...], x["ht"][...], _get(x, "u"), x["w"][...],
+                                               _get(x, "w2"))
+        for m, s, a, z in (("md", "sd", "xd", d), ("mt", "st", "xt", t)):
+            m_old = x[m][:, :1]
+            if cfg.soft:
+                x[a][...] = jnp.broadcast_to(_argmax_update(m_old, x[a][:, :1], z, cols), (cfg.tr, LANES))
+            mn, sn = _online(m_old, x[s][:, :1], z)
             x[m][...] = jnp.broadcast_to(mn, (cfg.tr, LANES))
             x[s][...] = jnp.broadcast_to(sn, (cfg.tr, LANES))
 
-    md, sd, mt, st = _tpu_call(cfg, lse_kernel, grid, in_specs, [vec] * 4, [vec_shape] * 4,
-                               ("parallel", "arbitrary"))(*ins)
+    md, sd, mt, st, *am = _tpu_call(cfg, lse_kernel, grid, in_specs, [vec] * len(lse_outs),
+                                    [vec_shape] * len(lse_outs), ("parallel", "arbitrary"))(*ins)
     lse_d, lse_t = md + jnp.log(sd), mt + jnp.log(st)
-    ids_v = jnp.broadcast_to(ids[:, None], (rows, LANES))
+    lbl_in, lbl_spec = [], []
+    if not cfg.soft:
+        lbl_in, lbl_spec = [jnp.broadcast_to(ids[:, None], (rows, LANES))], [vec]
 
     def l1_kernel(*refs):
-        x = _split_refs(refs, names + [("ids", True), ("lse_d", True), ("lse_t", True),
+        x = _split_refs(refs, names + [("ids", not cfg.soft), ("lse_d", True), ("lse_t", True),
                                        ("l1", True), ("ad", True), ("at", True), ("tg", True)])
         j = pl.program_id(1)
 
@@ -324,27 +416,27 @@ def _tpu_forward(cfg, hd, ht, u, w, w2, ids):
 
         d, t, cols, _, _, _ = _tpu_tile_logits(cfg, j, x["hd"][...], x["ht"][...], _get(x, "u"),
                                                x["w"][...], _get(x, "w2"))
-        l1, ad, at = _l1_terms(d, t, x["lse_d"][:, :1], x["lse_t"][:, :1])
-        tg = jnp.sum(jnp.where(cols == x["ids"][:, :1], d, 0.0), axis=1, keepdims=True)
-        for n, v in (("l1", l1), ("ad", ad), ("at", at), ("tg", tg)):
+        lbl = None if cfg.soft else x["ids"][:, :1]
+        terms = _pass2_terms(cfg.soft, d, t, cols, lbl, x["lse_d"][:, :1], x["lse_t"][:, :1])
+        for n, v in zip(("l1", "ad", "at", "tg"), terms):
             x[n][...] += jnp.broadcast_to(v, (cfg.tr, LANES))
 
-    ids_spec = pl.BlockSpec((cfg.tr, LANES), lambda i, j: (i, 0))
-    l1, ad, at, tg = _tpu_call(cfg, l1_kernel, grid, in_specs + [ids_spec, vec, vec], [vec] * 4, [vec_shape] * 4,
-                               ("parallel", "arbitrary"))(*ins, ids_v, lse_d, lse_t)
+    l1, ad, at, tg = _tpu_call(cfg, l1_kernel, grid, in_specs + lbl_spec + [vec, vec], [vec] * 4, [vec_shape] * 4,
+                               ("parallel", "arbitrary"))(*ins, *lbl_in, lse_d, lse_t)
     first = lambda a: a[:, 0]  # noqa: E731
-    return first(lse_d - tg), first(l1), tuple(map(first, (lse_d, lse_t, ad, at)))
+    return tuple(map(first, (lse_d - tg, l1, lse_d, lse_t, ad, at, tg, *am)))
 
 
-def _tpu_backward(cfg, need, hd, ht, u, w, w2, ids, stats, dce, dl1):
-    """need: dict of bools for hd, ht, u, w, w2 -> their (fp32) gradients or None."""
+def _tpu_backward(cfg, need, hd, ht, u, w, w2, lbl, stats, dce, dl1):
+    """need: dict of bools for hd, ht, u, w, w2 -> their (fp32) gradients or None. ``lbl``: ids, or with soft
+    targets the forward's ``tg``."""
     rows, hidden = hd.shape
     has_u = u is not None
     r = u.shape[1] if has_u else 0
-    vec_in = [jnp.broadcast_to(v[:, None], (rows, LANES)) for v in (ids, *stats, dce, dl1)]  # lane-replicated
+    vec_in = [jnp.broadcast_to(v[:, None], (rows, LANES)) for v in (lbl, *stats, dce, dl1)]  # lane-replicated
     ins = [hd, ht] + ([u] if has_u else []) + [w] + ([w2] if has_u else []) + vec_in
     names = [("hd", True), ("ht", True), ("u", has_u), ("w", True), ("w2", has_u)] + [
-        (n, True) for n in ("ids", "lse_d", "lse_t", "ad", "at", "dce", "dl1")]
+        (n, True) for n in ("lbl", "lse_d", "lse_t", "ad", "at", "dce", "dl1")]
     need_t = need["ht"] or need["w"]
     grads = dict.fromkeys(("hd", "ht", "u", "w", "w2"))
 
@@ -352,8 +444,8 @@ def _tpu_backward(cfg, need, hd, ht, u, w, w2, ids, stats, dce, dl1):
         d, t, cols, wm, w2m, jac = _tpu_tile_logits(cfg, j, x["hd"][...], x["ht"][...], _get(x, "u"),
                                                     x["w"][...], _get(x, "w2"))
         v = lambda n: x[n][:, :1]  # noqa: E731
-        g_d, g_dh, g_t = _logit_grads(d, t, cols, v("ids"), v("lse_d"), v("lse_t"), v("ad"), v("at"), v("dce"),
-                                      v("dl1"), need_t, jac)
+        g_d, g_dh, g_t = _logit_grads(d, t, cols, v("lbl"), v("lse_d"), v("lse_t"), v("ad"), v("at"), v("dce"),
+                                      v("dl1"), need_t, jac, cfg.soft)
         return g_d, g_dh, g_t, wm, w2m
 
     # dX: grid (row tile, vocab tile), reduce over vocab
@@ -503,6 +595,7 @@ def _gpu_vec(ref, r0, tr):
 
 
 def _gpu_forward(cfg, hd, ht, u, w, w2, ids):
+    """As :func:`_tpu_forward`."""
     rows = hd.shape[0]
     has_u = u is not None
     tr, tv = cfg.tr, cfg.tv
@@ -510,53 +603,60 @@ def _gpu_forward(cfg, hd, ht, u, w, w2, ids):
     ins = [hd, ht] + ([u] if has_u else []) + [w] + ([w2] if has_u else [])
     names = [("hd", True), ("ht", True), ("u", has_u), ("w", True), ("w2", has_u)]
     vec_shape = jax.ShapeDtypeStruct((rows,), F32)
+    lse_outs = ["lse_d", "lse_t"] + (["xd", "xt"] if cfg.soft else [])
 
     def lse_kernel(*refs):
-        x = _split_refs(refs, names + [("lse_d", True), ("lse_t", True)])
+        x = _split_refs(refs, names + [(n, True) for n in lse_outs])
         r0 = pl.program_id(0) * tr
 
         def body(jv, carry):
-            md, sd, mt, st = carry
-            d, t, _, _ = _gpu_tile_logits(cfg, x, r0, jv * tv)
+            md, sd, mt, st, xd, xt = carry
+            d, t, cols, _ = _gpu_tile_logits(cfg, x, r0, jv * tv)
+            if cfg.soft:
+                xd, xt = _argmax_update(md, xd, d, cols), _argmax_update(mt, xt, t, cols)
             md, sd = _online(md, sd, d)
             mt, st = _online(mt, st, t)
-            return md, sd, mt, st
+            return md, sd, mt, st, xd, xt
 
         ninf, zero = jnp.full((tr, 1), -jnp.inf, F32), jnp.zeros((tr, 1), F32)
-        md, sd, mt, st = lax.fori_loop(0, nv, body, (ninf, zero, ninf, zero))
+        md, sd, mt, st, xd, xt = lax.fori_loop(0, nv, body, (ninf, zero, ninf, zero, zero, zero))
         x["lse_d"][pl.ds(r0, tr)] = (md + jnp.log(sd))[:, 0]
         x["lse_t"][pl.ds(r0, tr)] = (mt + jnp.log(st))[:, 0]
+        if cfg.soft:
+            x["xd"][pl.ds(r0, tr)] = xd[:, 0]
+            x["xt"][pl.ds(r0, tr)] = xt[:, 0]
 
-    lse_d, lse_t = _gpu_call(cfg, lse_kernel, (rows // tr,), [vec_shape] * 2)(*ins)
+    lse_d, lse_t, *am = _gpu_call(cfg, lse_kernel, (rows // tr,), [vec_shape] * len(lse_outs))(*ins)
 
     def l1_kernel(*refs):
-        x = _split_refs(refs, names + [(n, True) for n in ("ids", "lse_d", "lse_t", "l1", "ad", "at", "tg")])
+        x = _split_refs(refs, names + [("ids", not cfg.soft)] + [
+            (n, True) for n in ("lse_d", "lse_t", "l1", "ad", "at", "tg")])
         r0 = pl.program_id(0) * tr
-        ids_t, ld, lt = (_gpu_vec(x[n], r0, tr) for n in ("ids", "lse_d", "lse_t"))
+        ld, lt = (_gpu_vec(x[n], r0, tr) for n in ("lse_d", "lse_t"))
+        lbl = None if cfg.soft else _gpu_vec(x["ids"], r0, tr)
 
         def body(jv, carry):
             d, t, cols, _ = _gpu_tile_logits(cfg, x, r0, jv * tv)
-            l1, ad, at = _l1_terms(d, t, ld, lt)
-            tg = jnp.sum(jnp.where(cols == ids_t, d, 0.0), axis=1, keepdims=True)
-            return tuple(c + v for c, v in zip(carry, (l1, ad, at, tg)))
+            return tuple(c + v for c, v in zip(carry, _pass2_terms(cfg.soft, d, t, cols, lbl, ld, lt)))
 
         zero = jnp.zeros((tr, 1), F32)
         res = lax.fori_loop(0, nv, body, (zero,) * 4)
         for n, v in zip(("l1", "ad", "at", "tg"), res):
             x[n][pl.ds(r0, tr)] = v[:, 0]
 
-    l1, ad, at, tg = _gpu_call(cfg, l1_kernel, (rows // tr,), [vec_shape] * 4)(*ins, ids, lse_d, lse_t)
-    return lse_d - tg, l1, (lse_d, lse_t, ad, at)
+    lbl_in = [] if cfg.soft else [ids]
+    l1, ad, at, tg = _gpu_call(cfg, l1_kernel, (rows // tr,), [vec_shape] * 4)(*ins, *lbl_in, lse_d, lse_t)
+    return (lse_d - tg, l1, lse_d, lse_t, ad, at, tg, *am)
 
 
-def _gpu_backward(cfg, need, hd, ht, u, w, w2, ids, stats, dce, dl1):
+def _gpu_backward(cfg, need, hd, ht, u, w, w2, lbl, stats, dce, dl1):
     rows, hidden = hd.shape
     has_u = u is not None
     r = u.shape[1] if has_u else 0
     tr, tv, hc, vocab = cfg.tr, cfg.tv, cfg.hc, cfg.vocab
-    ins = [hd, ht] + ([u] if has_u else []) + [w] + ([w2] if has_u else []) + [ids, *stats, dce, dl1]
+    ins = [hd, ht] + ([u] if has_u else []) + [w] + ([w2] if has_u else []) + [lbl, *stats, dce, dl1]
     names = [("hd", True), ("ht", True), ("u", has_u), ("w", True), ("w2", has_u)] + [
-        (n, True) for n in ("ids", "lse_d", "lse_t", "ad", "at", "dce", "dl1")]
+        (n, True) for n in ("lbl", "lse_d", "lse_t", "ad", "at", "dce", "dl1")]
     need_t = need["ht"] or need["w"]
     grads = dict.fromkeys(("hd", "ht", "u", "w", "w2"))
     width = {"hd": hidden, "u": r, "ht": hidden, "w": hidden, "w2": r}
@@ -565,8 +665,8 @@ def _gpu_backward(cfg, need, hd, ht, u, w, w2, ids, stats, dce, dl1):
     def tile(x, r0, v0):
         d, t, cols, jac = _gpu_tile_logits(cfg, x, r0, v0)
         v = lambda n: _gpu_vec(x[n], r0, tr)  # noqa: E731
-        return _logit_grads(d, t, cols, v("ids").astype(jnp.int32), v("lse_d"), v("lse_t"), v("ad"), v("at"),
-                            v("dce"), v("dl1"), need_t, jac)
+        return _logit_grads(d, t, cols, v("lbl"), v("lse_d"), v("lse_t"), v("ad"), v("at"), v("dce"), v("dl1"),
+                            need_t, jac, cfg.soft)
 
     outs_x = [n for n in ("hd", "u", "ht") if need[n]]
     if outs_x:
@@ -661,31 +761,33 @@ def _xla_chunk(cfg, j, hd, ht, u, wb, w2b, dtype):
 
 
 def _xla_forward(cfg, hd, ht, u, w, w2, ids):
+    """As :func:`_tpu_forward`."""
     rows = hd.shape[0]
     wb, w2b = _as_bits(w), (None if u is None else _as_bits(w2))
     nv = pl.cdiv(cfg.vocab, cfg.tv)
-    ids_c = ids[:, None]
+    lbl = None if cfg.soft else ids[:, None]
 
     def lse_body(j, carry):
-        md, sd, mt, st = carry
-        d, t, _, _, _, _, _ = _xla_chunk(cfg, j, hd, ht, u, wb, w2b, w.dtype)
-        return (*_online(md, sd, d), *_online(mt, st, t))
+        md, sd, mt, st, xd, xt = carry
+        d, t, cols, _, _, _, _ = _xla_chunk(cfg, j, hd, ht, u, wb, w2b, w.dtype)
+        if cfg.soft:
+            xd, xt = _argmax_update(md, xd, d, cols), _argmax_update(mt, xt, t, cols)
+        return (*_online(md, sd, d), *_online(mt, st, t), xd, xt)
 
     ninf, zero = jnp.full((rows, 1), -jnp.inf, F32), jnp.zeros((rows, 1), F32)
-    md, sd, mt, st = lax.fori_loop(0, nv, lse_body, (ninf, zero, ninf, zero))
+    md, sd, mt, st, xd, xt = lax.fori_loop(0, nv, lse_body, (ninf, zero, ninf, zero, zero, zero))
     lse_d, lse_t = md + jnp.log(sd), mt + jnp.log(st)
 
     def l1_body(j, carry):
         d, t, cols, _, _, _, _ = _xla_chunk(cfg, j, hd, ht, u, wb, w2b, w.dtype)
-        tg = jnp.sum(jnp.where(cols == ids_c, d, 0.0), axis=1, keepdims=True)
-        return tuple(c + v for c, v in zip(carry, (*_l1_terms(d, t, lse_d, lse_t), tg)))
+        return tuple(c + v for c, v in zip(carry, _pass2_terms(cfg.soft, d, t, cols, lbl, lse_d, lse_t)))
 
     l1, ad, at, tg = lax.fori_loop(0, nv, l1_body, (zero,) * 4)
     first = lambda a: a[:, 0]  # noqa: E731
-    return first(lse_d - tg), first(l1), tuple(map(first, (lse_d, lse_t, ad, at)))
+    return tuple(map(first, (lse_d - tg, l1, lse_d, lse_t, ad, at, tg) + ((xd, xt) if cfg.soft else ())))
 
 
-def _xla_backward(cfg, need, hd, ht, u, w, w2, ids, stats, dce, dl1):
+def _xla_backward(cfg, need, hd, ht, u, w, w2, lbl, stats, dce, dl1):
     wb, w2b = _as_bits(w), (None if u is None else _as_bits(w2))
     col = lambda v: v[:, None]  # noqa: E731
     lse_d, lse_t, ad, at = map(col, stats)
@@ -695,7 +797,8 @@ def _xla_backward(cfg, need, hd, ht, u, w, w2, ids, stats, dce, dl1):
 
     def body(j, acc):
         d, t, cols, wc, w2c, start, jac = _xla_chunk(cfg, j, hd, ht, u, wb, w2b, w.dtype)
-        g_d, g_dh, g_t = _logit_grads(d, t, cols, col(ids), lse_d, lse_t, ad, at, col(dce), col(dl1), need_t, jac)
+        g_d, g_dh, g_t = _logit_grads(d, t, cols, col(lbl), lse_d, lse_t, ad, at, col(dce), col(dl1), need_t, jac,
+                                      cfg.soft)
         acc = dict(acc)
         if "hd" in acc:
             acc["hd"] = acc["hd"] + _dot(g_dh.astype(wc.dtype), wc, cfg.hp)
@@ -714,16 +817,126 @@ def _xla_backward(cfg, need, hd, ht, u, w, w2, ids, stats, dce, dl1):
     return {n: out.get(n) for n in ("hd", "ht", "u", "w", "w2")}
 
 
-# ---- custom_vjp ---------------------------------------------------------------------------------------------
+# ---- sharding: one custom_partitioning per Pallas forward / backward -------------------------------------------
+# A pallas_call is a custom call the SPMD partitioner cannot split: under a sharded jit it would gather every
+# operand and compute all rows on every device. Each launch is therefore wrapped so that it runs on the local
+# shard of the rows. The weights are gathered for the call (every row needs the whole vocabulary) and the weight
+# gradients, which sum over rows, are psum-ed over the row shards inside the partitioned computation.
+_PARTITION = True
+
+
+def _row_sharded(fn, args, row_args, outs):
+    """``fn(*args) -> tuple`` on local shards. ``row_args[i]``: dim 0 of ``args[i]`` is the row axis (all other
+    dims, and all of a non-row argument, are replicated for the call); ``outs``: per result ``(kind, ndim)``,
+    kind ``"row"`` (dim 0 = rows, sharded like the inputs) or ``"sum"`` (a sum over rows: psum-ed, replicated).
+    The row axis follows the first row argument whose dim 0 is sharded by mesh axes dividing it; with none, the
+    call runs unsharded."""
+    if not _PARTITION:
+        return fn(*args)
+    from jax.experimental.custom_partitioning import custom_partitioning
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def row_axes(mesh, arg_shapes):
+        for is_row, a in zip(row_args, arg_shapes):
+            spec = tuple(getattr(a.sharding, "spec", ())) if is_row and a.sharding is not None else ()
+            ax = spec[0] if spec else None
+            names = () if ax is None else (tuple(ax) if isinstance(ax, (tuple, list)) else (ax,))
+            if names and a.shape[0] % math.prod(mesh.shape[n] for n in names) == 0:
+                return names
+        return ()
+
+    def shardings(mesh, axes, kinds):
+        spec0 = (axes[0] if len(axes) == 1 else axes) if axes else None
+        return tuple(NamedSharding(mesh, PartitionSpec(spec0) if k == "row" else PartitionSpec()) for k in kinds)
+
+    in_kinds = ["row" if r else "rep" for r in row_args]
+    out_kinds = [k for k, _ in outs]
+
+    def partition(mesh, arg_shapes, result_shape):
+        axes = row_axes(mesh, arg_shapes)
+
+        def lower(*local):
+            res = fn(*local)
+            return tuple(lax.psum(o, axes) if k == "sum" and axes else o for o, k in zip(res, out_kinds))
+
+        return mesh, lower, shardings(mesh, axes, out_kinds), shardings(mesh, axes, in_kinds)
+
+    def infer(mesh, arg_shapes, result_shape):
+        return shardings(mesh, row_axes(mesh, arg_shapes), out_kinds)
+
+    # Shardy rule: only the row factor "n" is shared; every other dim has a factor of its own, so no sharding
+    # of one operand's hidden / vocab dim is propagated onto another (the partition callback replicates them)
+    def dims(prefix, ndim, row):
+        return " ".join((["n"] if row else []) + [f"{prefix}d{k}" for k in range(int(row), ndim)])
+
+    rule = (", ".join(dims(f"i{i}", a.ndim, r) for i, (a, r) in enumerate(zip(args, row_args))) + " -> "
+            + ", ".join(dims(f"o{j}", nd, k == "row") for j, (k, nd) in enumerate(outs)))
+    wrapped = custom_partitioning(fn)
+    wrapped.def_partition(partition=partition, infer_sharding_from_operands=infer, sharding_rule=rule)
+    return tuple(wrapped(*args))
+
+
+def _pad_rows(rows, padded):
+    return lambda a: a if a is None or padded == rows else jnp.pad(a, [(0, padded - rows)] + [(0, 0)] * (a.ndim - 1))
+
+
+_FWD_NAMES = ("hd", "ht", "u", "w", "w2", "ids")
+_BWD_NAMES = ("hd", "ht", "u", "w", "w2", "lbl", "lse_d", "lse_t", "ad", "at", "dce", "dl1")
+_WEIGHTS = ("w", "w2")
+
+
 def _forward(cfg, hd, ht, u, w, w2, ids):
-    fwd = {"tpu": _tpu_forward, "gpu": _gpu_forward, "xla": _xla_forward}[cfg.kind]
-    return fwd(cfg, hd, ht, u, w, w2, ids)
+    """-> ``(ce, l1, lse_d, lse_t, a_d, a_t, tg)`` (+ the two argmaxes with soft targets), each ``[rows]``."""
+    if cfg.kind == "xla":      # plain XLA ops: the SPMD partitioner handles them itself
+        return _xla_forward(cfg, hd, ht, u, w, w2, ids)
+    drv = _tpu_forward if cfg.kind == "tpu" else _gpu_forward
+    named = [(n, a) for n, a in zip(_FWD_NAMES, (hd, ht, u, w, w2, ids)) if a is not None]
+
+    def local(*arrs):
+        x = dict(zip([n for n, _ in named], arrs))
+        rows = x["hd"].shape[0]
+        c = _fit_rows(cfg, rows)
+        p = _pad_rows(rows, _round_up(rows, c.tr))
+        res = drv(c, p(x["hd"]), p(x["ht"]), p(x.get("u")), x["w"], x.get("w2"), p(x.get("ids")))
+        return tuple(o[:rows] for o in res)
+
+    n_out = 9 if cfg.soft else 7
+    return _row_sharded(local, [a for _, a in named], [n not in _WEIGHTS for n, _ in named], [("row", 1)] * n_out)
 
 
+def _backward(cfg, need, hd, ht, u, w, w2, lbl, stats, dce, dl1):
+    """-> dict of the needed gradients (fp32), None for the others."""
+    if cfg.kind == "xla":
+        return _xla_backward(cfg, need, hd, ht, u, w, w2, lbl, stats, dce, dl1)
+    drv = _tpu_backward if cfg.kind == "tpu" else _gpu_backward
+    named = [(n, a) for n, a in zip(_BWD_NAMES, (hd, ht, u, w, w2, lbl, *stats, dce, dl1)) if a is not None]
+    outs_x = [n for n in ("hd", "u", "ht") if need[n]]
+    outs_w = [n for n in _WEIGHTS if need[n]]
+    grads = dict.fromkeys(("hd", "ht", "u", "w", "w2"))
+    if not outs_x and not outs_w:
+        return grads
+
+    def local(*arrs):
+        x = dict(zip([n for n, _ in named], arrs))
+        rows = x["hd"].shape[0]
+        c = _fit_rows(cfg, rows)
+        p = _pad_rows(rows, _round_up(rows, c.tr))
+        g = drv(c, need, p(x["hd"]), p(x["ht"]), p(x.get("u")), x["w"], x.get("w2"), p(x["lbl"]),
+                tuple(p(x[n]) for n in ("lse_d", "lse_t", "ad", "at")), p(x["dce"]), p(x["dl1"]))
+        return tuple(g[n][:rows] for n in outs_x) + tuple(g[n] for n in outs_w)
+
+    res = _row_sharded(local, [a for _, a in named], [n not in _WEIGHTS for n, _ in named],
+                       [("row", 2)] * len(outs_x) + [("sum", 2)] * len(outs_w))
+    grads.update(zip(outs_x + outs_w, res))
+    return grads
+
+
+# ---- custom_vjp ---------------------------------------------------------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _fused(hd, ht, u, w, w2, ids, cfg):
-    ce, l1, _ = _forward(cfg, hd, ht, u, w, w2, ids)
-    return ce, l1
+    """``(ce, l1)``; with soft targets (``ids`` None) ``(ce, l1, argmax match)``."""
+    res = _forward(cfg, hd, ht, u, w, w2, ids)
+    return (res[0], res[1], res[7] == res[8]) if cfg.soft else (res[0], res[1])
 
 
 def _fused_fwd(hd, ht, u, w, w2, ids, cfg):
@@ -731,10 +944,13 @@ def _fused_fwd(hd, ht, u, w, w2, ids, cfg):
     val = lambda p: None if p is None else p.value  # noqa: E731
     pert = lambda p: p is not None and bool(p.perturbed)  # noqa: E731
     args = [val(a) for a in (hd, ht, u, w, w2, ids)]
-    ce, l1, stats = _forward(cfg, *args)
+    res = _forward(cfg, *args)
+    ce, l1, stats, tg = res[0], res[1], res[2:6], res[6]
+    out = (ce, l1, res[7] == res[8]) if cfg.soft else (ce, l1)
     # which gradients are needed is encoded in the residual's structure: () = needed, None = not
     flags = tuple(() if pert(p) else None for p in (hd, ht, u, w, w2))
-    return (ce, l1), (tuple(args), stats, flags)
+    lbl = tg if cfg.soft else args[5]
+    return out, (tuple(args[:5]), lbl, stats, flags)
 
 
 def _zeros_if_symbolic(ct, like):
@@ -744,12 +960,11 @@ def _zeros_if_symbolic(ct, like):
 
 
 def _fused_bwd(cfg, res, cts):
-    args, stats, flags = res
-    hd, ht, u, w, w2, ids = args
-    dce, dl1 = (_zeros_if_symbolic(c, stats[0]) for c in cts)
+    args, lbl, stats, flags = res
+    hd, ht, u, w, w2 = args
+    dce, dl1 = (_zeros_if_symbolic(c, stats[0]) for c in cts[:2])   # the argmax match has no gradient
     need = dict(zip(("hd", "ht", "u", "w", "w2"), (f is not None for f in flags)))
-    bwd = {"tpu": _tpu_backward, "gpu": _gpu_backward, "xla": _xla_backward}[cfg.kind]
-    grads = bwd(cfg, need, hd, ht, u, w, w2, ids, stats, dce, dl1)
+    grads = _backward(cfg, need, hd, ht, u, w, w2, lbl, stats, dce, dl1)
     out = []
     for name, x in zip(("hd", "ht", "u", "w", "w2"), (hd, ht, u, w, w2)):
         g = grads[name]

@@ -9,8 +9,15 @@ Metrics (DeepSpec's names): ``ploss_j``, ``accuracy@j`` (draft argmax == target 
 ``accept_rate@j`` (mean of ``clip(1 - L1/2, 0, 1)``), ``valid_tokens@j``, ``tau_greedy``, ``tau_probabilistic``
 and ``loss``.
 
-The vocab reductions come either from materialised ``[T,B,S,V]`` logits (the reference) or from hidden
-states in vocab chunks (``lax.scan`` with running max/sum, rematerialised in the backward pass).
+The vocab reductions come either from materialised ``[T,B,S,V]`` logits (the reference) or, with
+``vocab_chunk``, from hidden states through ``kernels.vocab_loss.soft_vocab_loss`` (``impl``: ``xla`` = the
+chunked ``lax.scan`` below, with running max/sum, rematerialised in the backward pass; ``pallas`` = the fused
+vocab-loss kernels with soft targets; ``auto`` = Pallas on TPU/GPU). All three per-position terms map onto the
+kernel: soft CE against the target's distribution, the L1 between the softmaxes, the argmax match. Nothing of
+Eagle3's stays on the XLA path: a pruned draft vocabulary (SpecForge ``d2t``/``t2d``) lives in
+``config.draft_vocab`` and only restricts proposals; in training the loss runs over the full ``[V, H]``
+``lm_head`` (the pruned rows scattered into it), identically on both paths, and the step weights / masking are
+applied to the per-position results here.
 """
 
 from __future__ import annotations
@@ -19,18 +26,11 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.drafts.config import DraftConfig
-from dspark_jax.kernels.vocab_loss import apply_softcap
+from dspark_jax.kernels.vocab_loss import apply_softcap, soft_ce_from_logits, soft_vocab_loss
 from dspark_jax.train.loss import vocab_chunk_size
 
-
-def soft_ce_reference(draft_logits, target_logits):
-    """``[..., V]`` each -> (soft CE, L1 ``sum_v |p_d - p_t|``, argmax match), each ``[...]``; fp32 softmaxes."""
-    logp_d = jax.nn.log_softmax(draft_logits.astype(jnp.float32), axis=-1)
-    p_t = jax.nn.softmax(target_logits.astype(jnp.float32), axis=-1)
-    ce = -jnp.sum(p_t * logp_d, axis=-1)
-    l1 = jnp.sum(jnp.abs(jnp.exp(logp_d) - p_t), axis=-1)
-    correct = jnp.argmax(draft_logits, axis=-1) == jnp.argmax(target_logits, axis=-1)
-    return ce, l1, correct
+soft_ce_reference = soft_ce_from_logits
+"""``[..., V]`` each -> (soft CE, L1 ``sum_v |p_d - p_t|``, argmax match), each ``[...]``; fp32 softmaxes."""
 
 
 def soft_ce_chunked(draft_hidden, target_hidden, lm_head, chunk: int, *, softcap: float | None = None):
@@ -77,7 +77,9 @@ def soft_ce_chunked(draft_hidden, target_hidden, lm_head, chunk: int, *, softcap
         cross, l1 = carry
         d, t = logits_of(i)
         p_t = jnp.exp(t - lse_t[..., None])
-        cross = cross + jnp.sum(jnp.where(valid[i], p_t * d, 0.0), -1)
+        # mask d, not the product: a padded column's p_t * (-inf) would send 0 * -inf = NaN into the
+        # gradient of p_t (of lm_head, when it is differentiated)
+        cross = cross + jnp.sum(p_t * jnp.where(valid[i], d, 0.0), -1)
         l1 = l1 + jnp.sum(jnp.abs(jnp.exp(d - lse_d[..., None]) - p_t), -1)
         return (cross, l1), None
 
@@ -85,13 +87,16 @@ def soft_ce_chunked(draft_hidden, target_hidden, lm_head, chunk: int, *, softcap
     return lse_d - cross, l1, ad == at
 
 
-def eagle3_loss(outputs, config: DraftConfig, *, vocab_chunk: int | None = None):
+def eagle3_loss(outputs, config: DraftConfig, *, vocab_chunk: int | None = None, impl: str = "auto"):
     """Spec §5 Eagle3 loss.
 
     Args:
       outputs: an :class:`~dspark_jax.drafts.eagle3.Eagle3TrainOutput` from ``draft.train_forward``.
       config: the draft's config (``step_loss_decay``).
       vocab_chunk: if set, reduce over the vocab in chunks of this many rows (needs no materialised logits).
+      impl: with ``vocab_chunk``, which vocab reduction (``kernels.vocab_loss.soft_vocab_loss``): ``xla`` = the
+        chunked scan, ``pallas`` = the fused kernel, ``auto`` = Pallas on TPU/GPU, XLA on CPU (or
+        ``$DSPARK_KERNEL_IMPL``).
     Returns:
       (loss scalar, metrics dict of scalars).
     """
@@ -101,8 +106,12 @@ def eagle3_loss(outputs, config: DraftConfig, *, vocab_chunk: int | None = None)
     if vocab_chunk is None:
         ce, l1, correct = soft_ce_reference(outputs.draft_logits, outputs.target_logits)
     else:
-        ce, l1, correct = soft_ce_chunked(outputs.draft_hidden, outputs.target_hidden, outputs.lm_head, vocab_chunk,
-                                          softcap=outputs.softcap)
+        # [T,B,S,H] -> [B,T,S,H]: the kernels flatten the leading dims into rows, and only a batch-major order
+        # keeps a batch-sharded array's rows contiguous per device (else the reshape would gather them)
+        bmajor = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
+        ce, l1, correct = (bmajor(r) for r in soft_vocab_loss(
+            bmajor(outputs.draft_hidden), bmajor(outputs.target_hidden), outputs.lm_head, chunk=vocab_chunk,
+            impl=impl, softcap=outputs.softcap))
     mask = outputs.position_mask.astype(jnp.float32)                                    # [T,B,S]
     n_steps, b, s = mask.shape
     valid = mask > 0
