@@ -19,6 +19,7 @@ from flax import nnx
 from dspark_jax.decode.output import GenerationOutput
 from dspark_jax.decode.prompts import encode_prompts, pad_batch
 from dspark_jax.decode.sampling import SamplingConfig, sample_tokens
+from dspark_jax.kernels._dispatch import resolve as resolve_impl
 
 
 def generate(target, prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
@@ -47,7 +48,8 @@ def generate(target, prompts, max_new_tokens: int = 256, temperature: float = 0.
     t0 = time.perf_counter()
     tokens, n_new, steps = _generate_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(lengths),
                                          jax.random.key(seed), max_new_tokens=int(max_new_tokens),
-                                         capacity=capacity, sampling=sampling, stop_ids=stops)
+                                         capacity=capacity, sampling=sampling, stop_ids=stops,
+                                         flat_decode=_decodes_flat(target))
     tokens = np.asarray(jax.device_get(tokens))
     seconds = time.perf_counter() - t0
     n_new = np.asarray(n_new)
@@ -60,8 +62,19 @@ def generate(target, prompts, max_new_tokens: int = 256, temperature: float = 0.
     return GenerationOutput(tokens=tokens, lengths=n_new, stats=stats, texts=texts)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "capacity", "sampling", "stop_ids"))
-def _generate_jit(graphdef, state, ids, lengths, key, *, max_new_tokens, capacity, sampling, stop_ids):
+def _decodes_flat(target) -> bool:
+    """Whether the decode step goes through ``forward_flat`` (the ragged attention kernel): when the target's
+    attention resolves to Pallas. Resolved here, outside jit, so ``$DSPARK_KERNEL_IMPL`` is read per call."""
+    if not hasattr(target, "forward_flat"):
+        return False
+    impl = getattr(target.layers[0].self_attn, "attention_impl", "auto")
+    return resolve_impl(impl, "ragged_attention")[0] == "pallas"
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "capacity", "sampling", "stop_ids",
+                                             "flat_decode"))
+def _generate_jit(graphdef, state, ids, lengths, key, *, max_new_tokens, capacity, sampling, stop_ids,
+                  flat_decode=False):
     target = nnx.merge(graphdef, state)
     batch = ids.shape[0]
     stop_arr = jnp.asarray(stop_ids if stop_ids else (-2,), jnp.int32)
@@ -77,14 +90,26 @@ def _generate_jit(graphdef, state, ids, lengths, key, *, max_new_tokens, capacit
         step, _, _, _, done, _ = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
+    def step_dense(tok, cache):                     # -> (logits [B, 1, V], cache)
+        res = target(tok[:, None], cache)
+        return res.logits, res.cache
+
+    def step_flat(tok, cache):
+        # one query token per row at its cache length: the ragged kernel reads each row's cache in place instead
+        # of a dense [B, 1, C] masked attention
+        res = target.forward_flat(tok, jnp.arange(batch, dtype=jnp.int32), cache.lengths, cache)
+        return res.logits[:, None], res.cache.with_lengths(cache.lengths + 1)
+
+    decode_step = step_flat if flat_decode else step_dense
+
     def body(carry):
         step, last, cache, out, done, key = carry
-        res = target(jnp.where(done, 0, last)[:, None], cache)
+        logits, cache = decode_step(jnp.where(done, 0, last), cache)
         key, sub = jax.random.split(key)
-        nxt = sample_tokens(res.logits[:, 0], sub, sampling)
+        nxt = sample_tokens(logits[:, 0], sub, sampling)
         nxt = jnp.where(done, -1, nxt)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
-        return step + 1, nxt, res.cache, out, done | jnp.isin(nxt, stop_arr), key
+        return step + 1, nxt, cache, out, done | jnp.isin(nxt, stop_arr), key
 
     steps, _, _, out, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), first, prefill.cache, out, done, key))
     n_new = jnp.sum(out >= 0, axis=1)

@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dspark_jax import kernels
 from dspark_jax.cache import write_rows
 from dspark_jax.config import TargetConfig
+from dspark_jax.kernels._dispatch import resolve as resolve_impl
 from dspark_jax.nn.attention import Attention
 from dspark_jax.nn.mlp import SwiGLU
 from dspark_jax.nn.norm import RMSNorm
@@ -31,26 +33,126 @@ class DraftLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
-    def __call__(self, h, block_rope, ctx, ctx_rope, mask, ctx_cache=None, cache_start=None):
+    def __call__(self, h, block_rope, ctx, ctx_rope, mask, ctx_cache=None, cache_start=None, block_start=None):
         """Args:
           h: ``[B, Q, H]`` block hidden states; block_rope: (cos, sin) ``[B, Q, hd]``.
           ctx: ``[B, C, H]`` fused context features; ctx_rope: (cos, sin) ``[B, C, hd]``.
-          mask: ``[B, Q, K + Q]`` where K = C (no cache) or the cache capacity.
-          ctx_cache: optional (k, v) ``[B, cap, nkv, hd]``; new context keys are written at ``cache_start``.
+          mask: ``[B, Q, C + Q]`` (or a ``DSparkBlockMask``) without a cache; unused with one.
+          ctx_cache: optional (k, v) ``[B, cap, nkv, hd]``; new context keys are written at ``cache_start [B]``
+            and the block sees slots ``< block_start [B]`` (see :func:`draft_attention`).
         Returns: (h, (k_ctx, v_ctx)) with the context keys as stored (the cache buffers when given).
         """
         x = self.input_layernorm(h)
         q = self.self_attn.queries(x, *block_rope)
         k_blk, v_blk = self.self_attn.keys_values(x, *block_rope)
         k_ctx, v_ctx = self.self_attn.keys_values(ctx, *ctx_rope)
-        if ctx_cache is not None:
-            k_ctx = write_rows(ctx_cache[0], k_ctx, cache_start)
-            v_ctx = write_rows(ctx_cache[1], v_ctx, cache_start)
+        out, kv = draft_attention(self.self_attn, q, k_blk, v_blk, k_ctx, v_ctx, mask, ctx_cache, cache_start,
+                                  block_start)
+        h = h + out
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, kv
+
+
+def draft_attention(attn, q, k_blk, v_blk, k_ctx, v_ctx, mask, ctx_cache=None, cache_start=None, block_start=None):
+    """A draft layer's attention, o_proj included: block queries see the context and their whole block.
+
+    Args:
+      attn: the layer's attention module (``attend``, ``o_proj``, ``scale``, ``attention_impl``, head counts).
+      q: ``[B, Q, nh, hd]`` block queries; k_blk, v_blk: ``[B, Q, nkv, hd]`` the block's own keys/values.
+      k_ctx, v_ctx: ``[B, C, nkv, hd]`` context keys/values (training: the whole sequence; inference: the
+        pending rows, of which the first ``block_start - cache_start`` are real).
+      mask: without a cache, the ``[B, Q, C + Q]`` mask (or ``DSparkBlockMask``) over ``[context ; block]``.
+      ctx_cache: inference: (k, v) ``[B, cap, nkv, hd]``; the pending rows go to slots ``cache_start + i``.
+      cache_start, block_start: ``[B]`` int32; the block sees cache slots ``< block_start`` (= the context
+        length after this write) and sits at positions ``block_start ..``.
+
+    Returns:
+      (``[B, Q, H]``, (k, v)): the context as stored: the concatenation's context part without a cache, else the
+      cache buffers. With the Pallas kernel those also hold the block's keys at ``[block_start, block_start + Q)``,
+      beyond the row's length (the next round's writes overwrite them), so the caller needs ``block_start + Q <=
+      cap``.
+    """
+    if ctx_cache is None:
         k = jnp.concatenate([k_ctx, k_blk.astype(k_ctx.dtype)], axis=1)
         v = jnp.concatenate([v_ctx, v_blk.astype(v_ctx.dtype)], axis=1)
-        h = h + self.self_attn.attend(q, k, v, mask)
-        h = h + self.mlp(self.post_attention_layernorm(h))
-        return h, (k_ctx, v_ctx)
+        return attn.attend(q, k, v, mask), (k_ctx, v_ctx)
+    b, nq = q.shape[:2]
+    kind, _ = resolve_impl(attn.attention_impl, "ragged_attention")
+    if kind == "pallas":
+        cap = ctx_cache[0].shape[1]
+        _check_block_room(block_start, nq, cap)
+        count = block_start - cache_start
+        kc = _write_context_and_block(ctx_cache[0], k_ctx, k_blk, cache_start, count, block_start)
+        vc = _write_context_and_block(ctx_cache[1], v_ctx, v_blk, cache_start, count, block_start)
+        row = jnp.repeat(jnp.arange(b, dtype=jnp.int32), nq)
+        kv_len = jnp.repeat(block_start.astype(jnp.int32) + nq, nq)
+        o = kernels.ragged_attention(q.reshape(b * nq, *q.shape[2:]), kc, vc, row, kv_len, attn.scale,
+                                     impl=attn.attention_impl)
+    else:
+        # the old [cache ; block] concatenation copied the whole cache per layer per round: attend to the two
+        # parts where they lie instead
+        kc = write_rows(ctx_cache[0], k_ctx, cache_start)
+        vc = write_rows(ctx_cache[1], v_ctx, cache_start)
+        o = cached_block_attention_reference(q, kc, vc, block_start, k_blk, v_blk, attn.scale)
+    return attn.o_proj(o.reshape(b, nq, attn.num_heads * attn.head_dim)), (kc, vc)
+
+
+def cached_block_attention_reference(q, k_cache, v_cache, ctx_len, k_blk, v_blk, scale):
+    """Block attention over a context cache and the block, as one softmax split in two parts.
+
+    Equals ``attention_reference(q, [k_cache ; k_blk], [v_cache ; v_blk], inference_mask(ctx_len, cap, Q))``
+    without building the concatenation: the two score blocks share one max and one normaliser.
+
+    Args:
+      q: ``[B, Q, nh, hd]``; k_cache, v_cache: ``[B, cap, nkv, hd]``; ctx_len: ``[B]`` (slots ``< ctx_len`` are
+        visible); k_blk, v_blk: ``[B, Q, nkv, hd]`` (all visible to every query).
+    Returns: ``[B, Q, nh, hd]`` in q's dtype.
+    """
+    b, s, nh, hd = q.shape
+    cap, nkv = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(b, s, nkv, nh // nkv, hd)
+    k_blk, v_blk = k_blk.astype(k_cache.dtype), v_blk.astype(v_cache.dtype)
+    s_ctx = jnp.einsum("bsngd,btnd->bngst", qg, k_cache, preferred_element_type=jnp.float32) * scale
+    s_blk = jnp.einsum("bsngd,btnd->bngst", qg, k_blk, preferred_element_type=jnp.float32) * scale
+    vis = (jnp.arange(cap)[None, :] < ctx_len[:, None])[:, None, None, None, :]          # [B, 1, 1, 1, cap]
+    s_ctx = jnp.where(vis, s_ctx, jnp.finfo(jnp.float32).min)
+    # the block is always visible, so the shared max is finite and the normaliser >= 1
+    m = jnp.maximum(jnp.max(s_ctx, axis=-1, keepdims=True), jnp.max(s_blk, axis=-1, keepdims=True))
+    p_ctx = jnp.where(vis, jnp.exp(s_ctx - m), 0.0)
+    p_blk = jnp.exp(s_blk - m)
+    denom = jnp.sum(p_ctx, axis=-1, keepdims=True) + jnp.sum(p_blk, axis=-1, keepdims=True)
+    p_ctx, p_blk = p_ctx / denom, p_blk / denom
+    out = (jnp.einsum("bngst,btnd->bsngd", p_ctx.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+           + jnp.einsum("bngst,btnd->bsngd", p_blk.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32))
+    return out.reshape(b, s, nh, hd).astype(q.dtype)
+
+
+def _write_context_and_block(buf, ctx, blk, cache_start, count, block_start):
+    """One scatter: the first ``count [B]`` rows of ``ctx [B, P, ...]`` at ``cache_start + i`` and ``blk [B, Q, ...]``
+    at ``block_start + j`` of ``buf [B, cap, ...]`` (context padding rows are not written)."""
+    b, p = ctx.shape[:2]
+    nq = blk.shape[1]
+    cap = buf.shape[1]
+    i = jnp.arange(p, dtype=jnp.int32)
+    ctx_slots = jnp.where(i[None, :] < count[:, None], cache_start[:, None] + i[None, :], cap)   # cap: dropped
+    blk_slots = block_start[:, None] + jnp.arange(nq, dtype=jnp.int32)[None, :]
+    slots = jnp.concatenate([ctx_slots, blk_slots], axis=1)
+    new = jnp.concatenate([ctx.astype(buf.dtype), blk.astype(buf.dtype)], axis=1)
+    return buf.at[jnp.arange(b)[:, None], slots].set(new, mode="drop")
+
+
+def _check_block_room(block_start, num_slots: int, capacity: int) -> None:
+    """The Pallas path keeps the block's keys in the cache after the context: they must fit."""
+    if num_slots > capacity:
+        raise ValueError(f"draft cache capacity {capacity} < {num_slots} block slots")
+    try:
+        need = int(jnp.max(block_start)) + num_slots
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        return     # inside jit the caller's sizing must guarantee it (speculative_generate leaves room)
+    if need > capacity:
+        raise ValueError(f"draft cache capacity {capacity} has no room for the block's keys: a row's context "
+                         f"ends at {need - num_slots} and the block needs {num_slots} more slots (the Pallas "
+                         f"inference path stores them after the context; size the cache context + block slots)")
 
 
 def training_mask(anchors: jax.Array, block_keep: jax.Array, seq_len: int, block_size: int) -> jax.Array:

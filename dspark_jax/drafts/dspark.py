@@ -16,7 +16,7 @@ from flax import nnx
 from dspark_jax.cache import KVCache
 from dspark_jax.decode.sampling import SamplingConfig, sample_tokens
 from dspark_jax import kernels
-from dspark_jax.drafts.backbone import DraftLayer, inference_mask
+from dspark_jax.drafts.backbone import DraftLayer
 from dspark_jax.drafts.common import DraftBase
 from dspark_jax.drafts.config import DraftConfig
 from dspark_jax.drafts.heads import ConfidenceHead, MarkovHead
@@ -58,7 +58,7 @@ class DraftTrainOutput:
 class Proposal:
     """One proposed block per row: tokens ``[B,Bs]``; logits ``[B,Bs,V]`` (corrected; the distribution each
     token was drawn from, before temperature); confidence_logits ``[B,Bs]`` or None; block_hidden
-    ``[B,Bs,H]``; cache (context only, lengths = start)."""
+    ``[B,Bs,H]``; cache (context only up to lengths = start; slots past it are scratch)."""
 
     tokens: jax.Array
     logits: jax.Array
@@ -111,18 +111,21 @@ class DSparkDraft(DraftBase):
         return self.hidden_norm(self.fc(taps.astype(self.dtype)))
 
     def backbone(self, block_h, block_pos, ctx, ctx_pos, mask, cache: KVCache | None = None, ctx_count=None):
-        """Runs the layers; returns (post-norm block hidden ``[B,Q,H]``, updated context cache or None)."""
+        """Runs the layers; returns (post-norm block hidden ``[B,Q,H]``, updated context cache or None).
+
+        Without a cache, ``mask`` covers ``[ctx ; block]`` keys (training). With one (inference), ``mask`` is unused:
+        the first ``ctx_count [B]`` rows of ``ctx`` extend the cache and the block sees the whole extended context.
+        """
         block_rope, ctx_rope = self.rope(block_pos), self.rope(ctx_pos)
         h = block_h
         keys, values = [], []
+        start = None if cache is None else cache.lengths + ctx_count.astype(jnp.int32)
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            h, (k, v) = layer(h, block_rope, ctx, ctx_rope, mask, kv, None if cache is None else cache.lengths)
+            h, (k, v) = layer(h, block_rope, ctx, ctx_rope, mask, kv, None if cache is None else cache.lengths, start)
             keys.append(k)
             values.append(v)
-        new_cache = None
-        if cache is not None:
-            new_cache = KVCache(tuple(keys), tuple(values), cache.lengths + ctx_count.astype(jnp.int32))
+        new_cache = None if cache is None else KVCache(tuple(keys), tuple(values), start)
         return self.norm(h), new_cache
 
     def markov_u(self, hidden: jax.Array, prev: jax.Array) -> jax.Array | None:
@@ -208,6 +211,9 @@ class DSparkDraft(DraftBase):
         Returns: (block hidden ``[B, Bs, H]`` post-norm, one row per drafting slot, cache with lengths
         ``start = c + count``). Under the bonus-anchor convention the backbone runs ``Bs + 1`` slots and the
         anchor slot's row is dropped.
+
+        When the layers' attention resolves to the Pallas kernel the block's keys are kept in the cache at
+        ``[start, start + slots)`` (past the length: scratch), so the capacity must leave that room.
         """
         bs, mask_id = self.config.block_size, self.config.mask_token_id
         ns = self.config.num_block_slots
@@ -219,8 +225,7 @@ class DSparkDraft(DraftBase):
         ctx_pos = c[:, None] + jnp.arange(p, dtype=jnp.int32)
         block_pos = start[:, None] + jnp.arange(ns, dtype=jnp.int32)
         block_ids = jnp.concatenate([anchor[:, None].astype(jnp.int32), jnp.full((b, ns - 1), mask_id, jnp.int32)], 1)
-        mask = inference_mask(start, cache.capacity, ns)
-        out, cache = self.backbone(self.embed(block_ids), block_pos, self.fuse_context(ctx_taps), ctx_pos, mask,
+        out, cache = self.backbone(self.embed(block_ids), block_pos, self.fuse_context(ctx_taps), ctx_pos, None,
                                    cache, ctx_count)
         return out[:, ns - bs:], cache
 
@@ -228,7 +233,8 @@ class DSparkDraft(DraftBase):
         """Proposes one block per row (spec §4.2-4.3): backbone, then sequential Markov sampling.
 
         Slot 0 uses the anchor as its previous token; each later slot uses the token sampled before it.
-        Returns a :class:`Proposal`; its cache holds context only (block keys are never stored).
+        Returns a :class:`Proposal`; its cache's lengths cover the context only (with the Pallas kernel the
+        block's keys sit past the length as scratch).
         """
         out, cache = self.block_hidden(cache, ctx_taps, ctx_count, anchor)
         base = self.base_logits(out)                                                        # [B, Bs, V]

@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dspark_jax.cache import KVCache, write_rows
+from dspark_jax.cache import KVCache
 from dspark_jax.config import ConfigError
+from dspark_jax.drafts.backbone import draft_attention
 from dspark_jax.drafts.config import GEMMA4_ARCHITECTURES, GEMMA4_DSPARK_ARCH, GEMMA4_EAGLE3_ARCH, DraftConfig
 from dspark_jax.drafts.dspark import DSparkDraft
 from dspark_jax.drafts.eagle3 import EAGLE3_NUM_TAPS, Eagle3Draft
@@ -90,20 +91,17 @@ class Gemma4DraftLayer(nnx.Module):
         # a buffer in DeepSpec: saved with the weights, never trained
         self.layer_scalar = Frozen(jnp.ones((1,), param_dtype), logical_axes=(None,))
 
-    def __call__(self, h, block_rope, ctx, ctx_rope, mask, ctx_cache=None, cache_start=None):
+    def __call__(self, h, block_rope, ctx, ctx_rope, mask, ctx_cache=None, cache_start=None, block_start=None):
         """Same contract as :class:`~dspark_jax.drafts.backbone.DraftLayer` (context rows skip input_layernorm)."""
         x = self.input_layernorm(h)
         q = self.self_attn.queries(x, *block_rope)
         k_blk, v_blk = self.self_attn.keys_values(x, *block_rope)
         k_ctx, v_ctx = self.self_attn.keys_values(ctx, *ctx_rope)
-        if ctx_cache is not None:
-            k_ctx = write_rows(ctx_cache[0], k_ctx, cache_start)
-            v_ctx = write_rows(ctx_cache[1], v_ctx, cache_start)
-        k = jnp.concatenate([k_ctx, k_blk.astype(k_ctx.dtype)], axis=1)
-        v = jnp.concatenate([v_ctx, v_blk.astype(v_ctx.dtype)], axis=1)
-        h = h + self.post_attention_layernorm(self.self_attn.attend(q, k, v, mask))
+        out, kv = draft_attention(self.self_attn, q, k_blk, v_blk, k_ctx, v_ctx, mask, ctx_cache, cache_start,
+                                  block_start)
+        h = h + self.post_attention_layernorm(out)
         h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
-        return h * self.layer_scalar[...].astype(h.dtype), (k_ctx, v_ctx)
+        return h * self.layer_scalar[...].astype(h.dtype), kv
 
 
 class Gemma4DSparkDraft(DSparkDraft):
