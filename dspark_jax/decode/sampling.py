@@ -38,16 +38,33 @@ def warp_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
     """``[..., V]`` logits -> fp32 logits of the distribution actually sampled from (-inf outside the filters)."""
     x = logits.astype(jnp.float32) / max(cfg.temperature, GREEDY_EPS)
     if cfg.top_k and cfg.top_k < x.shape[-1]:
-        kth = jax.lax.top_k(x, cfg.top_k)[0][..., -1:]
-        x = jnp.where(x < kth, -jnp.inf, x)
+        top = jax.lax.top_k(x, cfg.top_k)[0]                       # [..., k], descending
+        x = jnp.where(x < top[..., -1:], -jnp.inf, x)
+        if cfg.top_p < 1.0:
+            # the nucleus lies among the top-k survivors, so rank only those instead of sorting the vocabulary
+            # (a sort of 151,936 logits costs ~40 ms a row on a CPU); the normaliser runs over every survivor,
+            # ties with the k-th value included, as the full sort's softmax does
+            z = jnp.sum(jnp.exp(x - top[..., :1]), axis=-1, keepdims=True)
+            x = _nucleus(x, top, jnp.exp(top - top[..., :1]) / z, cfg.top_p)
+        return x
     if cfg.top_p < 1.0:
         sorted_x = -jnp.sort(-x, axis=-1)
-        probs = jax.nn.softmax(sorted_x, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        # smallest logit still inside the nucleus (the top token always is: its mass_before is 0)
-        cutoff = jnp.min(jnp.where(mass_before < cfg.top_p, sorted_x, jnp.inf), axis=-1, keepdims=True)
-        x = jnp.where(x < cutoff, -jnp.inf, x)
+        x = _nucleus(x, sorted_x, jax.nn.softmax(sorted_x, axis=-1), cfg.top_p)
     return x
+
+
+def _nucleus(x, ranked, probs, top_p: float):
+    """Keeps the logits of ``x`` not below the smallest ``ranked`` (descending) value whose preceding mass
+    ``probs`` is < top_p (the top one always is: nothing precedes it)."""
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(mass_before < top_p, ranked, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(x < cutoff, -jnp.inf, x)
+
+
+def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """``jax.random.categorical(key, logits, axis=-1)`` (Gumbel-max: the same noise, so the same samples) with the
+    argmax of :func:`argmax_last`: 5x faster on a CPU at V=151,936."""
+    return argmax_last(logits + jax.random.gumbel(key, logits.shape, logits.dtype))
 
 
 def argmax_last(x: jax.Array) -> jax.Array:
@@ -66,4 +83,4 @@ def sample_tokens(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax
     """``[B, V]`` logits -> ``[B]`` int32 tokens."""
     if cfg.greedy:
         return argmax_last(logits)
-    return jax.random.categorical(key, warp_logits(logits, cfg), axis=-1).astype(jnp.int32)
+    return categorical(key, warp_logits(logits, cfg))

@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.decode.sampling import SamplingConfig, argmax_last, warp_logits
+from dspark_jax.decode.sampling import SamplingConfig, argmax_last, categorical, warp_logits
 
 RESIDUAL_EPS = 1e-8
 
@@ -78,7 +78,7 @@ def verify_block_general(draft_tokens, draft_logits, target_logits, proposal_len
     if cfg.greedy:
         next_token = argmax_last(residual)
     else:
-        next_token = jax.random.categorical(k_next, jnp.log(residual), axis=-1)
+        next_token = categorical(k_next, jnp.log(residual))
     return Verdict(num_accepted=m.astype(jnp.int32), next_token=next_token.astype(jnp.int32), accepted=accepted)
 
 
