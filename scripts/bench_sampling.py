@@ -1,6 +1,11 @@
-"""Times one sampling step (``sample_tokens``: warp, then draw) per row inside a jitted loop, against the
-previous formulation (a full sort of the vocabulary for top-p, ``jax.random.categorical``'s argmax), at the
-DeepSpec data-generation settings (T 0.7, top-k 20, top-p 0.8) and at plain T=1.
+"""Times the greedy and sampled token choice of the decode loops inside a jitted loop, against the formulations
+they replaced, on XLA's CPU backend in particular:
+
+* argmax: ``jnp.argmax`` (a variadic reduction XLA's CPU backend does not vectorise) vs
+  ``dspark_jax.decode.sampling.argmax_last`` (a max, then a min over the indices reaching it);
+* one sampling step (``sample_tokens``: warp, then draw) vs the previous one (a sort of the whole vocabulary for
+  top-p, ``jax.random.categorical``'s argmax), at the DeepSpec data-generation settings (T 0.7, top-k 20,
+  top-p 0.8) and at plain T=1.
 
     python scripts/bench_sampling.py [--iters 50]
 """
@@ -13,10 +18,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.decode.sampling import SamplingConfig, sample_tokens
+from dspark_jax.decode.sampling import SamplingConfig, argmax_last, sample_tokens
 
 
-def _previous(logits, key, cfg):
+def _previous_sample(logits, key, cfg):
     x = logits.astype(jnp.float32) / cfg.temperature
     if cfg.top_k:
         x = jnp.where(x < jax.lax.top_k(x, cfg.top_k)[0][..., -1:], -jnp.inf, x)
@@ -29,11 +34,14 @@ def _previous(logits, key, cfg):
     return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
 
 
-def _time(fn, x, cfg, iters):
+def _seconds_per_call(fn, x, iters: int, keyed: bool = True) -> float:
+    """Best of 3 of ``iters`` calls ``fn(x', key_i)`` (``key_i`` None unless ``keyed``) in one jitted loop; the
+    carry feeds back into x so the work is not hoisted out of the loop."""
     @jax.jit
     def loop(x):
         def body(i, acc):
-            return acc + fn(x + acc.astype(x.dtype) * 1e-30, jax.random.fold_in(jax.random.key(0), i), cfg).sum()
+            key = jax.random.fold_in(jax.random.key(0), i) if keyed else None
+            return acc + fn(x + acc.astype(x.dtype) * 1e-30, key).sum()
         return jax.lax.fori_loop(0, iters, body, jnp.int32(0))
 
     jax.block_until_ready(loop(x))
@@ -50,13 +58,21 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=50)
     args = ap.parse_args()
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; microseconds per call")
-    print("| rows x V | sampling | previous us | now us | ratio |")
+    print("\n| shape | jnp.argmax us | argmax_last us | ratio | same |")
+    print("|---|---:|---:|---:|---|")
+    for shape in [(1, 2048), (1, 7, 2048), (8, 7, 2048), (1, 151936), (8, 151936)]:
+        x = jax.random.normal(jax.random.key(0), shape)
+        a = _seconds_per_call(lambda v, k: jnp.argmax(v, axis=-1).astype(jnp.int32), x, args.iters, keyed=False)
+        b = _seconds_per_call(lambda v, k: argmax_last(v), x, args.iters, keyed=False)
+        same = bool((jnp.argmax(x, axis=-1) == argmax_last(x)).all())
+        print(f"| {list(shape)} | {a * 1e6:.1f} | {b * 1e6:.1f} | {a / b:.1f}x | {same} |")
+    print("\n| rows x V | sampling | previous us | now us | ratio |")
     print("|---|---|---:|---:|---:|")
     for rows, v in ((1, 2048), (16, 2048), (1, 151936), (8, 151936)):
         x = jax.random.normal(jax.random.key(1), (rows, v)) * 3
         for cfg in (SamplingConfig(0.7, 20, 0.8), SamplingConfig(1.0)):
-            a = _time(_previous, x, cfg, args.iters)
-            b = _time(sample_tokens, x, cfg, args.iters)
+            a = _seconds_per_call(lambda l, k, cfg=cfg: _previous_sample(l, k, cfg), x, args.iters)
+            b = _seconds_per_call(lambda l, k, cfg=cfg: sample_tokens(l, k, cfg), x, args.iters)
             name = f"T {cfg.temperature}, top-k {cfg.top_k}, top-p {cfg.top_p}"
             print(f"| {rows} x {v} | {name} | {a * 1e6:.0f} | {b * 1e6:.0f} | {a / b:.1f}x |")
 

@@ -70,8 +70,8 @@ def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
 def argmax_last(x: jax.Array) -> jax.Array:
     """``jnp.argmax(x, axis=-1)`` as int32 (the first maximal index), computed as a max then a min over the
     indices that reach it. XLA's CPU backend runs argmax as a variadic (value, index) reduction that is not
-    vectorised: 10 us for 2,048 logits and 765 us for 151,936 on the 2-core CPU this was measured on, against
-    2.7 and 46 us for the two plain reductions (``scripts/bench_argmax.py``); accelerators are unaffected.
+    vectorised: 10 us for 2,048 logits and ~710 us for 151,936 on the 2-core CPU this was measured on, against
+    3 and 45 us for the two plain reductions (``scripts/bench_sampling.py``); accelerators are unaffected.
     A row with a NaN yields the last index (``jnp.argmax`` would give the NaN's), a row of all ``-inf`` index 0."""
     m = jnp.max(x, axis=-1, keepdims=True)
     idx = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
