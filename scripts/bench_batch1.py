@@ -100,16 +100,17 @@ def pieces(args) -> None:
     print(f"draft proposal                     {us(_min_seconds(lambda: propose_loop(d_state), args.repeats)):7.1f} us")
     prompt = [list(range(10, 40))]
     kw = dict(max_new_tokens=96, stop_token_ids=())
-    step = min(_loop_seconds(lambda: dj.generate(target, prompt, **kw), "decode_steps", args.repeats))
-    rnd = min(_loop_seconds(lambda: dj.speculative_generate(target, draft, prompt, **kw), "rounds", args.repeats))
+    step = _best(lambda: dj.generate(target, prompt, **kw), args.repeats, per="decode_steps")
+    rnd = _best(lambda: dj.speculative_generate(target, draft, prompt, **kw), args.repeats, per="rounds")
     print(f"whole loops: generate {step * 1e6:.1f} us/step, speculative {rnd * 1e6:.1f} us/round "
           f"-> break-even tau {rnd / step:.2f}")
 
 
-def _loop_seconds(fn, count_key, repeats):
-    fn()
-    outs = [fn() for _ in range(repeats)]
-    return [o.stats["seconds"] / o.stats[count_key] for o in outs]
+def _best(generate, repeats, per=None):
+    """Minimum over ``repeats`` calls (after one warm-up) of a generate call's timed seconds, optionally divided by
+    one of its stats (``decode_steps`` / ``rounds``)."""
+    generate()
+    return min(o.stats["seconds"] / (o.stats[per] if per else 1) for o in (generate() for _ in range(repeats)))
 
 
 def demo_pair(args) -> None:
@@ -146,8 +147,8 @@ def demo_pair(args) -> None:
     secs = {}
     for n in (1, 96):
         kw = dict(max_new_tokens=n, stop_token_ids=())
-        secs["spec", n] = _best_call(lambda: dj.speculative_generate(target, draft, [p], **kw), args.repeats * 3)
-        secs["plain", n] = _best_call(lambda: dj.generate(target, [p], **kw), args.repeats * 3)
+        secs["spec", n] = _best(lambda: dj.speculative_generate(target, draft, [p], **kw), args.repeats * 3)
+        secs["plain", n] = _best(lambda: dj.generate(target, [p], **kw), args.repeats * 3)
     n_rounds = dj.speculative_generate(target, draft, [p], max_new_tokens=96, stop_token_ids=()).stats["rounds"]
     rnd = (secs["spec", 96] - secs["spec", 1]) / n_rounds
     step = (secs["plain", 96] - secs["plain", 1]) / 95
@@ -155,11 +156,6 @@ def demo_pair(args) -> None:
           f"tau {96 / n_rounds:.2f}), plain {secs['plain', 96] * 1e3:.2f} ms "
           f"({secs['plain', 96] / secs['spec', 96]:.2f}x); marginal round {rnd * 1e6:.0f} us, step {step * 1e6:.0f} us "
           f"-> break-even tau {rnd / step:.2f}")
-
-
-def _best_call(fn, repeats):
-    fn()
-    return min(fn().stats["seconds"] for _ in range(repeats))
 
 
 def main() -> None:
