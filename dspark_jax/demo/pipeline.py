@@ -74,6 +74,10 @@ QUICK = DemoSettings(conversations=400, vocab_size=1024, hidden_size=64, num_lay
 DRAFT_KINDS = ("dspark", "dflash", "eagle3")
 
 
+class DemoInterrupted(SystemExit):
+    """A stage was stopped by a signal after saving what it had; a rerun resumes it (exit status 1)."""
+
+
 class Demo:
     """Runs (or resumes) the demo in ``work_dir``. ``log`` receives one-line progress messages."""
 
@@ -253,6 +257,11 @@ class Demo:
                 self.log(f"[demo] training the {kind} draft ({self.s.draft_steps} steps)")
                 result = Trainer(cfg, devices=jax.devices()[:1], echo=lambda m: None,
                                  compiler_options=self.compiler_options).run()
+                if result.stopped_early:
+                    # SIGTERM / SIGINT: the trainer checkpointed and returned early; the stage is not done
+                    raise DemoInterrupted(f"[demo] {kind} draft training interrupted at step {result.steps} of "
+                                          f"{self.s.draft_steps} (checkpoint in {path}); rerun the same command to "
+                                          f"resume")
                 last = result.history[-1]
                 info = {"steps": result.steps, "first": result.history[0], "last": last}
                 self._finish(stage, key, info)
@@ -370,4 +379,4 @@ def _leaves(module):
     return jax.tree.leaves(nnx.state(module, nnx.Param))
 
 
-__all__ = ["Demo", "DemoSettings", "FULL", "QUICK", "DRAFT_KINDS", "MASK_TOKEN"]
+__all__ = ["Demo", "DemoInterrupted", "DemoSettings", "FULL", "QUICK", "DRAFT_KINDS", "MASK_TOKEN"]

@@ -107,3 +107,31 @@ def test_rerun_reuses_every_stage(demo_run):
     again.corpus(), again.target(), again.data(), again.calibrate(again.drafts())
     assert stamp == {s: os.path.getmtime(os.path.join(demo.work, s, "stage.json")) for s in stamp}
     assert not any("training" in line or "calibrating" in line for line in lines)
+
+
+def test_interrupted_draft_training_is_not_a_finished_stage(demo_run, tmp_path, monkeypatch):
+    """SIGTERM makes the trainer checkpoint and return early: the demo must stop there (a rerun resumes), not record
+    the stage as done and go on to stages that need the exported draft."""
+    import shutil
+
+    from dspark_jax.demo.pipeline import DemoInterrupted
+    from dspark_jax.train import trainer as T
+
+    demo, _, _ = demo_run
+    for stage in ("corpus", "target", "data"):
+        shutil.copytree(os.path.join(demo.work, stage), tmp_path / stage)
+
+    class Preempted:
+        def __init__(self, cfg, **kw):
+            self.cfg = cfg
+
+        def run(self):
+            return T.TrainResult(state=None, steps=3, history=[{"step": 3, "loss": 1.0}], output_dir=self.cfg.output_dir,
+                                 draft_dir=None, stopped_early=True)
+
+    monkeypatch.setattr(T, "Trainer", Preempted)
+    lines = []
+    with pytest.raises(DemoInterrupted, match="interrupted at step 3") as exc:
+        Demo(str(tmp_path), TEST, progress=False, log=lines.append).drafts(("dspark",))
+    assert exc.value.code != 0
+    assert not os.path.exists(tmp_path / "drafts" / "dspark" / "stage.json")
