@@ -1,7 +1,9 @@
 """A training corpus every machine with Python has: the standard library's own source.
 
-Each function with a docstring becomes two DeepSpec-format conversations (spec §3.1):
+Each function with a docstring becomes three DeepSpec-format conversations (spec §3.1):
   * "Write the function ``name(args)`` of module ``m``: <first docstring paragraph>" -> its source code;
+  * its stub (``def`` line and docstring) in a fenced block, worded as the HumanEval prompts of the eval data
+    ("Write a solution to the following problem ...") -> its source code;
   * "What does ``m.name`` do?" -> its docstring.
 Files are split into train / held-out by a stable hash of their path, so held-out prompts come from modules
 the target and drafts never saw. The result is deterministic for a given Python installation.
@@ -17,7 +19,7 @@ import sysconfig
 import textwrap
 from typing import Iterator
 
-__all__ = ["stdlib_root", "iter_function_conversations", "build_corpus"]
+__all__ = ["stdlib_root", "iter_function_conversations", "build_corpus", "STUB_PROMPT"]
 
 
 def stdlib_root() -> str:
@@ -48,6 +50,18 @@ def _signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
         return f"{node.name}(...)"
 
 
+# the wording of the HumanEval prompts in the eval data, so the target learns to answer them
+STUB_PROMPT = "Write a solution to the following problem and make sure that it passes the tests:"
+
+
+def _stub(source: str, node: ast.FunctionDef | ast.AsyncFunctionDef) -> str | None:
+    """The ``def`` line(s) and the docstring of ``node``, dedented (None when the body is only the docstring)."""
+    if len(node.body) < 2:
+        return None
+    lines = source.splitlines()[node.lineno - 1:node.body[0].end_lineno]
+    return textwrap.dedent("\n".join(lines))
+
+
 def iter_function_conversations(path: str, root: str, max_source_chars: int) -> Iterator[dict]:
     """Conversations from one source file (nothing if it does not parse)."""
     try:
@@ -74,6 +88,11 @@ def iter_function_conversations(path: str, root: str, max_source_chars: int) -> 
         yield {"id": f"code-{ident}", "conversations": [
             {"role": "user", "content": f"Write the function `{_signature(node)}` of module `{module}`: {summary}"},
             {"role": "assistant", "content": f"```python\n{code}\n```"}], "status": "success"}
+        stub = _stub(source, node)
+        if stub:
+            yield {"id": f"stub-{ident}", "conversations": [
+                {"role": "user", "content": f"{STUB_PROMPT}\n```python\n{stub}\n\n```"},
+                {"role": "assistant", "content": f"```python\n{code}\n```"}], "status": "success"}
         yield {"id": f"doc-{ident}", "conversations": [
             {"role": "user", "content": f"What does `{module}.{node.name}` do?"},
             {"role": "assistant", "content": textwrap.dedent(doc).strip()[:1200]}], "status": "success"}

@@ -47,8 +47,8 @@ class DemoSettings:
     regen_conversations: int = 800
     regen_new_tokens: int = 128
     regen_batch: int = 16
-    draft_layers: int = 2
-    block_size: int = 6
+    draft_layers: int = 1
+    block_size: int = 3
     num_anchors: int = 32
     markov_rank: int = 64
     draft_steps: int = 400

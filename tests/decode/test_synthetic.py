@@ -193,3 +193,17 @@ def test_render_chat_and_stop_ids(model_dirs):
     assert S.resolve_stop_ids(target) == (tok.convert_tokens_to_ids("<|im_end|>"),)
     with pytest.raises(ValueError, match="no tokenizer"):
         S.render_chat(None, [])
+
+
+def test_training_text_continues_the_generation_prompt():
+    """The test/demo template renders a final assistant turn as Qwen3 does (an empty think block first), so the
+    text a draft trains on is the generation prompt (enable_thinking=False) followed by the reply; earlier
+    assistant turns carry no think block."""
+    tok = build_tokenizer()
+    one = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there!"}]
+    two = one + [{"role": "user", "content": "More?"}, {"role": "assistant", "content": "The sea."}]
+    for conv in (one, two):
+        prompt = tok.decode(S.render_chat(tok, conv[:-1]))
+        full = tok.apply_chat_template(conv, tokenize=False)
+        assert full == prompt + conv[-1]["content"] + "<|im_end|>\n"
+    assert tok.apply_chat_template(two, tokenize=False).count("<think>") == 1

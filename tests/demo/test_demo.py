@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 
+from dspark_jax.demo.corpus import STUB_PROMPT
 from dspark_jax.demo.pipeline import DRAFT_KINDS, QUICK, Demo
 
 TEST = dataclasses.replace(QUICK, conversations=120, vocab_size=512, hidden_size=32, head_dim=16, max_length=96,
@@ -38,6 +39,12 @@ def test_corpus_and_data(demo_run):
     assert not {c["id"] for c in train} & {c["id"] for c in held}
     assert all(c["conversations"][0]["role"] == "user" and c["conversations"][1]["role"] == "assistant"
                for c in train + held)
+    # three kinds per function; the stub prompts are worded like the HumanEval prompts of the eval data
+    assert {c["id"].split("-")[0] for c in train} == {"code", "stub", "doc"}
+    stub = next(c for c in train if c["id"].startswith("stub-"))["conversations"]
+    assert stub[0]["content"].startswith(STUB_PROMPT + "\n```python\n") and stub[0]["content"].endswith('\n\n```')
+    assert "def " in stub[0]["content"]
+    assert stub[1]["content"].startswith("```python\n")
     regen = [json.loads(x) for x in open(os.path.join(demo.work, "data", "train.jsonl"))]
     assert len(regen) == TEST.regen_conversations
     assert sum(r["status"] == "success" for r in regen) == len(regen)
