@@ -168,14 +168,14 @@ def _ingest_prompt(draft, cache, taps, ids, lengths, first):
     return (cache, jnp.zeros((ids.shape[0], bs + 1, taps.shape[-1]), taps.dtype), jnp.zeros_like(lengths))
 
 
-def _propose(draft, dstate, anchor, key, sampling, stop_ids):
+def _propose(draft, dstate, anchor, key, sampling, stop_ids, head_hv=None):
     """-> (tokens [B, L], logits [B, L, V], confidence logits or None, max usable length [B], cache after)."""
     if draft.config.is_eagle3:
         cache, last = dstate
         prop = draft.propose(cache, last, key, sampling, stop_token_ids=stop_ids)
         return prop.tokens, prop.logits, None, prop.num_proposed, prop.cache
     cache, pend, count = dstate
-    prop = draft.propose(cache, pend, count, anchor, key, sampling)
+    prop = draft.propose(cache, pend, count, anchor, key, sampling, head_hv=head_hv)
     return prop.tokens, prop.logits, prop.confidence_logits, None, prop.cache
 
 
@@ -248,6 +248,9 @@ def _spec_jit(t_graph, t_state, d_graph, d_state, ids, lengths, key, sched_sps, 
     carry = dict(rnd=jnp.int32(0), t_cache=pre.cache, dstate=dstate, anchor=first, out=out, n_out=n_out, done=done,
                  key=key, stats=stats, sched=sched.init_state(batch, bs) if sched is not None else ())
 
+    # DSpark / DFlash base logits are B * Bs rows per round: contract them against a [H, V] copy made here, once
+    head_hv = None if cfg.is_eagle3 else draft.decode_head()
+
     def cond(c):
         return (c["rnd"] < max_rounds) & ~jnp.all(c["done"])
 
@@ -256,7 +259,7 @@ def _spec_jit(t_graph, t_state, d_graph, d_state, ids, lengths, key, sched_sps, 
         active = ~c["done"]
         start = c["t_cache"].lengths
         tokens, logits, conf, usable, d_cache_after = _propose(draft, c["dstate"], c["anchor"], k_prop,
-                                                               settings.sampling, settings.stop_ids)
+                                                               settings.sampling, settings.stop_ids, head_hv)
         conf_p = _confidences(conf, conf_temps)
         sched_state = c["sched"]
         if sched is not None:

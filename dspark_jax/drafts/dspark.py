@@ -229,15 +229,17 @@ class DSparkDraft(DraftBase):
                                    cache, ctx_count)
         return out[:, ns - bs:], cache
 
-    def propose(self, cache: KVCache, ctx_taps, ctx_count, anchor, key, sampling: SamplingConfig = SamplingConfig()):
+    def propose(self, cache: KVCache, ctx_taps, ctx_count, anchor, key, sampling: SamplingConfig = SamplingConfig(),
+                head_hv: jax.Array | None = None):
         """Proposes one block per row (spec §4.2-4.3): backbone, then sequential Markov sampling.
 
         Slot 0 uses the anchor as its previous token; each later slot uses the token sampled before it.
+        ``head_hv``: optionally ``self.decode_head()``, made once per decode loop (same logits, cheaper on CPU).
         Returns a :class:`Proposal`; its cache's lengths cover the context only (with the Pallas kernel the
         block's keys sit past the length as scratch).
         """
         out, cache = self.block_hidden(cache, ctx_taps, ctx_count, anchor)
-        base = self.base_logits(out)                                                        # [B, Bs, V]
+        base = self.base_logits(out, head_hv)                                               # [B, Bs, V]
         bs = self.config.block_size
         keys = jax.random.split(key, bs)
         head = self.markov_head

@@ -130,9 +130,9 @@ class Gemma4DSparkDraft(DSparkDraft):
         scale = jnp.asarray(self.config.arch.hidden_size ** 0.5, jnp.float32).astype(table.dtype)
         return (jnp.take(table, ids, axis=0) * scale).astype(self.dtype)
 
-    def base_logits(self, hidden: jax.Array) -> jax.Array:
+    def base_logits(self, hidden: jax.Array, head_hv: jax.Array | None = None) -> jax.Array:
         """``softcap(lm_head(hidden))`` ``[..., V]`` (draft logits before the Markov bias, and target logits)."""
-        return softcap(super().base_logits(hidden), self.config.arch.final_logit_softcapping)
+        return softcap(super().base_logits(hidden, head_hv), self.config.arch.final_logit_softcapping)
 
     def train_forward(self, input_ids, loss_mask, target_hidden, target_last_hidden, anchors, block_keep, *,
                       materialize_logits: bool = True):
@@ -206,8 +206,8 @@ class Gemma4Eagle3Draft(Eagle3Draft):
     embed = Gemma4DSparkDraft.embed
     init_cache = Gemma4DSparkDraft.init_cache
 
-    def base_logits(self, hidden: jax.Array) -> jax.Array:
-        return softcap(super().base_logits(hidden), self.config.arch.final_logit_softcapping)
+    def base_logits(self, hidden: jax.Array, head_hv: jax.Array | None = None) -> jax.Array:
+        return softcap(super().base_logits(hidden, head_hv), self.config.arch.final_logit_softcapping)
 
     def train_forward(self, input_ids, loss_mask, target_hidden, target_last_hidden, attention_mask=None, *,
                       materialize_logits: bool = True):

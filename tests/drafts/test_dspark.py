@@ -60,9 +60,10 @@ def loss_and_grads(draft, batch, anchors, keep, config=None, vocab_chunk=None):
                            jnp.asarray(keep), vocab_chunk=vocab_chunk)
 
 
-@nnx.jit(static_argnames=("sampling",))
-def propose(draft, cache, ctx_taps, ctx_count, anchor, key, sampling=SAMPLED):
-    return draft.propose(cache, ctx_taps, ctx_count, anchor, key, sampling)
+@nnx.jit(static_argnames=("sampling", "with_decode_head"))
+def propose(draft, cache, ctx_taps, ctx_count, anchor, key, sampling=SAMPLED, with_decode_head=False):
+    head_hv = draft.decode_head() if with_decode_head else None
+    return draft.propose(cache, ctx_taps, ctx_count, anchor, key, sampling, head_hv=head_hv)
 
 
 @nnx.jit
@@ -384,6 +385,20 @@ def test_propose_logits_follow_the_sampled_tokens(kind, drafts, batch):
     prevs = jnp.concatenate([anchor[:, None], prop.tokens[:, :-1]], 1)
     np.testing.assert_allclose(prop.confidence_logits, d.confidence(prop.block_hidden, prevs), **TOL)
     assert np.any(np.asarray(prop.tokens) != np.asarray(prop.logits.argmax(-1)))
+
+
+@pytest.mark.parametrize("kind", ("vanilla", "dflash"))
+def test_decode_head_gives_the_same_proposal(kind, drafts, batch):
+    """The decode loop contracts base logits against ``decode_head()`` (lm_head laid out [H, V], made once per
+    loop): same tokens and logits as against lm_head [V, H], and the copy is the exact transpose."""
+    d = drafts[kind]
+    np.testing.assert_array_equal(np.asarray(d.decode_head()), np.asarray(d.lm_head[...]).T)
+    counts = jnp.array([5, 3])
+    anchor = rows(batch["input_ids"], counts)
+    args = (d, d.init_cache(2, 16), batch["target_hidden"][:, :5], counts, anchor, jax.random.key(5), SAMPLED)
+    a, b = propose(*args), propose(*args, with_decode_head=True)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_allclose(a.logits, b.logits, **TOL)
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
