@@ -2,7 +2,8 @@
 
 Two modes, both greedy, batch 1, speculative and plain in the same process:
 
-  pieces (default): a random Qwen3 target of the demo's geometry (H=128, V=2048, ``--target-layers``) and a random
+  pieces (default): a random Qwen3 target of the demo's geometry (V=2048, ``--hidden-size`` 64, ``--target-layers`` 16;
+    2 heads of H/2, intermediate 3H) and a random
     DSpark draft (``--block-size``, ``--draft-layers``). Each piece runs 64 times inside one jitted ``fori_loop``
     with its cache carried (updated in place, as in the decode loops): a plain decode step, target forwards of
     1, 2 and Bs+1 tokens (the verify forward), one draft proposal. Then the whole loops: ``dj.generate`` per step
@@ -14,7 +15,7 @@ Two modes, both greedy, batch 1, speculative and plain in the same process:
     alternating per prompt, outputs checked equal), then the marginal cost of a round and of a step on the first
     prompt without stop tokens: ``(t(96 tokens) - t(1 token)) / rounds``, which removes the prefill both pay.
 
-    python scripts/bench_batch1.py [--target-layers 6] [--block-size 3] [--draft-layers 1]
+    python scripts/bench_batch1.py [--hidden-size 64] [--target-layers 16] [--block-size 3] [--draft-layers 1]
     python scripts/bench_batch1.py --demo /tmp/demo --draft /tmp/demo/drafts/dspark/draft [--passes 2]
 """
 
@@ -50,8 +51,9 @@ def pieces(args) -> None:
     from dspark_jax.drafts.config import DraftConfig
 
     nl = args.target_layers
-    cfg = tiny_qwen3_config(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=nl,
-                            num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024)
+    hs = args.hidden_size
+    cfg = tiny_qwen3_config(vocab_size=2048, hidden_size=hs, intermediate_size=3 * hs, num_hidden_layers=nl,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=hs // 2, max_position_embeddings=1024)
     target = dj.build_target(cfg, dtype="float32")
     taps = (0, nl // 2 - 1, nl - 2)
     bs = args.block_size
@@ -82,7 +84,7 @@ def pieces(args) -> None:
     def propose_loop(state):
         d = nnx.merge(d_graph, state)
         cache = d.init_cache(1, cap).with_lengths(jnp.array([ctx], jnp.int32))
-        pend = jnp.ones((1, bs + 1, len(taps) * 128), jnp.float32)
+        pend = jnp.ones((1, bs + 1, len(taps) * hs), jnp.float32)
 
         def body(i, carry):
             tok, cache = carry
@@ -92,7 +94,7 @@ def pieces(args) -> None:
         return jax.lax.fori_loop(0, LOOP, body, (jnp.zeros((1,), jnp.int32), cache))[0]
 
     us = lambda s: s / LOOP * 1e6
-    print(f"# random pair: target H=128, {nl} layers, V=2048; DSpark draft Bs={bs}, {args.draft_layers} layer(s); "
+    print(f"# random pair: target H={hs}, {nl} layers, V=2048; DSpark draft Bs={bs}, {args.draft_layers} layer(s); "
           f"{platform.processor() or platform.machine()}, jax {jax.__version__}, {jax.default_backend()}")
     print(f"plain decode step (k=1 + argmax)   {us(_min_seconds(target_loop(1), args.repeats)):7.1f} us")
     for k in sorted({2, bs + 1}):
@@ -160,7 +162,8 @@ def demo_pair(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--target-layers", type=int, default=6)
+    ap.add_argument("--hidden-size", type=int, default=64)
+    ap.add_argument("--target-layers", type=int, default=16)
     ap.add_argument("--block-size", type=int, default=3)
     ap.add_argument("--draft-layers", type=int, default=1)
     ap.add_argument("--demo", help="a demo work dir (trained pair mode)")

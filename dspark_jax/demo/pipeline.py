@@ -36,10 +36,13 @@ class DemoSettings:
 
     conversations: int = 3000
     vocab_size: int = 2048
-    hidden_size: int = 128
-    num_layers: int = 6
+    # deep and narrow: a one-token step bound by per-layer work rather than arithmetic, and a one-layer draft that
+    # is 1/16 of the target's depth (the paper's drafts are a few layers against 36-40); at H=128 x 6 layers a
+    # Bs=3 round cost ~2.4 plain steps on a 2-core CPU, here ~2.1 (BENCHMARKS.md, "Batch 1, session 7")
+    hidden_size: int = 64
+    num_layers: int = 16
     num_heads: int = 2
-    head_dim: int = 64
+    head_dim: int = 32
     max_length: int = 192
     target_steps: int = 600
     target_batch: int = 16
