@@ -38,9 +38,10 @@ class DraftBase(nnx.Module):
     def decode_head(self) -> jax.Array:
         """``lm_head`` as ``[H, V]``, made once per decode loop, outside its body.
 
-        XLA:CPU contracts a few rows against ``W[V, H]``'s last axis ~2.5x slower than against ``W[H, V]``
-        (``[3..7, 128] x [2048, 128]``: 55-90 us vs 20-50 us), and a DSpark proposal's base logits are ``B * Bs``
-        rows every round. The barrier keeps XLA from folding the transpose back into the dot.
+        XLA:CPU contracts a few rows against ``W[V, H]``'s last axis ~2x slower than against ``W[H, V]``
+        (``[3, 128]`` rows against a ``[2048, 128]`` head: 33 us vs 16 us; a DSpark round 3-7% faster on the demo
+        pair, BENCHMARKS.md), and a proposal's base logits are ``B * Bs`` rows every round. The barrier keeps XLA
+        from folding the transpose back into the dot.
         """
         return jax.lax.optimization_barrier(jnp.transpose(self.lm_head[...]))
 
