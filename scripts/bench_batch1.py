@@ -62,7 +62,7 @@ def pieces(args) -> None:
     greedy = SamplingConfig(0.0, 0, 1.0)
     t_graph, t_state = nnx.split(target)
     d_graph, d_state = nnx.split(draft)
-    cap, ctx = 256, 40
+    cap, ctx = args.capacity, 40
 
     def target_loop(k):
         @jax.jit
@@ -166,6 +166,7 @@ def main() -> None:
     ap.add_argument("--target-layers", type=int, default=16)
     ap.add_argument("--block-size", type=int, default=3)
     ap.add_argument("--draft-layers", type=int, default=1)
+    ap.add_argument("--capacity", type=int, default=256, help="KV cache slots of the pieces (40 in use)")
     ap.add_argument("--demo", help="a demo work dir (trained pair mode)")
     ap.add_argument("--draft", help="a draft dir (with --demo); default: <demo>/drafts/dspark/draft")
     ap.add_argument("--samples", type=int, default=16)

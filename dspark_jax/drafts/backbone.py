@@ -110,21 +110,24 @@ def cached_block_attention_reference(q, k_cache, v_cache, ctx_len, k_blk, v_blk,
     """
     b, s, nh, hd = q.shape
     cap, nkv = k_cache.shape[1], k_cache.shape[2]
-    qg = q.reshape(b, s, nkv, nh // nkv, hd)
+    groups = nh // nkv
+    # rows = one kv head's queries, softmax along the key axis, normaliser after the products: the layout of
+    # kernels.attention_reference (XLA:CPU transposes nothing per layer)
+    qm = q.reshape(b, s, nkv, groups, hd).transpose(0, 2, 1, 3, 4).reshape(b, nkv, s * groups, hd)
     k_blk, v_blk = k_blk.astype(k_cache.dtype), v_blk.astype(v_cache.dtype)
-    s_ctx = jnp.einsum("bsngd,btnd->bngst", qg, k_cache, preferred_element_type=jnp.float32) * scale
-    s_blk = jnp.einsum("bsngd,btnd->bngst", qg, k_blk, preferred_element_type=jnp.float32) * scale
-    vis = (jnp.arange(cap)[None, :] < ctx_len[:, None])[:, None, None, None, :]          # [B, 1, 1, 1, cap]
+    s_ctx = jnp.einsum("bnmd,btnd->bnmt", qm, k_cache, preferred_element_type=jnp.float32) * scale
+    s_blk = jnp.einsum("bnmd,btnd->bnmt", qm, k_blk, preferred_element_type=jnp.float32) * scale
+    vis = (jnp.arange(cap)[None, :] < ctx_len[:, None])[:, None, None, :]                 # [B, 1, 1, cap]
     s_ctx = jnp.where(vis, s_ctx, jnp.finfo(jnp.float32).min)
     # the block is always visible, so the shared max is finite and the normaliser >= 1
     m = jnp.maximum(jnp.max(s_ctx, axis=-1, keepdims=True), jnp.max(s_blk, axis=-1, keepdims=True))
     p_ctx = jnp.where(vis, jnp.exp(s_ctx - m), 0.0)
     p_blk = jnp.exp(s_blk - m)
     denom = jnp.sum(p_ctx, axis=-1, keepdims=True) + jnp.sum(p_blk, axis=-1, keepdims=True)
-    p_ctx, p_blk = p_ctx / denom, p_blk / denom
-    out = (jnp.einsum("bngst,btnd->bsngd", p_ctx.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
-           + jnp.einsum("bngst,btnd->bsngd", p_blk.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32))
-    return out.reshape(b, s, nh, hd).astype(q.dtype)
+    out = (jnp.einsum("bnmt,btnd->bnmd", p_ctx.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+           + jnp.einsum("bnmt,btnd->bnmd", p_blk.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32))
+    out = out / denom
+    return out.reshape(b, nkv, s, groups, hd).transpose(0, 2, 1, 3, 4).reshape(b, s, nh, hd).astype(q.dtype)
 
 
 def _write_context_and_block(buf, ctx, blk, cache_start, count, block_start):

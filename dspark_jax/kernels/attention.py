@@ -24,19 +24,24 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
     b, s, nh, hd = q.shape
     nkv = k.shape[2]
     groups = nh // nkv
-    qg = q.reshape(b, s, nkv, groups, hd)
-    scores = jnp.einsum("bsngd,btnd->bngst", qg, k, preferred_element_type=jnp.float32) * scale
-    if mask is None:
-        probs = jax.nn.softmax(scores, axis=-1)
-    else:
-        m = mask[:, None, None, :, :]
+    # One kv head's queries as the rows of plain [rows, hd] x [hd, T] and [rows, T] x [T, hd] products, the softmax
+    # along the contiguous key axis and the normaliser applied to the [rows, hd] output: with the bsngd output
+    # order XLA:CPU transposed the probabilities and the whole V cache on every layer (decode steps ~16% and
+    # 4-token verify forwards ~16-30% slower at the demo geometry; BENCHMARKS.md, "Attention layout").
+    qm = q.reshape(b, s, nkv, groups, hd).transpose(0, 2, 1, 3, 4).reshape(b, nkv, s * groups, hd)
+    scores = jnp.einsum("bnmd,btnd->bnmt", qm, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        t = k.shape[1]
+        m = jnp.broadcast_to(mask[:, None, :, None, :], (mask.shape[0], 1, s, 1, t))
+        scores = scores.reshape(b, nkv, s, groups, t)
         scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
-        scores = scores - jnp.max(scores, axis=-1, keepdims=True)
-        unnorm = jnp.where(m, jnp.exp(scores), 0.0)
-        denom = jnp.sum(unnorm, axis=-1, keepdims=True)
-        probs = unnorm / jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("bngst,btnd->bsngd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, s, nh, hd).astype(q.dtype)
+    unnorm = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    if mask is not None:
+        unnorm = jnp.where(m, unnorm, 0.0).reshape(b, nkv, s * groups, t)
+    denom = jnp.sum(unnorm, axis=-1, keepdims=True)
+    out = jnp.einsum("bnmt,btnd->bnmd", unnorm.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = out / jnp.where(denom > 0, denom, 1.0)
+    return out.reshape(b, nkv, s, groups, hd).transpose(0, 2, 1, 3, 4).reshape(b, s, nh, hd).astype(q.dtype)
 
 
 def attention(q, k, v, mask, scale, impl: str = "auto"):
