@@ -15,6 +15,7 @@ from dspark_jax import kernels
 from dspark_jax.cache import write_rows
 from dspark_jax.config import TargetConfig
 from dspark_jax.kernels._dispatch import resolve as resolve_impl
+from dspark_jax.kernels.attention import queries_as_rows, rows_as_heads
 from dspark_jax.nn.attention import Attention
 from dspark_jax.nn.mlp import SwiGLU
 from dspark_jax.nn.norm import RMSNorm
@@ -108,12 +109,10 @@ def cached_block_attention_reference(q, k_cache, v_cache, ctx_len, k_blk, v_blk,
         visible); k_blk, v_blk: ``[B, Q, nkv, hd]`` (all visible to every query).
     Returns: ``[B, Q, nh, hd]`` in q's dtype.
     """
-    b, s, nh, hd = q.shape
+    s = q.shape[1]
     cap, nkv = k_cache.shape[1], k_cache.shape[2]
-    groups = nh // nkv
-    # rows = one kv head's queries, softmax along the key axis, normaliser after the products: the layout of
-    # kernels.attention_reference (XLA:CPU transposes nothing per layer)
-    qm = q.reshape(b, s, nkv, groups, hd).transpose(0, 2, 1, 3, 4).reshape(b, nkv, s * groups, hd)
+    # softmax along the key axis, normaliser after the products: the layout of kernels.attention_reference
+    qm = queries_as_rows(q, nkv)
     k_blk, v_blk = k_blk.astype(k_cache.dtype), v_blk.astype(v_cache.dtype)
     s_ctx = jnp.einsum("bnmd,btnd->bnmt", qm, k_cache, preferred_element_type=jnp.float32) * scale
     s_blk = jnp.einsum("bnmd,btnd->bnmt", qm, k_blk, preferred_element_type=jnp.float32) * scale
@@ -127,7 +126,7 @@ def cached_block_attention_reference(q, k_cache, v_cache, ctx_len, k_blk, v_blk,
     out = (jnp.einsum("bnmt,btnd->bnmd", p_ctx.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
            + jnp.einsum("bnmt,btnd->bnmd", p_blk.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32))
     out = out / denom
-    return out.reshape(b, nkv, s, groups, hd).transpose(0, 2, 1, 3, 4).reshape(b, s, nh, hd).astype(q.dtype)
+    return rows_as_heads(out, s).astype(q.dtype)
 
 
 def _write_context_and_block(buf, ctx, blk, cache_start, count, block_start):

@@ -8,6 +8,24 @@ import jax.numpy as jnp
 from dspark_jax.kernels._dispatch import IMPLS, check_impl  # noqa: F401  (IMPLS re-exported)
 
 
+def queries_as_rows(q: jax.Array, nkv: int) -> jax.Array:
+    """``[B, S, nh, hd]`` -> ``[B, nkv, S * g, hd]``: one kv head's queries (g = nh // nkv per head) as matmul rows.
+
+    With this layout the score and value products are plain ``[rows, hd] x [hd, T]`` and ``[rows, T] x [T, hd]``
+    matmuls and XLA:CPU transposes neither the probabilities nor the V cache per layer (BENCHMARKS.md,
+    "Attention layout").
+    """
+    b, s, nh, hd = q.shape
+    return q.reshape(b, s, nkv, nh // nkv, hd).transpose(0, 2, 1, 3, 4).reshape(b, nkv, s * (nh // nkv), hd)
+
+
+def rows_as_heads(out: jax.Array, s: int) -> jax.Array:
+    """Inverse of :func:`queries_as_rows`: ``[B, nkv, S * g, hd]`` -> ``[B, S, nkv * g, hd]``."""
+    b, nkv, rows, hd = out.shape
+    g = rows // s
+    return out.reshape(b, nkv, s, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, s, nkv * g, hd)
+
+
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
     """Grouped-query attention with a boolean mask.
 
@@ -24,11 +42,10 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
     b, s, nh, hd = q.shape
     nkv = k.shape[2]
     groups = nh // nkv
-    # One kv head's queries as the rows of plain [rows, hd] x [hd, T] and [rows, T] x [T, hd] products, the softmax
-    # along the contiguous key axis and the normaliser applied to the [rows, hd] output: with the bsngd output
-    # order XLA:CPU transposed the probabilities and the whole V cache on every layer (decode steps ~16% and
-    # 4-token verify forwards ~16-30% slower at the demo geometry; BENCHMARKS.md, "Attention layout").
-    qm = q.reshape(b, s, nkv, groups, hd).transpose(0, 2, 1, 3, 4).reshape(b, nkv, s * groups, hd)
+    # Softmax along the contiguous key axis and the normaliser applied to the [rows, hd] output: with the bsngd
+    # output order XLA:CPU transposed the probabilities and the whole V cache on every layer (decode steps ~16%
+    # and 4-token verify forwards ~16-30% slower at the demo geometry; BENCHMARKS.md, "Attention layout").
+    qm = queries_as_rows(q, nkv)
     scores = jnp.einsum("bnmd,btnd->bnmt", qm, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         t = k.shape[1]
@@ -41,7 +58,7 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
     denom = jnp.sum(unnorm, axis=-1, keepdims=True)
     out = jnp.einsum("bnmt,btnd->bnmd", unnorm.astype(v.dtype), v, preferred_element_type=jnp.float32)
     out = out / jnp.where(denom > 0, denom, 1.0)
-    return out.reshape(b, nkv, s, groups, hd).transpose(0, 2, 1, 3, 4).reshape(b, s, nh, hd).astype(q.dtype)
+    return rows_as_heads(out, s).astype(q.dtype)
 
 
 def attention(q, k, v, mask, scale, impl: str = "auto"):
