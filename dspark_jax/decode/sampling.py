@@ -38,7 +38,7 @@ def warp_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
     """``[..., V]`` logits -> fp32 logits of the distribution actually sampled from (-inf outside the filters)."""
     x = logits.astype(jnp.float32) / max(cfg.temperature, GREEDY_EPS)
     if cfg.top_k and cfg.top_k < x.shape[-1]:
-        top = jax.lax.top_k(x, cfg.top_k)[0]                       # [..., k], descending
+        top = top_k_values(x, cfg.top_k)                            # [..., k], descending
         x = jnp.where(x < top[..., -1:], -jnp.inf, x)
         if cfg.top_p < 1.0:
             # the nucleus lies among the top-k survivors, so rank only those instead of sorting the vocabulary
@@ -51,6 +51,28 @@ def warp_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
         sorted_x = -jnp.sort(-x, axis=-1)
         x = _nucleus(x, sorted_x, jax.nn.softmax(sorted_x, axis=-1), cfg.top_p)
     return x
+
+
+def top_k_values(x: jax.Array, k: int) -> jax.Array:
+    """``jax.lax.top_k(x, k)[0]``: the ``k`` largest values along the last axis, descending, ties repeated.
+
+    On a CPU it is found by ``k`` rounds of (max, count of that max, mask it out) instead: XLA:CPU's TopK costs
+    ~230 us a row for k=20 of 2,048 logits (3.7 ms a step for a batch of 16 on the 2-core CPU this was measured
+    on, 80% of a sampled decode step), the rounds ~15x less. Same values for inputs without NaN."""
+    if jax.default_backend() != "cpu":
+        return jax.lax.top_k(x, k)[0]
+    slot = jax.lax.broadcasted_iota(jnp.int32, x.shape[:-1] + (k,), x.ndim - 1)
+
+    def one_round(_, carry):
+        rest, values, filled = carry                                # filled: [...] slots of `values` written
+        m = jnp.max(rest, axis=-1, keepdims=True)
+        hit = rest == m
+        n = jnp.sum(hit, axis=-1, keepdims=True, dtype=jnp.int32)   # ties: the value fills n slots
+        values = jnp.where((slot >= filled) & (slot < filled + n), m, values)
+        return jnp.where(hit, -jnp.inf, rest), values, filled + n
+
+    init = (x, jnp.full(slot.shape, -jnp.inf, x.dtype), jnp.zeros(x.shape[:-1] + (1,), jnp.int32))
+    return jax.lax.fori_loop(0, k, one_round, init)[1]
 
 
 def _nucleus(x, ranked, probs, top_p: float):

@@ -49,6 +49,11 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{fmt(acc[0])} | {fmt(acc[1])} | {fmt(acc[2])} | {r['spec_tps']:.0f} | {r['plain_tps']:.0f} | "
                      f"{r['speedup'] or 0:.2f}x | {fmt(r['greedy_match'])} |")
     lines.append("")
+    if "eval_batch1_cores" in results:
+        cores = results["eval_batch1_cores"]
+        lines += [("Batch 1 timed in a child process pinned to core(s) " + ", ".join(map(str, cores))
+                   + " (both loops; JAX sizes its CPU thread pool from the affinity)") if cores else
+                  "Batch 1 timed in the demo's process, on all its cores.", ""]
     for k, v in tau_ratios(rows).items():
         lines.append(f"- τ ratio {k}: {v:.3f}")
     lines += ["", PAPER_NOTE]

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax.decode.sampling import SamplingConfig, argmax_last, categorical, sample_tokens, warp_logits
+from dspark_jax.decode.sampling import (SamplingConfig, argmax_last, categorical, sample_tokens, top_k_values,
+                                       warp_logits)
 
 
 @pytest.mark.parametrize("shape", [(5,), (3, 2048), (2, 7, 1000), (1, 151936)])
@@ -66,3 +67,18 @@ def test_categorical_draws_what_jax_random_categorical_draws(v):
         key = jax.random.key(seed)
         np.testing.assert_array_equal(np.asarray(categorical(key, logits)),
                                       np.asarray(jax.random.categorical(key, logits, axis=-1)))
+
+
+@pytest.mark.parametrize("shape,k", [((16, 2048), 20), ((3, 7), 4), ((2, 5, 100), 7), ((2, 9), 9)])
+def test_top_k_values_equals_lax_top_k(shape, k):
+    """The CPU rounds (max, count, mask) give lax.top_k's values: ties repeated, -inf rows and tails included,
+    inside a jitted loop as in the decode loops."""
+    rng = np.random.default_rng(k)
+    x = np.round(rng.standard_normal(shape), 1).astype(np.float32)     # rounding makes many ties
+    flat = x.reshape(-1, shape[-1])
+    flat[0, 2:] = -np.inf                                                # fewer finite values than k
+    flat[-1, : min(k + 2, shape[-1])] = flat[-1].max()                   # the maximum tied beyond k
+    x = jnp.asarray(x)
+    want = jax.lax.top_k(x, k)[0]
+    got = jax.jit(lambda v: jax.lax.fori_loop(0, 2, lambda i, c: top_k_values(x + 0 * c[..., :1], k), want))(x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
