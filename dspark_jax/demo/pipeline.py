@@ -57,12 +57,12 @@ class DemoSettings:
     block_size: int = 3
     num_anchors: int = 32
     markov_rank: int = 64
-    # DSpark / DFlash: 1000 steps (20 epochs of the regenerated conversations), from the offline feature cache.
-    # The draft was undertrained at 400: held-out tau 1.96 (400), 2.17 (800), 2.27 (1200) on the session-8 pair
-    # (BENCHMARKS.md, "Session 9")
-    draft_steps: int = 1000
+    # DSpark / DFlash: 1500 steps (30 epochs of the regenerated conversations), from the offline feature cache.
+    # The drafts were undertrained at 400: DSpark held-out tau 1.96 (400 steps), 2.17 (1000), 2.25 (1500) on the
+    # same target and data (BENCHMARKS.md, "Session 9")
+    draft_steps: int = 1500
     # Eagle3 trains every position of every sequence through TTT steps (~6x the query rows of a 32-anchor Bs=3
-    # block draft per step, 0.6-0.7 s a step here): 400 of its steps already see more positions than 1000 of theirs
+    # block draft per step, 0.6-0.7 s a step here): 400 of its steps already see more positions than 1500 of theirs
     eagle3_steps: int | None = 400
     draft_batch: int = 16
     draft_lr: float = 3e-3
@@ -277,7 +277,8 @@ class Demo:
         taps = tuple(cfg.draft.target_layer_ids)
         name = "cache-" + "-".join(str(t) for t in taps)
         stage = os.path.join("drafts", name)
-        key = self._stage_key("data")
+        # the manifest records the target's path, which training checks: a moved work dir rebuilds the cache
+        key = self._stage_key("data") + hashlib.sha1(str(cfg.target.path).encode()).hexdigest()[:8]
         path = os.path.join(self.work, stage)
         if self._done(stage, key):
             return path
@@ -468,41 +469,38 @@ def _pinned_cores(n: int | None) -> set[int]:
     return set(sorted(os.sched_getaffinity(0))[:n])
 
 
-def _pinned_child(cores, args, queue) -> None:
-    # before anything makes JAX's CPU client: its thread pool is sized from this affinity
-    os.sched_setaffinity(0, cores)
-    try:
-        queue.put(("ok", _evaluate_drafts(*args, log=lambda m: None)))
-    except BaseException as e:  # noqa: BLE001 - reported by the parent with the child's traceback
-        import traceback
-
-        queue.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-
-
 def _run_pinned(cores, target_dir, data_dir, drafts, s, batch_sizes, progress):
-    """:func:`_evaluate_drafts` in a fresh (spawned) process pinned to ``cores``."""
-    import multiprocessing as mp
-    import queue as queue_mod
+    """:func:`_evaluate_drafts` in a fresh Python process pinned to ``cores`` (it pins itself before anything
+    creates JAX's CPU client, which sizes its thread pool from the affinity; a subprocess rather than
+    multiprocessing, which would re-import the caller's main script, or a fork of this multithreaded one)."""
+    import subprocess
+    import sys
+    import tempfile
 
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=_pinned_child, args=(cores, (target_dir, data_dir, drafts, s, batch_sizes, progress), q))
-    proc.start()
-    try:
-        while True:
-            try:
-                status, payload = q.get(timeout=5)
-                break
-            except queue_mod.Empty:
-                if not proc.is_alive():
-                    raise RuntimeError(f"the pinned batch-1 evaluation process died (exit code {proc.exitcode})")
-    finally:
-        proc.join(timeout=60)
-        if proc.is_alive():
-            proc.kill()
-    if status != "ok":
-        raise RuntimeError(f"the pinned batch-1 evaluation failed: {payload}")
-    return payload
+    with tempfile.TemporaryDirectory(prefix="dspark-eval-") as tmp:
+        args_path, out_path = os.path.join(tmp, "args.json"), os.path.join(tmp, "out.json")
+        with open(args_path, "w") as f:
+            json.dump({"target_dir": target_dir, "data_dir": data_dir, "drafts": drafts,
+                       "settings": {k: getattr(s, k) for k in ("eval_new_tokens", "eval_samples", "seed")},
+                       "batch_sizes": list(batch_sizes), "progress": progress}, f)
+        proc = subprocess.run([sys.executable, "-m", "dspark_jax.demo.pipeline", "--pinned-eval",
+                               ",".join(map(str, sorted(cores))), args_path, out_path])
+        if proc.returncode != 0 or not os.path.isfile(out_path):
+            raise RuntimeError(f"the batch-1 evaluation pinned to core(s) {sorted(cores)} failed (exit status "
+                               f"{proc.returncode}; its error is printed above)")
+        with open(out_path) as f:
+            out = json.load(f)
+    return out["results"], out["lines"]
+
+
+def _pinned_eval_main(args_path: str, out_path: str) -> None:
+    with open(args_path) as f:
+        a = json.load(f)
+    s = DemoSettings(**a["settings"])
+    results, lines = _evaluate_drafts(a["target_dir"], a["data_dir"], a["drafts"], s, tuple(a["batch_sizes"]),
+                                      a["progress"], log=lambda m: None)
+    with open(out_path, "w") as f:
+        json.dump({"results": results, "lines": lines}, f, default=str)
 
 
 def _one_device():
@@ -519,3 +517,13 @@ def _leaves(module):
 
 
 __all__ = ["Demo", "DemoInterrupted", "DemoSettings", "FULL", "QUICK", "DRAFT_KINDS", "MASK_TOKEN"]
+
+
+if __name__ == "__main__":  # the pinned batch-1 evaluation child (see _run_pinned)
+    import sys
+
+    if len(sys.argv) != 5 or sys.argv[1] != "--pinned-eval":
+        raise SystemExit("usage: python -m dspark_jax.demo.pipeline --pinned-eval CORES ARGS.json OUT.json (internal)")
+    # importing dspark_jax does not start JAX's backend: pinned here, the CPU client is made with one core's pool
+    os.sched_setaffinity(0, {int(c) for c in sys.argv[2].split(",")})
+    _pinned_eval_main(sys.argv[3], sys.argv[4])
