@@ -62,7 +62,7 @@ class DemoSettings:
     # same target and data (BENCHMARKS.md, "Session 9")
     draft_steps: int = 1500
     # Eagle3 trains every position of every sequence through TTT steps (~6x the query rows of a 32-anchor Bs=3
-    # block draft per step, 0.6-0.7 s a step here): 400 of its steps already see more positions than 1500 of theirs
+    # block draft per step, 0.4-0.7 s a step here): 400 of its steps already see more positions than 1500 of theirs
     eagle3_steps: int | None = 400
     draft_batch: int = 16
     draft_lr: float = 3e-3
@@ -269,9 +269,7 @@ class Demo:
         the target runs over the data once per tap set instead of once per training step of every draft
         (DSpark and DFlash share one; 0.15 -> 0.10 s per DSpark step on the 2-core CPU). fp32 features are
         the online step's numbers, so training from it gives the online run's losses."""
-        import dspark_jax as dj
-        from dspark_jax.train.data import read_jsonl
-        from dspark_jax.train.target_cache import write_target_cache
+        from dspark_jax.train.trainer import write_cache_for_config
 
         cfg = self.draft_config(kind)
         taps = tuple(cfg.draft.target_layer_ids)
@@ -283,19 +281,10 @@ class Demo:
         if self._done(stage, key):
             return path
         self._fresh(stage, key)
-        d = cfg.data
-        target = dj.load_target(cfg.target.path, dtype=cfg.target.dtype)
-        # parsed as the trainer parses them online (same tokenizer, template, length cap, loss-token filter)
-        samples, _ = read_jsonl(list(d.train_files), target.tokenizer, d.chat_template, d.max_length,
-                                min_loss_tokens=d.min_loss_tokens, skip_bad_lines=d.skip_bad_lines,
-                                mask_source=d.mask_source)
         t0 = time.perf_counter()
-        manifest = write_target_cache(
-            path, samples, target, target_layer_ids=taps, batch_size=self.s.draft_batch,
-            target_model_name_or_path=cfg.target.path or "", progress=self.progress,
-            compiler_options=self.compiler_options, data_paths=tuple(cfg.data.train_files),
-            chat_template=cfg.data.chat_template, max_length=cfg.data.max_length,
-            min_loss_tokens=cfg.data.min_loss_tokens, hidden_dtype="float32", overwrite=True)
+        manifest = write_cache_for_config(cfg, path, batch_size=self.s.draft_batch, hidden_dtype="float32",
+                                          overwrite=True, progress=self.progress,
+                                          compiler_options=self.compiler_options, echo=lambda m: None)
         self._finish(stage, key, {"samples": manifest.num_samples, "target_layer_ids": list(taps)})
         self.log(f"[demo] target features of {manifest.num_samples} conversations at layers {list(taps)} cached in "
                  f"{time.perf_counter() - t0:.0f}s")

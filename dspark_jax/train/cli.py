@@ -77,17 +77,11 @@ def cmd_prepare_cache(args) -> int:
         raise SystemExit("error: data.cache_dir is set: prepare-cache reads the JSONL files and writes --out")
     import jax
 
-    from dspark_jax.train.target_cache import write_target_cache
-    from dspark_jax.train.trainer import Trainer, resolve_data_files
+    from dspark_jax.train.trainer import write_cache_for_config
 
     if jax.process_count() > 1:
         raise SystemExit("error: prepare-cache runs on one host")
-    trainer = Trainer(cfg, inputs_only=True)
-    manifest = write_target_cache(
-        args.out, trainer.samples, trainer.target, target_layer_ids=tuple(cfg.draft.target_layer_ids),
-        batch_size=args.batch_size, target_model_name_or_path=cfg.target.path or "",
-        data_paths=tuple(resolve_data_files(cfg.data.train_files)), chat_template=cfg.data.chat_template,
-        max_length=cfg.data.max_length, min_loss_tokens=cfg.data.min_loss_tokens, overwrite=args.overwrite)
+    manifest = write_cache_for_config(cfg, args.out, batch_size=args.batch_size, overwrite=args.overwrite)
     print(f"[prepare-cache] {manifest.num_samples} samples in {manifest.num_shards} shard(s) -> {args.out}")
     return 0
 

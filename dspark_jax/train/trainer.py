@@ -55,6 +55,25 @@ PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p
                "NVIDIA B200": 2250.0}
 
 
+def write_cache_for_config(cfg, directory: str, *, batch_size: int = 16, hidden_dtype: str = "bfloat16",
+                           overwrite: bool = False, progress: bool = True, compiler_options: dict | None = None,
+                           echo: Callable[[str], None] | None = None):
+    """Runs ``cfg``'s target over ``cfg``'s training data (parsed exactly as training parses it) and writes the
+    offline cache for ``cfg.draft.target_layer_ids`` to ``directory``: what ``dspark prepare-cache`` does.
+    ``echo``: the trainer's input messages (default: its own). Returns the
+    :class:`~dspark_jax.train.target_cache.CacheManifest`."""
+    from dspark_jax.train.target_cache import write_target_cache
+
+    inputs = Trainer(cfg, inputs_only=True, compiler_options=compiler_options, echo=echo)
+    d = cfg.data
+    return write_target_cache(
+        directory, inputs.samples, inputs.target, target_layer_ids=tuple(cfg.draft.target_layer_ids),
+        batch_size=batch_size, target_model_name_or_path=cfg.target.path or "", progress=progress,
+        compiler_options=compiler_options, data_paths=tuple(resolve_data_files(d.train_files)),
+        chat_template=d.chat_template, max_length=d.max_length, min_loss_tokens=d.min_loss_tokens,
+        hidden_dtype=hidden_dtype, overwrite=overwrite)
+
+
 def resolve_data_files(files) -> list[str]:
     out = []
     for f in files:
