@@ -14,12 +14,12 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dspark_jax.decode.output import GenerationOutput
 from dspark_jax.decode.prompts import encode_prompts, pad_batch
 from dspark_jax.decode.sampling import SamplingConfig, sample_tokens
 from dspark_jax.kernels._dispatch import resolve as resolve_impl
+from dspark_jax.nn.static_graph import split_static
 
 
 def generate(target, prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
@@ -44,7 +44,7 @@ def generate(target, prompts, max_new_tokens: int = 256, temperature: float = 0.
     stops = tuple(cfg.eos_token_ids if stop_token_ids is None else (int(t) for t in stop_token_ids))
     ids, lengths = pad_batch(rows)
     capacity = ids.shape[1] + int(max_new_tokens)
-    graphdef, state = nnx.split(target)
+    graphdef, state = split_static(target)
     t0 = time.perf_counter()
     tokens, n_new, steps = _generate_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(lengths),
                                          jax.random.key(seed), max_new_tokens=int(max_new_tokens),
@@ -75,7 +75,7 @@ def _decodes_flat(target) -> bool:
                                              "flat_decode"))
 def _generate_jit(graphdef, state, ids, lengths, key, *, max_new_tokens, capacity, sampling, stop_ids,
                   flat_decode=False):
-    target = nnx.merge(graphdef, state)
+    target = graphdef.merge(state)
     batch = ids.shape[0]
     stop_arr = jnp.asarray(stop_ids if stop_ids else (-2,), jnp.int32)
 

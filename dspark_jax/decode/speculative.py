@@ -20,7 +20,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dspark_jax.decode.calibrate import resolve_temperatures
 from dspark_jax.decode.output import GenerationOutput
@@ -30,6 +29,7 @@ from dspark_jax.decode.sampling import SamplingConfig, sample_tokens
 from dspark_jax.decode.scheduler import PrefixScheduler, SchedulePolicy, ZeroOverheadScheduler, check_sps
 from dspark_jax.decode.verify import verify_block
 from dspark_jax.eval.metrics import round_counts, summarize
+from dspark_jax.nn.static_graph import split_static
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +127,8 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
     if draft.config.has_confidence:
         conf_temps = jnp.asarray(temps if temps is not None else (1.0,) * _drafts_per_round(draft.config),
                                  jnp.float32)
-    t_graph, t_state = nnx.split(target)
-    d_graph, d_state = nnx.split(draft)
+    t_graph, t_state = split_static(target)
+    d_graph, d_state = split_static(draft)
     t0 = time.perf_counter()
     res = _spec_jit(t_graph, t_state, d_graph, d_state, jnp.asarray(ids), jnp.asarray(lengths),
                     jax.random.key(seed), sched_sps, conf_temps, settings=settings)
@@ -219,8 +219,8 @@ def _proposal_lengths(conf_p, threshold: float, block_size: int, batch: int):
 @functools.partial(jax.jit, static_argnames=("t_graph", "d_graph", "settings"))
 def _spec_jit(t_graph, t_state, d_graph, d_state, ids, lengths, key, sched_sps, conf_temps, *,
               settings: SpecSettings):
-    target = nnx.merge(t_graph, t_state)
-    draft = nnx.merge(d_graph, d_state)
+    target = t_graph.merge(t_state)
+    draft = d_graph.merge(d_state)
     cfg = draft.config
     bs, taps = _drafts_per_round(cfg), cfg.target_layer_ids
     batch = ids.shape[0]
