@@ -11,7 +11,7 @@ Two modes, both greedy, batch 1, speculative and plain in the same process:
     the weights), and the break-even tau = round / step. Minimum over repeats (this VM's timing noise is
     one-sided).
   ``--demo WORK --draft DIR``: a trained pair from a demo work dir (``dspark demo --work WORK``): tau and
-    speculative / plain tokens/s over the held-out prompts the demo evaluates (stop tokens on, spec and plain
+    speculative / plain tokens/s over the prompts the demo evaluates (``--dataset``) (stop tokens on, spec and plain
     alternating per prompt, outputs checked equal), then the marginal cost of a round and of a step on the first
     prompt without stop tokens: ``(t(96 tokens) - t(1 token)) / rounds``, which removes the prefill both pay.
 
@@ -120,11 +120,11 @@ def demo_pair(args) -> None:
 
     target = dj.load_target(os.path.join(args.demo, "target"))
     draft = dj.load_draft(args.draft, dtype="float32")
-    texts = D.load_prompts(os.path.join(args.demo, "eval_data"), "heldout", args.samples, args.seed)
+    texts = D.load_prompts(os.path.join(args.demo, "eval_data"), args.dataset, args.samples, args.seed)
     prompts = [D.chat_prompt_ids(target.tokenizer, t) for t in texts]
     cfg = draft.config
     print(f"# demo pair {args.demo}, draft {args.draft} (Bs={cfg.ttt_length if cfg.is_eagle3 else cfg.block_size}, "
-          f"{cfg.num_draft_layers} layer(s)); {len(prompts)} held-out prompts, 96 new tokens; "
+          f"{cfg.num_draft_layers} layer(s)); {len(prompts)} {args.dataset} prompts, 96 new tokens; "
           f"{platform.processor() or platform.machine()}, jax {jax.__version__}, {jax.default_backend()}")
     kw = dict(max_new_tokens=96, stop_token_ids=tuple(target.config.eos_token_ids))
     for p in prompts:                               # compile every prompt bucket first
@@ -169,7 +169,9 @@ def main() -> None:
     ap.add_argument("--capacity", type=int, default=256, help="KV cache slots of the pieces (40 in use)")
     ap.add_argument("--demo", help="a demo work dir (trained pair mode)")
     ap.add_argument("--draft", help="a draft dir (with --demo); default: <demo>/drafts/dspark/draft")
-    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=64, help="prompts (the demo evaluates 64 held-out ones)")
+    ap.add_argument("--dataset", default="heldout", choices=("heldout", "humaneval", "mbpp"),
+                    help="which of the demo's evaluation sets (<demo>/eval_data)")
     ap.add_argument("--seed", type=int, default=0, help="the demo's prompt-shuffle seed")
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dspark_jax.decode.output import GenerationOutput
+from dspark_jax.decode.prefill import prefill as prefill_target
 from dspark_jax.decode.prompts import encode_prompts, pad_batch
 from dspark_jax.decode.sampling import SamplingConfig, sample_tokens
 from dspark_jax.kernels._dispatch import resolve as resolve_impl
@@ -79,8 +80,7 @@ def _generate_jit(graphdef, state, ids, lengths, key, *, max_new_tokens, capacit
     batch = ids.shape[0]
     stop_arr = jnp.asarray(stop_ids if stop_ids else (-2,), jnp.int32)
 
-    cache = target.init_cache(batch, capacity)
-    prefill = target(ids, cache, num_new=lengths, logits_at=(lengths - 1)[:, None])
+    prefill = prefill_target(target, ids, lengths, capacity)
     key, sub = jax.random.split(key)
     first = sample_tokens(prefill.logits[:, 0], sub, sampling)
     out = jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)

@@ -23,6 +23,7 @@ import numpy as np
 
 from dspark_jax.decode.calibrate import resolve_temperatures
 from dspark_jax.decode.output import GenerationOutput
+from dspark_jax.decode.prefill import prefill as prefill_target
 from dspark_jax.decode.prompts import encode_prompts, pad_batch
 from dspark_jax.decode.ragged import ragged_buckets, verify_forward
 from dspark_jax.decode.sampling import SamplingConfig, sample_tokens
@@ -232,8 +233,7 @@ def _spec_jit(t_graph, t_state, d_graph, d_state, ids, lengths, key, sched_sps, 
     slots = jnp.arange(bs + 1)[None, :]
 
     # ---- prefill: target over the prompt, first token, the draft ingests the prompt's context -----------
-    t_cache = target.init_cache(batch, settings.target_capacity)
-    pre = target(ids, t_cache, num_new=lengths, tap_layer_ids=taps, logits_at=(lengths - 1)[:, None])
+    pre = prefill_target(target, ids, lengths, settings.target_capacity, tap_layer_ids=taps)
     key, k_first = jax.random.split(key)
     first = sample_tokens(pre.logits[:, 0], k_first, settings.sampling)
     dstate = _ingest_prompt(draft, draft.init_cache(batch, settings.draft_capacity), pre.taps, ids, lengths, first)

@@ -166,18 +166,54 @@ class Qwen3ForCausalLM(nnx.Module):
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
-        taps_wanted = self.check_tap_layer_ids(tap_layer_ids)
         b, s = input_ids.shape
         if cache is None:
-            start = jnp.zeros((b,), jnp.int32)
-            mask = jnp.tril(jnp.ones((s, s), bool))[None]
-        else:
-            if cache.batch != b:
-                raise ValueError(f"cache batch {cache.batch} != input batch {b}")
-            if cache.capacity < s:
-                raise ValueError(f"cache capacity {cache.capacity} < {s} new tokens")
-            start = cache.lengths
-            mask = causal_cache_mask(start, s, cache.capacity)
+            return self._forward(input_ids, None, jnp.zeros((b,), jnp.int32), jnp.tril(jnp.ones((s, s), bool))[None],
+                                 None, tap_layer_ids, logits_at, return_logits)
+        if cache.batch != b:
+            raise ValueError(f"cache batch {cache.batch} != input batch {b}")
+        if cache.capacity < s:
+            raise ValueError(f"cache capacity {cache.capacity} < {s} new tokens")
+        start = cache.lengths
+        grow = jnp.full((b,), s, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
+        return self._forward(input_ids, cache, start, causal_cache_mask(start, s, cache.capacity), start + grow,
+                             tap_layer_ids, logits_at, return_logits)
+
+    def prefill(self, input_ids: jax.Array, capacity: int, *, num_new: jax.Array | None = None,
+                tap_layer_ids: Sequence[int] = (), logits_at: jax.Array | None = None,
+                return_logits: bool = True) -> TargetOutput:
+        """Runs a prompt batch into a fresh KV cache of ``capacity`` slots.
+
+        Same result as ``self(input_ids, self.init_cache(B, capacity), ...)``, but attention covers only the
+        prompt's own ``[S, S]`` causal block instead of ``[S, capacity]`` against an empty cache, and the keys are
+        placed by one pad instead of a scatter.
+
+        Args:
+          input_ids: ``[B, S]`` right-padded prompts (row ``b`` token ``i`` at position ``i``).
+          capacity: cache slots (>= S).
+          num_new: ``[B]`` real tokens per row (default S): the returned cache's lengths.
+          tap_layer_ids, logits_at, return_logits: as in :meth:`__call__`.
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+        b, s = input_ids.shape
+        if capacity < s:
+            raise ValueError(f"cache capacity {capacity} < {s} prompt tokens")
+        lengths = jnp.full((b,), s, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
+        out = self._forward(input_ids, None, jnp.zeros((b,), jnp.int32), jnp.tril(jnp.ones((s, s), bool))[None],
+                            None, tap_layer_ids, logits_at, return_logits, keep_kv=True)
+        pad = lambda x: jnp.pad(x.astype(self.dtype), ((0, 0), (0, capacity - s), (0, 0), (0, 0)))
+        keys, values = out.cache
+        cache = KVCache(tuple(pad(k) for k in keys), tuple(pad(v) for v in values), lengths)
+        return dataclasses.replace(out, cache=cache)
+
+    def _forward(self, input_ids, cache, start, mask, new_lengths, tap_layer_ids, logits_at, return_logits,
+                 keep_kv: bool = False) -> TargetOutput:
+        """The layer stack. ``cache`` None: attention over the S new tokens only (with ``keep_kv`` the output's
+        ``cache`` field holds their raw (keys, values) per layer); else keys are written at ``start`` and the
+        output cache has ``new_lengths``."""
+        taps_wanted = self.check_tap_layer_ids(tap_layer_ids)
+        s = input_ids.shape[1]
         positions = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
         cos, sin = self.rope(positions)
 
@@ -195,8 +231,9 @@ class Qwen3ForCausalLM(nnx.Module):
 
         new_cache = None
         if cache is not None:
-            grow = jnp.full((b,), s, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
-            new_cache = KVCache(tuple(new_keys), tuple(new_values), start + grow)
+            new_cache = KVCache(tuple(new_keys), tuple(new_values), new_lengths)
+        elif keep_kv:
+            new_cache = (tuple(new_keys), tuple(new_values))
         taps = jnp.concatenate([tapped[i] for i in taps_wanted], axis=-1) if taps_wanted else None
         logits = None
         if return_logits:
