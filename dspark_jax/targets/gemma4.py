@@ -18,6 +18,7 @@ than the window instead of evicting them, which keeps crop-by-length rollback ex
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import jax
@@ -393,6 +394,33 @@ class Gemma4ForCausalLM(nnx.Module):
                  return_logits: bool = True) -> TargetOutput:
         """Same contract as :meth:`Qwen3ForCausalLM.__call__`: ``input_ids [B, S]``; taps ``[B, S, Lt*H]``
         (``l`` = raw output of layer ``l`` = HF ``hidden_states[l+1]``, ``-1`` = the scaled embeddings)."""
+        return self._forward(input_ids, cache, num_new, tap_layer_ids, logits_at, return_logits)
+
+    def prefill(self, input_ids: jax.Array, capacity: int, *, num_new: jax.Array | None = None,
+                tap_layer_ids: Sequence[int] = (), logits_at: jax.Array | None = None,
+                return_logits: bool = True) -> TargetOutput:
+        """Same contract as :meth:`Qwen3ForCausalLM.prefill`: the prompt batch into a fresh cache of ``capacity``
+        slots, attending within the prompt (``[S, S]``, sliding layers windowed) instead of against the empty
+        cache; K/V-sharing layers keep their empty placeholder entries, as :meth:`init_cache` makes them."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+        b, s = input_ids.shape
+        if capacity < s:
+            raise ValueError(f"cache capacity {capacity} < {s} prompt tokens")
+        lengths = jnp.full((b,), s, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
+        out = self._forward(input_ids, None, None, tap_layer_ids, logits_at, return_logits, keep_kv=True)
+        empty = self.init_cache(b, capacity)
+        pad = lambda x: jnp.pad(x.astype(self.dtype), ((0, 0), (0, capacity - s), (0, 0), (0, 0)))
+        keys, values = out.cache
+        reuse = [layer.reuses_kv for layer in self.layers]
+        cache = KVCache(tuple(e if r else pad(k) for k, e, r in zip(keys, empty.keys, reuse)),
+                        tuple(e if r else pad(v) for v, e, r in zip(values, empty.values, reuse)), lengths)
+        return dataclasses.replace(out, cache=cache)
+
+    def _forward(self, input_ids, cache, num_new, tap_layer_ids, logits_at, return_logits,
+                 keep_kv: bool = False) -> TargetOutput:
+        """The layer stack (``cache`` None: attention within the S tokens; with ``keep_kv`` the output's ``cache``
+        field holds each layer's raw (keys, values))."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
         taps_wanted = self.check_tap_layer_ids(tap_layer_ids)
@@ -437,6 +465,8 @@ class Gemma4ForCausalLM(nnx.Module):
         if cache is not None:
             grow = jnp.full((b,), s, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
             new_cache = KVCache(tuple(new_keys), tuple(new_values), start + grow)
+        elif keep_kv:
+            new_cache = (tuple(new_keys), tuple(new_values))
         taps = jnp.concatenate([tapped[i] for i in taps_wanted], axis=-1) if taps_wanted else None
         logits = None
         if return_logits:
