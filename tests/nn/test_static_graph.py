@@ -49,3 +49,47 @@ def test_equal_structures_compare_equal_and_values_follow_the_module():
     y1 = apply(sa2, x)
     assert len(calls) == 1
     assert jnp.allclose(y1 - a.lin.bias.value, 2.0 * (y0 - a.lin.bias.value))
+
+
+class _Stack(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.layers = nnx.List([nnx.Linear(4, 4, rngs=rngs) for _ in range(3)])
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_state_reused_while_unchanged_and_values_stay_current():
+    """The previous State is handed back (no graph walk) and still carries values written since: its leaves are
+    the module's own Variables."""
+    net = _Stack(nnx.Rngs(0))
+    g1, s1 = split_static(net)
+    g2, s2 = split_static(net)
+    assert g1 is g2 and s2 is s1
+    apply = jax.jit(lambda state, x: g1.merge(state)(x))
+    x = jnp.ones((2, 4))
+    fresh = lambda: nnx.merge(*nnx.split(net))(x)  # noqa: E731
+    assert jnp.allclose(apply(s1, x), fresh())
+    net.layers[1].kernel[...] = net.layers[1].kernel[...] * -3.0        # in-place value update
+    _, s3 = split_static(net)
+    assert s3 is s1
+    assert jnp.allclose(apply(s3, x), fresh())
+    other = _Stack(nnx.Rngs(7))
+    nnx.update(net, nnx.state(other))                                   # values from another model
+    _, s4 = split_static(net)
+    assert jnp.allclose(apply(s4, x), other(x))
+
+
+def test_structural_changes_deep_in_the_graph_are_seen():
+    net = _Stack(nnx.Rngs(0))
+    g1, s1 = split_static(net)
+    net.layers[2] = nnx.Linear(4, 6, rngs=nnx.Rngs(1))                  # a list item replaced
+    g2, s2 = split_static(net)
+    assert s2 is not s1 and g2 != g1
+    assert g2.merge(s2)(jnp.ones((1, 4))).shape == (1, 6)
+    net.layers[0].extra = nnx.Param(jnp.zeros(2))                       # a new attribute on a nested module
+    g3, s3 = split_static(net)
+    assert s3 is not s2 and g3 != g2
+    assert "extra" in nnx.to_pure_dict(s3)["layers"][0]
