@@ -30,6 +30,14 @@ class KVCache:
         return cls(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
                    lengths=jnp.zeros((batch,), jnp.int32))
 
+    @classmethod
+    def from_prompt(cls, keys, values, capacity: int, lengths: jax.Array, dtype) -> "KVCache":
+        """A cache of ``capacity`` slots holding a prompt pass's per-layer ``[B, S, nkv, hd]`` keys and values
+        (padded at the end; an entry already ``capacity`` slots long, such as a placeholder, passes through)."""
+        def pad(x):
+            return jnp.pad(x.astype(dtype), ((0, 0), (0, capacity - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+        return cls(tuple(pad(k) for k in keys), tuple(pad(v) for v in values), lengths.astype(jnp.int32))
+
     @property
     def capacity(self) -> int:
         return self.keys[0].shape[1]

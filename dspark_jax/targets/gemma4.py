@@ -410,12 +410,11 @@ class Gemma4ForCausalLM(nnx.Module):
         lengths = jnp.full((b,), s, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
         out = self._forward(input_ids, None, None, tap_layer_ids, logits_at, return_logits, keep_kv=True)
         empty = self.init_cache(b, capacity)
-        pad = lambda x: jnp.pad(x.astype(self.dtype), ((0, 0), (0, capacity - s), (0, 0), (0, 0)))
         keys, values = out.cache
         reuse = [layer.reuses_kv for layer in self.layers]
-        cache = KVCache(tuple(e if r else pad(k) for k, e, r in zip(keys, empty.keys, reuse)),
-                        tuple(e if r else pad(v) for v, e, r in zip(values, empty.values, reuse)), lengths)
-        return dataclasses.replace(out, cache=cache)
+        keys = [e if r else k for k, e, r in zip(keys, empty.keys, reuse)]
+        values = [e if r else v for v, e, r in zip(values, empty.values, reuse)]
+        return dataclasses.replace(out, cache=KVCache.from_prompt(keys, values, capacity, lengths, self.dtype))
 
     def _forward(self, input_ids, cache, num_new, tap_layer_ids, logits_at, return_logits,
                  keep_kv: bool = False) -> TargetOutput:

@@ -202,10 +202,8 @@ class Qwen3ForCausalLM(nnx.Module):
         lengths = jnp.full((b,), s, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
         out = self._forward(input_ids, None, jnp.zeros((b,), jnp.int32), jnp.tril(jnp.ones((s, s), bool))[None],
                             None, tap_layer_ids, logits_at, return_logits, keep_kv=True)
-        pad = lambda x: jnp.pad(x.astype(self.dtype), ((0, 0), (0, capacity - s), (0, 0), (0, 0)))
         keys, values = out.cache
-        cache = KVCache(tuple(pad(k) for k in keys), tuple(pad(v) for v in values), lengths)
-        return dataclasses.replace(out, cache=cache)
+        return dataclasses.replace(out, cache=KVCache.from_prompt(keys, values, capacity, lengths, self.dtype))
 
     def _forward(self, input_ids, cache, start, mask, new_lengths, tap_layer_ids, logits_at, return_logits,
                  keep_kv: bool = False) -> TargetOutput:

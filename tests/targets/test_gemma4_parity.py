@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from prefill_check import assert_prefill_matches_empty_cache_forward
 
 torch = pytest.importorskip("torch", reason="torch (test extra) runs the transformers reference")
 
@@ -133,23 +134,8 @@ def test_prefill_into_a_fresh_cache_equals_extending_an_empty_one(kind, gemma4_p
     """``prefill`` (attention within the prompt, sliding layers windowed) gives the logits, taps and cache of a
     forward against an empty cache for right-padded rows, prompts longer than the window, and K/V-sharing layers'
     placeholders; decoding continues from its cache the same."""
-    _, _, target = gemma4_pairs[kind]
-    rng = np.random.default_rng(5)
-    ids = jnp.asarray(rng.integers(0, target.config.vocab_size, size=(2, 9)))
-    lengths = jnp.array([9, 6], jnp.int32)
-    at = (lengths - 1)[:, None]
-    ref = target(ids, target.init_cache(2, 14), num_new=lengths, tap_layer_ids=(1, 3), logits_at=at)
-    got = target.prefill(ids, 14, num_new=lengths, tap_layer_ids=(1, 3), logits_at=at)
-    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(ref.logits), atol=TOL, rtol=0)
-    np.testing.assert_allclose(np.asarray(got.taps), np.asarray(ref.taps), atol=TOL, rtol=0)
-    np.testing.assert_array_equal(np.asarray(got.cache.lengths), [9, 6])
-    for a, b in zip(got.cache.keys + got.cache.values, ref.cache.keys + ref.cache.values):
-        assert a.shape == b.shape
-        for row, n in enumerate((9, 6)):
-            np.testing.assert_allclose(np.asarray(a[row, :n]), np.asarray(b[row, :n]), atol=TOL, rtol=0)
-    nxt = jnp.asarray(rng.integers(0, target.config.vocab_size, size=(2, 1)))
-    np.testing.assert_allclose(np.asarray(target(nxt, got.cache).logits), np.asarray(target(nxt, ref.cache).logits),
-                               atol=TOL, rtol=0)
+    assert_prefill_matches_empty_cache_forward(gemma4_pairs[kind][2], np.random.default_rng(5), lengths=[9, 6],
+                                               capacity=14, taps=(1, 3), tol=TOL)
 
 
 def test_cropped_and_reextended_cache_equals_fresh(gemma4_pairs):

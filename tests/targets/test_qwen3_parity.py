@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from prefill_check import assert_prefill_matches_empty_cache_forward
 
 torch = pytest.importorskip("torch", reason="torch (test extra) runs the transformers reference")
 
@@ -127,24 +128,10 @@ def test_cropped_and_reextended_cache_equals_fresh(jax_targets, rng):
 def test_prefill_into_a_fresh_cache_equals_extending_an_empty_one(kind, jax_targets, rng):
     """``prefill`` (attention within the prompt only) gives the logits, taps and cache of a forward against an
     empty cache, for right-padded rows of different lengths, and decoding continues from its cache the same."""
-    target = jax_targets[kind]
-    ids = jnp.asarray(rng.integers(0, target.config.vocab_size, size=(2, 8)))
-    lengths = jnp.array([8, 5], jnp.int32)
-    at = (lengths - 1)[:, None]
-    ref = target(ids, target.init_cache(2, 13), num_new=lengths, tap_layer_ids=(0, 1), logits_at=at)
-    got = target.prefill(ids, 13, num_new=lengths, tap_layer_ids=(0, 1), logits_at=at)
-    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(ref.logits), atol=TOL, rtol=0)
-    np.testing.assert_allclose(np.asarray(got.taps), np.asarray(ref.taps), atol=TOL, rtol=0)
-    np.testing.assert_array_equal(np.asarray(got.cache.lengths), [8, 5])
-    assert got.cache.capacity == 13
-    for a, b in zip(got.cache.keys + got.cache.values, ref.cache.keys + ref.cache.values):
-        for row, n in enumerate((8, 5)):
-            np.testing.assert_allclose(np.asarray(a[row, :n]), np.asarray(b[row, :n]), atol=TOL, rtol=0)
-    nxt = jnp.asarray(rng.integers(0, target.config.vocab_size, size=(2, 1)))
-    np.testing.assert_allclose(np.asarray(target(nxt, got.cache).logits), np.asarray(target(nxt, ref.cache).logits),
-                               atol=TOL, rtol=0)
+    assert_prefill_matches_empty_cache_forward(jax_targets[kind], rng, lengths=[8, 5], capacity=13, taps=(0, 1),
+                                               tol=TOL)
     with pytest.raises(ValueError, match="capacity 6 < 8"):
-        target.prefill(ids, 6)
+        jax_targets[kind].prefill(jnp.zeros((2, 8), jnp.int32), 6)
 
 
 def test_logits_at_selects_positions(jax_targets, rng):
