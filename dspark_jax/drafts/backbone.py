@@ -94,10 +94,7 @@ def draft_attention(attn, q, k_blk, v_blk, k_ctx, v_ctx, mask, ctx_cache=None, c
         # parts where they lie instead
         kc = write_rows(ctx_cache[0], k_ctx, cache_start)
         vc = write_rows(ctx_cache[1], v_ctx, cache_start)
-        # context slots >= block_start are invisible: attend over the used prefix of the cache only
-        o = kernels.attend_used_prefix(
-            lambda q, k, v, _: cached_block_attention_reference(q, k, v, block_start, k_blk, v_blk, attn.scale),
-            q, kc, vc, None, jnp.max(block_start))
+        o = cached_block_attention_reference(q, kc, vc, block_start, k_blk, v_blk, attn.scale)
     return attn.o_proj(o.reshape(b, nq, attn.num_heads * attn.head_dim)), (kc, vc)
 
 

@@ -347,8 +347,7 @@ class Eagle3Draft(DraftBase):
             q, k, v = layer.qkv(emb, x, cos, sin)
             kb = write_rows(cache.keys[li], k, start)
             vb = write_rows(cache.values[li], v, start)
-            o = kernels.attention(q, kb, vb, mask, layer.self_attn.scale, impl=self.attention_impl,
-                                  kv_used=jnp.max(start) + p)
+            o = kernels.attention(q, kb, vb, mask, layer.self_attn.scale, impl=self.attention_impl)
             x = layer.finish(x, layer.self_attn.project_out(o))
             keys.append(kb)
             values.append(vb)

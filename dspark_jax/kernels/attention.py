@@ -61,37 +61,8 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
     return rows_as_heads(out, s).astype(q.dtype)
 
 
-def prefix_sizes(capacity: int, *, min_size: int = 32, max_branches: int = 8) -> list[int]:
-    """The static key-prefix lengths :func:`attend_used_prefix` chooses among: multiples of a step (at least
-    ``min_size``, at most ``max_branches`` sizes) and then ``capacity`` itself."""
-    step = max(min_size, -(-capacity // max_branches))
-    return list(range(step, capacity, step)) + [capacity]
-
-
-def attend_used_prefix(attend, q, k, v, mask, kv_used):
-    """``attend(q, k, v, mask)`` over only the first slots of the key axis: the smallest of
-    :func:`prefix_sizes` that holds ``kv_used`` (a traced scalar; every True of ``mask`` lies in slots
-    ``< kv_used``; ``mask`` may be None when ``attend`` masks by itself). Same result as the full call, since the
-    slots left out are masked anyway.
-
-    Decode steps attend over a cache whose tail is still empty, and the XLA reference pays for every slot: on the
-    2-core CPU a one-token step of the demo target costs +120 us going from 192 to 384 slots, a 4-token verify
-    +420 us (BENCHMARKS.md, "Attention over the used cache prefix"). One ``lax.switch`` per call selects the
-    slice."""
-    sizes = prefix_sizes(k.shape[1])
-    if len(sizes) == 1:
-        return attend(q, k, v, mask)
-    step = sizes[0]
-    index = jnp.clip((jnp.asarray(kv_used, jnp.int32) - 1) // step, 0, len(sizes) - 1)
-    branches = [lambda q, k, v, m, n=n: attend(q, k[:, :n], v[:, :n], None if m is None else m[..., :n])
-                for n in sizes]
-    return jax.lax.switch(index, branches, q, k, v, mask)
-
-
-def attention(q, k, v, mask, scale, impl: str = "auto", kv_used: jax.Array | None = None):
+def attention(q, k, v, mask, scale, impl: str = "auto"):
     """Dispatches by ``impl`` (``"auto"|"xla"|"pallas"``); same contract as :func:`attention_reference`.
-    ``kv_used``: optional traced bound on the attended slots (every True of a dense ``mask`` lies below it), so
-    only that prefix of the keys is read (see :func:`attend_used_prefix`).
 
     ``mask`` may be a dense boolean array (always the XLA reference: there is no generic dense-mask kernel) or a
     structured :class:`~dspark_jax.kernels.block_attention.DSparkBlockMask` (the training block mask, spec §1.5),
@@ -103,6 +74,4 @@ def attention(q, k, v, mask, scale, impl: str = "auto", kv_used: jax.Array | Non
     if isinstance(mask, DSparkBlockMask):
         return dspark_block_attention(q, k, v, mask.anchors, mask.block_keep, scale, block_size=mask.block_size,
                                       impl=impl)
-    if kv_used is not None and mask is not None:
-        return attend_used_prefix(lambda q, k, v, m: attention_reference(q, k, v, m, scale), q, k, v, mask, kv_used)
     return attention_reference(q, k, v, mask, scale)

@@ -44,11 +44,9 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(shape)
         return k, v
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-               kv_used: jax.Array | None = None) -> jax.Array:
-        """Attention then o_proj: ``q [B,S,nh,hd]``, ``k/v [B,T,nkv,hd]``, ``mask [B,S,T]`` -> ``[B,S,H]``;
-        ``kv_used`` as in :func:`dspark_jax.kernels.attention`."""
-        o = kernels.attention(q, k, v, mask, self.scale, impl=self.attention_impl, kv_used=kv_used)
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """Attention then o_proj: ``q [B,S,nh,hd]``, ``k/v [B,T,nkv,hd]``, ``mask [B,S,T]`` -> ``[B,S,H]``."""
+        o = kernels.attention(q, k, v, mask, self.scale, impl=self.attention_impl)
         return self.o_proj(o.reshape(*o.shape[:2], self.num_heads * self.head_dim))
 
     def attend_ragged(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, row: jax.Array,
@@ -87,6 +85,5 @@ def _ragged_via_padded(q, k_cache, v_cache, row, kv_len, layout, scale, kv_start
     if kv_start is not None:
         starts = jnp.zeros((r, width), jnp.int32).at[dst, col].set(kv_start.astype(jnp.int32), mode="drop")
         mask = mask & (slots >= starts[:, :, None])
-    o = kernels.attend_used_prefix(lambda q, k, v, m: kernels.attention_reference(q, k, v, m, scale),
-                                   qp, k_cache, v_cache, mask, jnp.max(kv_len))
+    o = kernels.attention_reference(qp, k_cache, v_cache, mask, scale)
     return jnp.where((row >= 0)[:, None, None], o[jnp.maximum(row, 0), col], 0).astype(q.dtype)

@@ -122,12 +122,9 @@ class Gemma4Attention(nnx.Module):
         v_raw = k_raw if self.v_proj is None else self.v_proj(x).reshape(shape)
         return apply_rope(self.k_norm(k_raw), cos, sin), gemma_rms_norm(v_raw, None, self.eps)
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-               kv_used: jax.Array | None = None) -> jax.Array:
-        """Attention (score scale 1.0) then o_proj: ``q [B,S,nh,hd]``, ``k/v [B,T,nkv,hd]`` -> ``[B,S,H]``;
-        ``kv_used`` as in :func:`dspark_jax.kernels.attention`."""
-        return self.project_out(kernels.attention(q, k, v, mask, self.scale, impl=self.attention_impl,
-                                                  kv_used=kv_used))
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """Attention (score scale 1.0) then o_proj: ``q [B,S,nh,hd]``, ``k/v [B,T,nkv,hd]`` -> ``[B,S,H]``."""
+        return self.project_out(kernels.attention(q, k, v, mask, self.scale, impl=self.attention_impl))
 
     def attend_ragged(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, row: jax.Array, kv_len: jax.Array,
                       kv_start: jax.Array | None = None, layout: tuple[jax.Array, int] | None = None) -> jax.Array:
@@ -245,10 +242,9 @@ class Gemma4DecoderLayer(nnx.Module):
             self.post_feedforward_layernorm_2 = norm()
             self.pre_feedforward_layernorm_2 = norm()
 
-    def __call__(self, h, cos, sin, kv_cache, start, mask, per_layer_input, shared_kv=None, kv_used=None):
+    def __call__(self, h, cos, sin, kv_cache, start, mask, per_layer_input, shared_kv=None):
         """``h [B,S,H]``; ``kv_cache`` (k, v) ``[B,C,nkv,hd]`` or None; ``per_layer_input [B,S,P]`` or None;
-        ``shared_kv``: for a K/V-sharing layer, the (k, v) its source layer attended with (cache included);
-        ``kv_used``: bound on the slots ``mask`` lets any query see (None: all).
+        ``shared_kv``: for a K/V-sharing layer, the (k, v) its source layer attended with (cache included).
         Returns (h, (k, v) as attended with)."""
         x = self.input_layernorm(h)
         q = self.self_attn.queries(x, cos, sin)
@@ -259,7 +255,7 @@ class Gemma4DecoderLayer(nnx.Module):
             if kv_cache is not None:
                 k = write_rows(kv_cache[0], k, start)
                 v = write_rows(kv_cache[1], v, start)
-        h = h + self.post_attention_layernorm(self.self_attn.attend(q, k, v, mask, kv_used))
+        h = h + self.post_attention_layernorm(self.self_attn.attend(q, k, v, mask))
         return self._feed_forward(h, per_layer_input), (k, v)
 
     def flat_call(self, h, cos, sin, kv_cache, row, pos, kv_start, per_layer_input, shared_kv=None, layout=None):
@@ -446,7 +442,6 @@ class Gemma4ForCausalLM(nnx.Module):
         masks = {"full_attention": causal, "sliding_attention": causal & (kv_pos > q_pos - window)}
         positions = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
         ropes = {t: self.rope(positions, t) for t in set(self.config.layer_types)}
-        kv_used = None if cache is None else jnp.max(start) + s   # causal: no query sees a slot past it
 
         h = self.embed(input_ids)
         ple = self.per_layer_inputs(input_ids, h)
@@ -457,8 +452,7 @@ class Gemma4ForCausalLM(nnx.Module):
             kind = self.config.layer_types[i]
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             shared = attended[self.config.kv_source(i)] if layer.reuses_kv else None
-            h, (k, v) = layer(h, *ropes[kind], kv, start, masks[kind], None if ple is None else ple[:, :, i], shared,
-                              kv_used)
+            h, (k, v) = layer(h, *ropes[kind], kv, start, masks[kind], None if ple is None else ple[:, :, i], shared)
             attended.append((k, v))
             new_keys.append(kv[0] if layer.reuses_kv and kv is not None else k)
             new_values.append(kv[1] if layer.reuses_kv and kv is not None else v)

@@ -55,16 +55,15 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
-    def __call__(self, h, cos, sin, kv_cache, start, mask, kv_used=None):
-        """``h [B,S,H]``; ``kv_cache`` (k, v) ``[B,C,nkv,hd]`` or None; ``kv_used``: bound on the slots ``mask``
-        lets any query see (None: all); returns (h, (k, v) written)."""
+    def __call__(self, h, cos, sin, kv_cache, start, mask):
+        """``h [B,S,H]``; ``kv_cache`` (k, v) ``[B,C,nkv,hd]`` or None; returns (h, (k, v) written)."""
         x = self.input_layernorm(h)
         q = self.self_attn.queries(x, cos, sin)
         k, v = self.self_attn.keys_values(x, cos, sin)
         if kv_cache is not None:
             k = write_rows(kv_cache[0], k, start)
             v = write_rows(kv_cache[1], v, start)
-        h = h + self.self_attn.attend(q, k, v, mask, kv_used)
+        h = h + self.self_attn.attend(q, k, v, mask)
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, (k, v)
 
@@ -216,15 +215,12 @@ class Qwen3ForCausalLM(nnx.Module):
         positions = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
         cos, sin = self.rope(positions)
 
-        # causal over the cache: no query sees a slot at or past max(start) + S
-        kv_used = None if cache is None else jnp.max(start) + s
-
         h = self.embed(input_ids)
         tapped = {-1: h} if -1 in taps_wanted else {}
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            h, (k, v) = layer(h, cos, sin, kv, start, mask, kv_used)
+            h, (k, v) = layer(h, cos, sin, kv, start, mask)
             new_keys.append(k)
             new_values.append(v)
             if i in taps_wanted:
