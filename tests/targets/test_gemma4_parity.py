@@ -10,7 +10,6 @@ router scales) and every ``layer_scalar`` is perturbed away from its all-ones in
 import functools
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
