@@ -12,20 +12,26 @@ Public API (stable names, see docs/DESIGN.md §4)::
     loss, metrics = dj.dspark_loss(outs, draft.config)
 """
 
-from dspark_jax.config import ConfigError, RopeConfig, TargetConfig
-from dspark_jax.convert.deepspec import load_draft, save_draft
-from dspark_jax.convert.hf import load_target, save_target
-from dspark_jax.convert.safetensors_io import CheckpointError
-from dspark_jax.decode.autoregressive import generate
-from dspark_jax.decode.output import GenerationOutput
-from dspark_jax.decode.sampling import SamplingConfig
-from dspark_jax.decode.speculative import speculative_generate
-from dspark_jax.drafts.build import build_draft
-from dspark_jax.drafts.config import DraftConfig
-from dspark_jax.targets.qwen3 import build_target
-from dspark_jax.train.anchors import sample_anchors
-from dspark_jax.train.eagle3_loss import eagle3_loss
-from dspark_jax.train.loss import dspark_loss
+import os as _os
+
+# transformers serves us tokenizers and chat templates only; without torch installed (the runtime dependencies do
+# not need it) it advises on every import that its models are unavailable. Quiet unless the user chose otherwise.
+_os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from dspark_jax.config import ConfigError, RopeConfig, TargetConfig  # noqa: E402
+from dspark_jax.convert.deepspec import load_draft, save_draft  # noqa: E402
+from dspark_jax.convert.hf import load_target, save_target  # noqa: E402
+from dspark_jax.convert.safetensors_io import CheckpointError  # noqa: E402
+from dspark_jax.decode.autoregressive import generate  # noqa: E402
+from dspark_jax.decode.output import GenerationOutput  # noqa: E402
+from dspark_jax.decode.sampling import SamplingConfig  # noqa: E402
+from dspark_jax.decode.speculative import speculative_generate  # noqa: E402
+from dspark_jax.drafts.build import build_draft  # noqa: E402
+from dspark_jax.drafts.config import DraftConfig  # noqa: E402
+from dspark_jax.targets.qwen3 import build_target  # noqa: E402
+from dspark_jax.train.anchors import sample_anchors  # noqa: E402
+from dspark_jax.train.eagle3_loss import eagle3_loss  # noqa: E402
+from dspark_jax.train.loss import dspark_loss  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -199,7 +199,9 @@ def add_format_parsers(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dspark", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dspark", description=__doc__,
+                                     epilog="Errors in the input print one 'error: ...' line and exit 2; --debug "
+                                            "(anywhere on the line) shows the traceback.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="the main job on an embedded default (no downloads)",
@@ -235,12 +237,65 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate_parser(sub)       # dspark calibrate: STS temperatures for the draft's confidence head
     add_profile_parser(sub)         # dspark profile: SPS(B) table for the prefix scheduler
     add_format_parsers(sub)         # dspark convert draft, dspark inspect: draft checkpoint formats
+    _add_debug_flag(parser)
+    for p in _leaf_parsers(parser):     # `dspark generate --debug ...` as well as `dspark --debug generate ...`
+        _add_debug_flag(p, default=argparse.SUPPRESS)
     return parser
+
+
+# Errors that describe bad input or the environment (missing files, a full disk, an unreachable hub), not a defect
+# of the code: one ``error:`` line, no traceback. The project's own error classes (ConfigError, CheckpointError,
+# DataError, CacheError, DatasetError, FormatError) all derive from ValueError, as do the input checks of
+# dj.generate / dj.speculative_generate.
+USER_ERRORS = (ValueError, OSError)
+
+# Optional dependencies: the extra that brings each in, named when one is missing.
+OPTIONAL_MODULES = {"matplotlib": "plot", "tensorboardX": "tensorboard", "sentencepiece": "sentencepiece",
+                    "google.protobuf": "sentencepiece", "google": "sentencepiece"}
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser, default=False) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show the full traceback of an error (also DSPARK_DEBUG=1)")
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser):
+    """Every (sub)command parser below ``parser``, nested ones (``convert draft``) included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                yield child
+                yield from _leaf_parsers(child)
+
+
+def error_message(exc: BaseException) -> str:
+    """The one line a user sees for ``exc``: its message, and for a missing optional module the extra to install."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        root = exc.name.split(".")[0]
+        extra = OPTIONAL_MODULES.get(exc.name) or OPTIONAL_MODULES.get(root)
+        how = f"pip install 'dspark_jax[{extra}]'" if extra else f"pip install {root}"
+        return f"the Python module '{exc.name}' is not installed ({how})"
+    msg = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, OSError) and getattr(exc, "filename", None) and exc.strerror:
+        msg = f"{exc.filename}: {exc.strerror}"
+    return msg
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    debug = args.debug or os.environ.get("DSPARK_DEBUG", "") not in ("", "0")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (*USER_ERRORS, ModuleNotFoundError) as e:
+        if debug:
+            raise
+        print(f"error: {error_message(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ Two modes, both greedy, batch 1, speculative and plain in the same process:
     prompt without stop tokens: ``(t(96 tokens) - t(1 token)) / rounds``, which removes the prefill both pay.
 
     python scripts/bench_batch1.py [--hidden-size 64] [--target-layers 16] [--block-size 3] [--draft-layers 1]
-    python scripts/bench_batch1.py --demo /tmp/demo --draft /tmp/demo/drafts/dspark/draft [--passes 2]
+    python scripts/bench_batch1.py --demo demo_out --draft demo_out/drafts/dspark/draft [--passes 2]
 """
 
 from __future__ import annotations

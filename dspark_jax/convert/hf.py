@@ -64,9 +64,22 @@ def _maybe_tokenizer(path: str):
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
     if not any(os.path.exists(os.path.join(path, n)) for n in names):
         return None
+    return load_tokenizer(path)
+
+
+def load_tokenizer(path: str):
+    """``AutoTokenizer.from_pretrained(path)``; a tokenizer that needs a library we do not install by default (a
+    SentencePiece ``tokenizer.model`` without ``tokenizer.json``) is a CheckpointError naming the extra."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (ImportError, ValueError) as e:
+        text = str(e).lower()
+        if isinstance(e, ImportError) or any(k in text for k in ("sentencepiece", "protobuf", "tiktoken")):
+            raise CheckpointError(f"{path}: the tokenizer could not be loaded ({str(e).strip().splitlines()[0]}); "
+                                  "a SentencePiece tokenizer needs pip install 'dspark_jax[sentencepiece]'") from e
+        raise
 
 
 # ---- save -------------------------------------------------------------------------------------

@@ -186,7 +186,8 @@ def reliability_diagram(z, labels, valid, temperatures, path: str, positions: Se
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("[calibrate] matplotlib is not installed: skipping the reliability diagram (pip install matplotlib)")
+        log("[calibrate] matplotlib is not installed: skipping the reliability diagram "
+            "(pip install 'dspark_jax[plot]')")
         return None
     z = np.asarray(z, np.float64)
     labels = np.asarray(labels, bool)

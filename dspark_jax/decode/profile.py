@@ -191,7 +191,7 @@ def plot_profile(profile: dict[str, Any], path: str, log=print) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("[profile] matplotlib is not installed: skipping the plot (pip install matplotlib)")
+        log("[profile] matplotlib is not installed: skipping the plot (pip install 'dspark_jax[plot]')")
         return None
     m = profile["measured"]
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))

@@ -421,7 +421,7 @@ class Demo:
         results["timings"] = {**self.timings, "total": time.perf_counter() - t0}
         from dspark_jax.demo.report import write_report
 
-        paths = write_report(results, os.path.join(self.work, "eval"))
+        paths = write_report(results, os.path.join(self.work, "eval"), log=self.log)
         self.log(f"[demo] done in {results['timings']['total']:.0f}s; results in {', '.join(paths)}")
         return results
 

@@ -96,7 +96,7 @@ def plot_acceptance(results: dict[str, Any], path: str) -> bool:
     return True
 
 
-def write_report(results: dict[str, Any], out_dir: str) -> list[str]:
+def write_report(results: dict[str, Any], out_dir: str, log=print) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")]
     with open(paths[0], "w") as f:
@@ -106,6 +106,8 @@ def write_report(results: dict[str, Any], out_dir: str) -> list[str]:
     png = os.path.join(out_dir, "acceptance.png")
     if plot_acceptance(results, png):
         paths.append(png)
+    else:
+        log("[demo] matplotlib is not installed: no acceptance plot (pip install 'dspark_jax[plot]')")
     return paths
 
 

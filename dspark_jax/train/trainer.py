@@ -248,9 +248,9 @@ class Trainer:
     def _load_tokenizer(self, files):
         d, t = self.cfg.data, self.cfg.target
         if d.tokenizer is not None:
-            from transformers import AutoTokenizer
+            from dspark_jax.convert.hf import load_tokenizer
 
-            return AutoTokenizer.from_pretrained(d.tokenizer)
+            return load_tokenizer(d.tokenizer)
         if t.path is not None:
             tok = self.target.tokenizer
             if tok is None:
