@@ -41,7 +41,7 @@ class DemoSettings:
     vocab_size: int = 2048
     # deep and narrow: a one-token step bound by per-layer work rather than arithmetic, and a one-layer draft that
     # is 1/16 of the target's depth (the paper's drafts are a few layers against 36-40); at H=128 x 6 layers a
-    # Bs=3 round cost ~2.4 plain steps on a 2-core CPU, here ~2.1 (BENCHMARKS.md, "Batch 1, session 7")
+    # Bs=3 round cost ~2.4 plain steps on a 2-core CPU, here ~2.1 (BENCHMARKS.md, "Break-even τ on this CPU")
     hidden_size: int = 64
     num_layers: int = 16
     num_heads: int = 2
@@ -58,8 +58,8 @@ class DemoSettings:
     num_anchors: int = 32
     markov_rank: int = 64
     # DSpark / DFlash: 1500 steps (30 epochs of the regenerated conversations), from the offline feature cache.
-    # The drafts were undertrained at 400: DSpark held-out tau 1.96 (400 steps), 2.17 (1000), 2.25 (1500) on the
-    # same target and data (BENCHMARKS.md, "Session 9")
+    # The drafts were undertrained at 400: DSpark held-out tau 1.96 (400 steps), 2.17 (800), 2.27 (1200) on the
+    # same target and data (BENCHMARKS.md, "Measured, not adopted")
     draft_steps: int = 1500
     # Eagle3 trains every position of every sequence through TTT steps (~6x the query rows of a 32-anchor Bs=3
     # block draft per step, 0.4-0.7 s a step here): 400 of its steps already see more positions than 1500 of theirs
@@ -67,8 +67,8 @@ class DemoSettings:
     draft_batch: int = 16
     draft_lr: float = 3e-3
     # prompts per evaluation set (HumanEval ships 16, MBPP 32): 64 held-out prompts, since a 16-prompt held-out
-    # tau has a standard deviation of ~0.12 between draws (bootstrap over 128 prompts, BENCHMARKS.md, "Session
-    # 10"); the session-9 runs' 16 prompts were the hardest block of the first 128 (2.22 against 2.50 over all)
+    # tau has a standard deviation of ~0.12 between draws (bootstrap over 128 prompts, BENCHMARKS.md, "Measured,
+    # not adopted"); the 16 prompts evaluated before were the hardest block of the first 128 (2.22 against 2.50)
     eval_samples: int = 64
     calib_samples: int = 48
     eval_new_tokens: int = 96

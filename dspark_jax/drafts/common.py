@@ -40,7 +40,7 @@ class DraftBase(nnx.Module):
 
         XLA:CPU contracts a few rows against ``W[V, H]``'s last axis ~2x slower than against ``W[H, V]``
         (``[3, 128]`` rows against a ``[2048, 128]`` head: 33 us vs 16 us; a DSpark round 3-7% faster on the demo
-        pair, BENCHMARKS.md), and a proposal's base logits are ``B * Bs`` rows every round. The barrier keeps XLA
+        pair, commit 7b4eb63), and a proposal's base logits are ``B * Bs`` rows every round. The barrier keeps XLA
         from folding the transpose back into the dot.
         """
         return jax.lax.optimization_barrier(jnp.transpose(self.lm_head[...]))

@@ -12,8 +12,8 @@ def queries_as_rows(q: jax.Array, nkv: int) -> jax.Array:
     """``[B, S, nh, hd]`` -> ``[B, nkv, S * g, hd]``: one kv head's queries (g = nh // nkv per head) as matmul rows.
 
     With this layout the score and value products are plain ``[rows, hd] x [hd, T]`` and ``[rows, T] x [T, hd]``
-    matmuls and XLA:CPU transposes neither the probabilities nor the V cache per layer (BENCHMARKS.md,
-    "Attention layout").
+    matmuls and XLA:CPU transposes neither the probabilities nor the V cache per layer (measured in commit
+    5d67a95).
     """
     b, s, nh, hd = q.shape
     return q.reshape(b, s, nkv, nh // nkv, hd).transpose(0, 2, 1, 3, 4).reshape(b, nkv, s * (nh // nkv), hd)
@@ -44,7 +44,7 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
     groups = nh // nkv
     # Softmax along the contiguous key axis and the normaliser applied to the [rows, hd] output: with the bsngd
     # output order XLA:CPU transposed the probabilities and the whole V cache on every layer (decode steps ~16%
-    # and 4-token verify forwards ~16-30% slower at the demo geometry; BENCHMARKS.md, "Attention layout").
+    # and 4-token verify forwards ~16-30% slower at the demo geometry; commit 5d67a95).
     qm = queries_as_rows(q, nkv)
     scores = jnp.einsum("bnmd,btnd->bnmt", qm, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
