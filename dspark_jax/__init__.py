@@ -22,7 +22,7 @@ from dspark_jax.config import ConfigError, RopeConfig, TargetConfig  # noqa: E40
 from dspark_jax.convert.deepspec import load_draft, save_draft  # noqa: E402
 from dspark_jax.convert.hf import load_target, save_target  # noqa: E402
 from dspark_jax.convert.safetensors_io import CheckpointError  # noqa: E402
-from dspark_jax.decode.autoregressive import generate  # noqa: E402
+from dspark_jax.decode.autoregressive import generate, generate_stream  # noqa: E402
 from dspark_jax.decode.output import GenerationOutput  # noqa: E402
 from dspark_jax.decode.sampling import SamplingConfig  # noqa: E402
 from dspark_jax.decode.speculative import speculative_generate  # noqa: E402
@@ -36,7 +36,7 @@ from dspark_jax.train.loss import dspark_loss  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "load_target", "save_target", "generate", "speculative_generate", "build_target",
+    "load_target", "save_target", "generate", "generate_stream", "speculative_generate", "build_target",
     "build_draft", "load_draft", "save_draft", "dspark_loss", "eagle3_loss", "sample_anchors",
     "TargetConfig", "DraftConfig", "RopeConfig", "SamplingConfig", "GenerationOutput", "ConfigError",
     "CheckpointError",

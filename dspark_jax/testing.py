@@ -31,6 +31,35 @@ def bigram_table(target) -> np.ndarray:
     return np.asarray(target(jnp.arange(v)[:, None]).logits[:, 0], np.float64)
 
 
+def make_cycle_target(target, order, seed: int = 0):
+    """Makes ``target`` (untied Qwen3-style) a greedy cycle through ``order`` (a permutation of the vocabulary):
+    after ``order[j]`` its argmax is ``order[j + 1]`` (``order[0]`` after the last), whatever came before. Output
+    lengths are then set by the prompt's last token: with stop token ``order[-1]``, a prompt ending in
+    ``order[-1 - L]`` generates exactly ``L`` tokens. Compute per token is unchanged (a bigram target).
+
+    Embedding rows are random unit vectors e_t and the LM head's column for ``succ(t)`` is e_t, so the winning logit
+    is ~sqrt(H) against ~|N(0, 1)| for the others."""
+    cfg = target.config
+    if getattr(target, "lm_head", None) is None:
+        raise ValueError("make_cycle_target needs an untied LM head (tie_word_embeddings=False)")
+    v, h = cfg.vocab_size, cfg.hidden_size
+    order = np.asarray(order)
+    if sorted(order.tolist()) != list(range(v)):
+        raise ValueError(f"order must be a permutation of range({v})")
+    make_bigram(target)
+    rng = np.random.default_rng(seed)
+    e = rng.standard_normal((v, h))
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    succ = np.empty(v, np.int64)
+    succ[order] = np.roll(order, -1)
+    head = np.zeros((h, v))
+    head[:, succ] = e.T
+    emb = target.embed_tokens.embedding
+    emb[...] = jnp.asarray(e, emb[...].dtype)
+    target.lm_head.kernel[...] = jnp.asarray(head, target.lm_head.kernel[...].dtype)
+    return target
+
+
 def make_oracle_draft(target, draft, scale: float = 1.0):
     """Writes the target's bigram table into the draft's Markov head (rank must be >= V); returns the draft."""
     v = target.config.vocab_size

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,14 +17,17 @@ import numpy as np
 
 from dspark_jax.decode.output import GenerationOutput
 from dspark_jax.decode.prefill import prefill as prefill_target
-from dspark_jax.decode.prompts import encode_prompts, pad_batch
-from dspark_jax.decode.sampling import SamplingConfig, sample_tokens
+from dspark_jax.decode.prompts import check_request_ids, encode_prompts, pad_batch
+from dspark_jax.decode.sampling import SamplingConfig, request_keys, sample_rows
+from dspark_jax.decode.slots import SlotStats, stream_generate
 from dspark_jax.kernels._dispatch import resolve as resolve_impl
 from dspark_jax.nn.static_graph import split_static
 
 
 def generate(target, prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, stop_token_ids: Sequence[int] | None = None, seed: int = 0) -> GenerationOutput:
+             top_p: float = 1.0, stop_token_ids: Sequence[int] | None = None, seed: int = 0,
+             max_slots: int | None = None, refill_at: int | None = None,
+             request_ids: Sequence[int] | None = None) -> GenerationOutput:
     """Generates up to ``max_new_tokens`` per prompt with the target alone.
 
     Args:
@@ -33,34 +36,86 @@ def generate(target, prompts, max_new_tokens: int = 256, temperature: float = 0.
       temperature, top_k, top_p: sampling (temperature 0 = greedy).
       stop_token_ids: a row stops after emitting one of these (it is kept in the output);
         None = the config's ``eos_token_id``; ``()`` = never stop early.
-      seed: PRNG seed; same seed, same output.
+      seed: PRNG seed; same seed, same output. Each prompt samples with its own key (the seed and its request
+        id), so its output does not depend on the other prompts or on ``max_slots``.
+      max_slots: None = all prompts in one static batch; an int = at most that many rows decode at once and the
+        prompts form a queue: a finished row's slot takes the next prompt (continuous batching, decode/slots.py).
+      refill_at: with ``max_slots``: hand back to the host to refill once this many slots are free (default
+        ``max(1, max_slots // 8)``).
+      request_ids: one int per prompt, folded into its sampling key (default: its index). A stable id (e.g. of
+        a dataset record) makes a sampled output reproducible however the prompts are batched or resumed.
     Returns:
       :class:`GenerationOutput` (tokens ``[B, max_new_tokens]`` padded with -1, lengths, stats).
     """
+    sampling, rows, stops = _requests(target, prompts, max_new_tokens, temperature, top_k, top_p, stop_token_ids)
+    req = check_request_ids(request_ids, len(rows))
+    if max_slots is not None:
+        return _generate_slots(target, prompts, rows, max_new_tokens, sampling, stops, seed, max_slots, refill_at,
+                               req)
+    ids, lengths = pad_batch(rows)
+    capacity = ids.shape[1] + int(max_new_tokens)
+    graphdef, state = split_static(target)
+    t0 = time.perf_counter()
+    tokens, n_new, steps = _generate_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(lengths),
+                                         jax.random.key(seed), jnp.asarray(req),
+                                         max_new_tokens=int(max_new_tokens),
+                                         capacity=capacity, sampling=sampling, stop_ids=stops,
+                                         flat_decode=_decodes_flat(target))
+    tokens = np.asarray(jax.device_get(tokens))
+    seconds = time.perf_counter() - t0
+    n_new = np.asarray(n_new)
+    stats = {"seconds": seconds, "new_tokens": int(n_new.sum()), "tokens_per_s": float(n_new.sum() / seconds),
+             "decode_steps": int(steps), "batch": len(rows)}
+    return GenerationOutput(tokens=tokens, lengths=n_new, stats=stats, texts=_texts(target, prompts, tokens, n_new))
+
+
+def generate_stream(target, prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
+                    top_p: float = 1.0, stop_token_ids: Sequence[int] | None = None, seed: int = 0,
+                    max_slots: int = 16, refill_at: int | None = None,
+                    request_ids: Sequence[int] | None = None) -> Iterator[tuple[int, list[int]]]:
+    """:func:`generate` with a queue of ``max_slots`` slots, yielding ``(index, new_tokens)`` for each prompt as
+    soon as it finishes (not in prompt order), for jobs that write results as they come. Same tokens as
+    :func:`generate` with the same arguments."""
+    sampling, rows, stops = _requests(target, prompts, max_new_tokens, temperature, top_k, top_p, stop_token_ids)
+    for i, toks in stream_generate(target, rows, max_new_tokens=int(max_new_tokens), sampling=sampling,
+                                   stop_ids=stops, seed=seed, max_slots=max_slots, refill_at=refill_at,
+                                   flat_decode=_decodes_flat(target),
+                                   request_ids=check_request_ids(request_ids, len(rows))):
+        yield i, toks.tolist()
+
+
+def _requests(target, prompts, max_new_tokens, temperature, top_k, top_p, stop_token_ids):
+    """Validated (sampling, token-id rows, stop ids) of a generate call."""
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
     cfg = target.config
     rows = encode_prompts(prompts, getattr(target, "tokenizer", None), cfg.vocab_size)
     stops = tuple(cfg.eos_token_ids if stop_token_ids is None else (int(t) for t in stop_token_ids))
-    ids, lengths = pad_batch(rows)
-    capacity = ids.shape[1] + int(max_new_tokens)
-    graphdef, state = split_static(target)
-    t0 = time.perf_counter()
-    tokens, n_new, steps = _generate_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(lengths),
-                                         jax.random.key(seed), max_new_tokens=int(max_new_tokens),
-                                         capacity=capacity, sampling=sampling, stop_ids=stops,
-                                         flat_decode=_decodes_flat(target))
-    tokens = np.asarray(jax.device_get(tokens))
-    seconds = time.perf_counter() - t0
-    n_new = np.asarray(n_new)
-    texts = None
+    return sampling, rows, stops
+
+
+def _texts(target, prompts, tokens, n_new):
     tok = getattr(target, "tokenizer", None)
     if tok is not None and any(isinstance(p, str) for p in prompts):
-        texts = [tok.decode(r[:n].tolist()) for r, n in zip(tokens, n_new)]
-    stats = {"seconds": seconds, "new_tokens": int(n_new.sum()), "tokens_per_s": float(n_new.sum() / seconds),
-             "decode_steps": int(steps), "batch": len(rows)}
-    return GenerationOutput(tokens=tokens, lengths=n_new, stats=stats, texts=texts)
+        return [tok.decode(r[:n].tolist()) for r, n in zip(tokens, n_new)]
+    return None
+
+
+def _generate_slots(target, prompts, rows, max_new_tokens, sampling, stops, seed, max_slots, refill_at, req):
+    stats = SlotStats()
+    tokens = np.full((len(rows), int(max_new_tokens)), -1, np.int32)
+    n_new = np.zeros(len(rows), np.int64)
+    for i, toks in stream_generate(target, rows, max_new_tokens=int(max_new_tokens), sampling=sampling,
+                                   stop_ids=stops, seed=seed, max_slots=max_slots, refill_at=refill_at,
+                                   flat_decode=_decodes_flat(target), stats=stats, request_ids=req):
+        tokens[i, :len(toks)] = toks
+        n_new[i] = len(toks)
+    total = int(n_new.sum())
+    info = {"seconds": stats.seconds, "new_tokens": total, "tokens_per_s": total / max(stats.seconds, 1e-9),
+            "decode_steps": stats.decode_steps, "batch": len(rows), "slots": min(int(max_slots), len(rows)),
+            "slot_utilisation": stats.utilisation, "prompt_passes": stats.prompt_passes, "syncs": stats.syncs}
+    return GenerationOutput(tokens=tokens, lengths=n_new, stats=info, texts=_texts(target, prompts, tokens, n_new))
 
 
 def _decodes_flat(target) -> bool:
@@ -74,20 +129,20 @@ def _decodes_flat(target) -> bool:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "capacity", "sampling", "stop_ids",
                                              "flat_decode"))
-def _generate_jit(graphdef, state, ids, lengths, key, *, max_new_tokens, capacity, sampling, stop_ids,
+def _generate_jit(graphdef, state, ids, lengths, key, req_ids, *, max_new_tokens, capacity, sampling, stop_ids,
                   flat_decode=False):
     target = graphdef.merge(state)
     batch = ids.shape[0]
     stop_arr = jnp.asarray(stop_ids if stop_ids else (-2,), jnp.int32)
 
     prefill = prefill_target(target, ids, lengths, capacity)
-    key, sub = jax.random.split(key)
-    first = sample_tokens(prefill.logits[:, 0], sub, sampling)
+    keys = request_keys(key, req_ids)                 # as decode/slots.py: each request samples with its own key
+    first = sample_rows(prefill.logits[:, 0], keys, jnp.zeros((batch,), jnp.int32), sampling)
     out = jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, stop_arr)
 
     def cond(carry):
-        step, _, _, _, done, _ = carry
+        step, _, _, _, done = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def step_dense(tok, cache):                     # -> (logits [B, 1, V], cache)
@@ -103,14 +158,13 @@ def _generate_jit(graphdef, state, ids, lengths, key, *, max_new_tokens, capacit
     decode_step = step_flat if flat_decode else step_dense
 
     def body(carry):
-        step, last, cache, out, done, key = carry
+        step, last, cache, out, done = carry
         logits, cache = decode_step(jnp.where(done, 0, last), cache)
-        key, sub = jax.random.split(key)
-        nxt = sample_tokens(logits[:, 0], sub, sampling)
+        nxt = sample_rows(logits[:, 0], keys, jnp.full((batch,), step, jnp.int32), sampling)
         nxt = jnp.where(done, -1, nxt)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
-        return step + 1, nxt, cache, out, done | jnp.isin(nxt, stop_arr), key
+        return step + 1, nxt, cache, out, done | jnp.isin(nxt, stop_arr)
 
-    steps, _, _, out, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), first, prefill.cache, out, done, key))
+    steps, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), first, prefill.cache, out, done))
     n_new = jnp.sum(out >= 0, axis=1)
     return out, n_new, steps

@@ -45,3 +45,18 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_id: int = 0, bucket: bool = Tru
     for i, r in enumerate(rows):
         ids[i, :len(r)] = r
     return ids, lengths
+
+
+def check_request_ids(request_ids, n: int) -> np.ndarray:
+    """``[n]`` int32 request ids (the sampling key of each prompt): ``request_ids`` validated, or ``0..n-1``."""
+    if request_ids is None:
+        return np.arange(n, dtype=np.int32)
+    try:
+        ids = np.asarray([int(i) for i in request_ids], np.int64)
+    except (TypeError, ValueError):
+        raise ValueError("request_ids must be a sequence of ints") from None
+    if ids.shape != (n,):
+        raise ValueError(f"request_ids has {ids.size} ids for {n} prompts")
+    if ids.size and (ids.min() < 0 or ids.max() >= 2**31):
+        raise ValueError("request_ids must lie in [0, 2**31)")
+    return ids.astype(np.int32)

@@ -85,8 +85,31 @@ def _nucleus(x, ranked, probs, top_p: float):
 
 def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
     """``jax.random.categorical(key, logits, axis=-1)`` (Gumbel-max: the same noise, so the same samples) with the
-    argmax of :func:`argmax_last`: 5x faster on a CPU at V=151,936."""
-    return argmax_last(logits + jax.random.gumbel(key, logits.shape, logits.dtype))
+    argmax of :func:`argmax_last`: 5x faster on a CPU at V=151,936. ``key`` may also be one key per row
+    (``[B]`` for ``[B, ..., V]`` logits): each row then draws from its own key (see :func:`row_keys`)."""
+    return argmax_last(logits + gumbel(key, logits.shape, logits.dtype))
+
+
+def gumbel(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """``jax.random.gumbel`` for one key, or for ``[B]`` row keys (row ``b`` of the result from ``key[b]``)."""
+    if key.ndim == 0:
+        return jax.random.gumbel(key, shape, dtype)
+    return jax.vmap(lambda k: jax.random.gumbel(k, shape[1:], dtype))(key)
+
+
+def uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``jax.random.uniform`` for one key, or for ``[B]`` row keys (row ``b`` of the result from ``key[b]``)."""
+    if key.ndim == 0:
+        return jax.random.uniform(key, shape)
+    return jax.vmap(lambda k: jax.random.uniform(k, shape[1:]))(key)
+
+
+def split_keys(key: jax.Array, num: int) -> jax.Array:
+    """``jax.random.split(key, num)`` -> ``[num]``, or for ``[B]`` row keys ``[num, B]`` (each row split on its
+    own), so ``keys[i]`` is the i-th key of every row either way."""
+    if key.ndim == 0:
+        return jax.random.split(key, num)
+    return jax.vmap(lambda k: jax.random.split(k, num), out_axes=1)(key)
 
 
 def argmax_last(x: jax.Array) -> jax.Array:
@@ -102,7 +125,21 @@ def argmax_last(x: jax.Array) -> jax.Array:
 
 
 def sample_tokens(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
-    """``[B, V]`` logits -> ``[B]`` int32 tokens."""
+    """``[B, V]`` logits -> ``[B]`` int32 tokens; ``key`` is one key or ``[B]`` row keys."""
     if cfg.greedy:
         return argmax_last(logits)
     return categorical(key, warp_logits(logits, cfg))
+
+
+def request_keys(key: jax.Array, request_ids: jax.Array) -> jax.Array:
+    """``[R]`` per-request keys from one call key: request ``r``'s samples depend on (key, r) only, never on which
+    requests share its batch, its row or when it was admitted (continuous batching)."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, request_ids)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, positions: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """``[B, V]`` logits, ``[B]`` request keys, ``[B]`` index of the token being sampled in each request's output
+    -> ``[B]`` int32 tokens: row ``b`` samples with ``fold_in(keys[b], positions[b])``."""
+    if cfg.greedy:
+        return argmax_last(logits)
+    return categorical(jax.vmap(jax.random.fold_in)(keys, positions), warp_logits(logits, cfg))

@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.decode.sampling import SamplingConfig, argmax_last, categorical, warp_logits
+from dspark_jax.decode.sampling import SamplingConfig, argmax_last, categorical, split_keys, uniform, warp_logits
 
 RESIDUAL_EPS = 1e-8
 
@@ -46,7 +46,7 @@ def verify_block(draft_tokens: jax.Array, draft_logits: jax.Array, target_logits
       draft_tokens: ``[B, Bs]`` proposed tokens; draft_logits: ``[B, Bs, V]`` the logits they were drawn from.
       target_logits: ``[B, Bs+1, V]`` target logits at ``[anchor, t_0 .. t_{Bs-1}]``.
       proposal_lengths: ``[B]`` L per row (0..Bs): only the first L drafts are verified.
-      key: PRNG key; cfg: sampling settings shared by draft and target.
+      key: a PRNG key, or ``[B]`` row keys; cfg: sampling settings shared by draft and target.
     """
     if cfg.greedy:
         return _verify_greedy(draft_tokens, target_logits, proposal_lengths)
@@ -60,11 +60,11 @@ def verify_block_general(draft_tokens, draft_logits, target_logits, proposal_len
     b, bs = draft_tokens.shape
     p_t = probabilities(target_logits, cfg)                                    # [B, Bs+1, V]
     p_d = probabilities(draft_logits, cfg)                                     # [B, Bs, V]
-    k_accept, k_next = jax.random.split(key)
+    k_accept, k_next = split_keys(key, 2)            # one key, or [B] row keys (continuous batching)
     pt_tok = jnp.take_along_axis(p_t[:, :bs], draft_tokens[..., None], axis=-1)[..., 0]
     pd_tok = jnp.take_along_axis(p_d, draft_tokens[..., None], axis=-1)[..., 0]
     ratio = jnp.minimum(1.0, pt_tok / jnp.maximum(pd_tok, RESIDUAL_EPS))
-    u = jax.random.uniform(k_accept, (b, bs))
+    u = uniform(k_accept, (b, bs))
     accepted = (u < ratio) & (jnp.arange(bs)[None, :] < proposal_lengths[:, None])
     m = jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=1), axis=1)      # leading accepted count
 

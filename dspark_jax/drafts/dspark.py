@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.cache import KVCache
-from dspark_jax.decode.sampling import SamplingConfig, sample_tokens
+from dspark_jax.decode.sampling import SamplingConfig, sample_tokens, split_keys
 from dspark_jax import kernels
 from dspark_jax.drafts.backbone import DraftLayer
 from dspark_jax.drafts.common import DraftBase
@@ -241,7 +241,7 @@ class DSparkDraft(DraftBase):
         out, cache = self.block_hidden(cache, ctx_taps, ctx_count, anchor)
         base = self.base_logits(out, head_hv)                                               # [B, Bs, V]
         bs = self.config.block_size
-        keys = jax.random.split(key, bs)
+        keys = split_keys(key, bs)                      # [Bs] or [Bs, B] (row keys)
         head = self.markov_head
 
         def body(carry, xs):

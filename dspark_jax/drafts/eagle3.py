@@ -32,7 +32,7 @@ from flax import nnx
 from dspark_jax import kernels
 from dspark_jax.cache import KVCache, causal_cache_mask, write_rows
 from dspark_jax.config import TargetConfig
-from dspark_jax.decode.sampling import SamplingConfig, sample_tokens
+from dspark_jax.decode.sampling import SamplingConfig, sample_tokens, split_keys
 from dspark_jax.drafts.common import DraftBase
 from dspark_jax.drafts.config import EAGLE3_DEEPSPEC, DraftConfig
 from dspark_jax.nn.attention import Attention
@@ -394,7 +394,7 @@ class Eagle3Draft(DraftBase):
             raise ValueError(f"num_tokens must be >= 1, got {n}")
         b = last_hidden.shape[0]
         c0 = cache.lengths
-        keys = jax.random.split(key, n)
+        keys = split_keys(key, n)                       # [n] or [n, B] (row keys)
         forced = forced_tokens.astype(jnp.int32) if forced_tokens is not None else None
 
         h0 = last_hidden.astype(self.dtype)

@@ -8,8 +8,8 @@ import pytest
 from scipy import stats as sps
 
 import dspark_jax as dj
-from dspark_jax.decode import speculative as spec_mod
-from dspark_jax.decode.sampling import SamplingConfig, warp_logits
+from dspark_jax.decode import spec_loop as spec_mod
+from dspark_jax.decode.sampling import SamplingConfig, categorical, warp_logits
 from dspark_jax.decode.verify import verify_block
 
 from spec_pairs import V
@@ -164,7 +164,8 @@ def test_biased_verifier_is_caught(plain_target, draft_factory, monkeypatch):
     def biased(draft_tokens, draft_logits, target_logits, proposal_lengths, key, cfg):
         v = verify_block(draft_tokens, draft_logits, target_logits, proposal_lengths, key, cfg)
         pt = jnp.take_along_axis(target_logits, v.num_accepted[:, None, None], axis=1)[:, 0]
-        nxt = jax.random.categorical(jax.random.fold_in(key, 7), warp_logits(pt, cfg), axis=-1)
+        # key holds one key per row (per-request sampling): fold each, draw each row from its own
+        nxt = categorical(jax.vmap(lambda k: jax.random.fold_in(k, 7))(key), warp_logits(pt, cfg))
         return type(v)(num_accepted=v.num_accepted, next_token=nxt.astype(jnp.int32), accepted=v.accepted)
 
     monkeypatch.setattr(spec_mod, "verify_block", biased)

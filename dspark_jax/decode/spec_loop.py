@@ -1,0 +1,226 @@
+"""One round of the draft-verify loop (spec §4), written once for the static batch (decode/speculative.py) and
+the slot engine (decode/spec_slots.py).
+
+Per round and row: propose a block from the draft cache + pending context taps (sequential Markov sampling)
+-> choose the proposal length L (the full block, a confidence threshold, or a scheduler from
+:mod:`dspark_jax.decode.scheduler` over all active rows) -> verify all rows in one target
+forward with per-row valid lengths -> rejection sampling -> commit m+1 tokens -> crop both caches by
+setting lengths -> the verified rows' taps become the next pending context.
+
+Invariants (spec §8.12), per row after each round: target cache length == start; draft cache length +
+pending rows == start; committed text == prompt + output[:start + 1 - prompt_len].
+
+Sampling: each request has its own key (``sampling.request_keys``); its first token draws with fold 0, round r
+with fold ``1 + r`` of the request's rounds, so a request's tokens do not depend on the other rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from dspark_jax.decode.prefill import prefill as prefill_target
+from dspark_jax.decode.ragged import verify_forward
+from dspark_jax.decode.sampling import SamplingConfig, sample_rows, split_keys
+from dspark_jax.decode.scheduler import SchedulePolicy
+from dspark_jax.decode.verify import verify_block
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecSettings:
+    """Static settings of one compiled loop."""
+
+    max_new_tokens: int
+    sampling: SamplingConfig
+    stop_ids: tuple[int, ...]
+    threshold: float
+    target_capacity: int
+    draft_capacity: int
+    scheduler: SchedulePolicy | None = None     # the rule; its SPS table is a traced argument of the loop
+    ragged_buckets: tuple[int, ...] = ()         # () = padded [B, Bs+1] verify; else flat capacities (ragged.py)
+
+
+def drafts_per_round(cfg) -> int:
+    return cfg.ttt_length if cfg.is_eagle3 else cfg.block_size
+
+
+# ---- drafter adapters: how each draft family ingests the prompt, proposes, and absorbs a commit --------
+# DSpark/DFlash state: (cache, pending taps [B, Bs+1, Lt*H], pending count [B]); the verified rows' taps wait
+# as pending context until the next proposal consumes them. Eagle3 state: (cache, last_hidden [B, H]); the
+# committed positions are written into its cache right away, paired with the tokens that follow them.
+
+def _ingest_prompt(draft, cache, taps, ids, lengths, first):
+    if draft.config.is_eagle3:
+        nxt = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+        nxt = jnp.where(jnp.arange(ids.shape[1])[None, :] == (lengths - 1)[:, None], first[:, None], nxt)
+        cache, last = draft.extend(cache, taps, nxt, lengths)
+        return (cache, last)
+    bs = draft.config.block_size
+    _, cache = draft.block_hidden(cache, taps, lengths, first)  # the block output is unused: context only
+    return (cache, jnp.zeros((ids.shape[0], bs + 1, taps.shape[-1]), taps.dtype), jnp.zeros_like(lengths))
+
+
+def _propose(draft, dstate, anchor, key, sampling, stop_ids, head_hv=None):
+    """-> (tokens [B, L], logits [B, L, V], confidence logits or None, max usable length [B], cache after)."""
+    if draft.config.is_eagle3:
+        cache, last = dstate
+        prop = draft.propose(cache, last, key, sampling, stop_token_ids=stop_ids)
+        return prop.tokens, prop.logits, None, prop.num_proposed, prop.cache
+    cache, pend, count = dstate
+    prop = draft.propose(cache, pend, count, anchor, key, sampling, head_hv=head_hv)
+    return prop.tokens, prop.logits, prop.confidence_logits, None, prop.cache
+
+
+def _absorb_commit(draft, dstate, cache_after, verify_taps, committed, n_rows, active):
+    """The verified rows ``0..n_rows-1`` (x_start and accepted drafts) become draft context."""
+    if draft.config.is_eagle3:
+        _, last = dstate
+        new_cache, new_last = draft.extend(cache_after, verify_taps, jnp.maximum(committed, 0), n_rows, last)
+        cache = new_cache.with_lengths(jnp.where(active, new_cache.lengths, dstate[0].lengths))
+        return (cache, jnp.where(active[:, None], new_last, last))
+    cache, pend, count = dstate
+    cache = cache_after.with_lengths(jnp.where(active, cache_after.lengths, cache.lengths))
+    return (cache, jnp.where(active[:, None, None], verify_taps, pend), jnp.where(active, n_rows, count))
+
+
+def draft_context_len(draft, dstate):
+    """Draft cache length + pending rows (== start, spec §8.12)."""
+    if draft.config.is_eagle3:
+        return dstate[0].lengths, jnp.zeros_like(dstate[0].lengths)
+    return dstate[0].lengths, dstate[2]
+
+
+def confidences(conf_logits, temperatures):
+    """``[B, Bs]`` confidence logits -> probabilities ``sigmoid(c_k / T_k)`` (T = 1 without calibration)."""
+    if conf_logits is None:
+        return None
+    z = conf_logits.astype(jnp.float32)
+    if temperatures is not None:
+        z = z / temperatures[None, :]
+    return jax.nn.sigmoid(z)
+
+
+def _proposal_lengths(conf_p, threshold: float, block_size: int, batch: int):
+    """L = index of the first position whose confidence sigmoid(c_k / T_k) < theta (block_size if none)."""
+    if threshold <= 0 or conf_p is None:
+        return jnp.full((batch,), block_size, jnp.int32)
+    low = conf_p < threshold
+    return jnp.where(jnp.any(low, axis=1), jnp.argmax(low, axis=1), block_size).astype(jnp.int32)
+
+
+# ---- the loop, in pieces the static batch and the slot engine (decode/spec_slots.py) share -------------------
+# Per-row state ("rows"): t_cache, dstate, anchor [B], out [B, W], n_out [B], done [B], keys [B] (request keys),
+# row_rnd [B] (rounds the row's request has run), stats (per row and round). Every leaf has the row axis first, so
+# the slot engine can write a prompt pass's rows into any slots. Loop state adds the global round ``rnd`` and the
+# scheduler's state.
+
+def _round_keys(keys, row_rnd):
+    """Row keys of a round: request key folded with ``1 + round`` (fold 0 drew the request's first token)."""
+    return jax.vmap(jax.random.fold_in)(keys, row_rnd + 1)
+
+
+def init_rows(target, draft, ids, lengths, req_keys, settings: SpecSettings) -> dict:
+    """Prompt pass over ``ids [B, P]``: the target's cache and first token, the draft's context -> rows."""
+    cfg = draft.config
+    bs, batch = drafts_per_round(cfg), ids.shape[0]
+    max_new, max_rounds = settings.max_new_tokens, settings.max_new_tokens
+    stop_arr = jnp.asarray(settings.stop_ids if settings.stop_ids else (-2,), jnp.int32)
+    pre = prefill_target(target, ids, lengths, settings.target_capacity, tap_layer_ids=cfg.target_layer_ids)
+    first = sample_rows(pre.logits[:, 0], req_keys, jnp.zeros((batch,), jnp.int32), settings.sampling)
+    dstate = _ingest_prompt(draft, draft.init_cache(batch, settings.draft_capacity), pre.taps, ids, lengths, first)
+    out = jnp.full((batch, max_new + bs + 1), -1, jnp.int32).at[:, 0].set(first)
+    n_out = jnp.ones((batch,), jnp.int32)
+    stats = dict(accept=jnp.zeros((batch, max_rounds), jnp.int32), proposed=jnp.zeros((batch, max_rounds), jnp.int32),
+                 conf=jnp.zeros((batch, max_rounds, bs), jnp.float32),
+                 conf_logits=jnp.zeros((batch, max_rounds, bs), jnp.float32),
+                 outcome=jnp.zeros((batch, max_rounds, bs), bool))
+    return dict(t_cache=pre.cache, dstate=dstate, anchor=first, out=out, n_out=n_out,
+                done=jnp.isin(first, stop_arr) | (n_out >= max_new), keys=req_keys,
+                row_rnd=jnp.zeros((batch,), jnp.int32), stats=stats, prompt_len=lengths.astype(jnp.int32))
+
+
+def spec_round(target, draft, c: dict, settings: SpecSettings, sched_sps, conf_temps, head_hv) -> dict:
+    """One draft-verify round over every row of ``c`` (finished rows compute but change nothing)."""
+    cfg = draft.config
+    bs, taps = drafts_per_round(cfg), cfg.target_layer_ids
+    batch, out_width = c["out"].shape
+    max_new = settings.max_new_tokens
+    stop_arr = jnp.asarray(settings.stop_ids if settings.stop_ids else (-2,), jnp.int32)
+    rows = jnp.arange(batch)
+    slots = jnp.arange(bs + 1)[None, :]
+    sched = settings.scheduler
+
+    k_prop, k_ver = split_keys(_round_keys(c["keys"], c["row_rnd"]), 2)
+    active = ~c["done"]
+    start = c["t_cache"].lengths
+    tokens, logits, conf, usable, d_cache_after = _propose(draft, c["dstate"], c["anchor"], k_prop,
+                                                           settings.sampling, settings.stop_ids, head_hv)
+    conf_p = confidences(conf, conf_temps)
+    sched_state = c["sched"]
+    if sched is not None:
+        # the scheduler sees only draft-side information (confidences of this round's drafts), so any L
+        # it picks keeps rejection sampling lossless; finished rows do not count in its batch
+        L, sched_state = sched(conf_p, active, sched_state, c["rnd"], sched_sps)
+        L = jnp.where(active, L, 0)
+    else:
+        L = _proposal_lengths(conf_p, settings.threshold, bs, batch)
+    if usable is not None:
+        L = jnp.minimum(L, usable)
+    seq = jnp.concatenate([c["anchor"][:, None], tokens], axis=1)
+    if settings.ragged_buckets:
+        # finished rows verify nothing (their results are discarded anyway)
+        v_logits, v_taps, v_cache = verify_forward(target, seq, jnp.where(active, L + 1, 0), c["t_cache"],
+                                                   taps, settings.ragged_buckets)
+    else:
+        ver = target(seq, c["t_cache"], num_new=L + 1, tap_layer_ids=taps)
+        v_logits, v_taps, v_cache = ver.logits, ver.taps, ver.cache
+    verdict = verify_block(tokens, logits, v_logits, L, k_ver, settings.sampling)
+    m = verdict.num_accepted
+    # a stop token among the accepted drafts ends the row there, without a bonus token
+    is_stop = jnp.isin(tokens, stop_arr) & (slots[:, :bs] < m[:, None])
+    stop_in_drafts = jnp.any(is_stop, axis=1)
+    m_cut = jnp.where(stop_in_drafts, jnp.argmax(is_stop, axis=1) + 1, m)
+    n_commit = jnp.where(stop_in_drafts, m_cut, m_cut + 1)
+    padded = jnp.concatenate([tokens, jnp.zeros_like(tokens[:, :1])], axis=1)
+    committed = jnp.where(slots == m_cut[:, None], verdict.next_token[:, None], padded)
+    committed = jnp.where(slots < n_commit[:, None], committed, -1)
+    # write the committed tokens at n_out .. n_out + n_commit - 1 (inactive rows write nothing)
+    write = active[:, None] & (slots < n_commit[:, None])
+    out = c["out"].at[rows[:, None], jnp.where(write, c["n_out"][:, None] + slots, out_width)].set(
+        committed, mode="drop")
+    n_out = jnp.where(active, c["n_out"] + n_commit, c["n_out"])
+    committed_stop = stop_in_drafts | jnp.isin(verdict.next_token, stop_arr)
+    done = c["done"] | (active & (committed_stop | (n_out >= max_new)))
+    t_cache = v_cache.with_lengths(jnp.where(active, start + n_commit, start))
+    dstate = _absorb_commit(draft, c["dstate"], d_cache_after, v_taps, committed, n_commit, active)
+    r, st = c["row_rnd"], c["stats"]
+    at = jnp.where(active, r, st["accept"].shape[1])                  # out of range for finished rows: dropped
+    conf_rec = conf_p if conf_p is not None else jnp.zeros((batch, bs))
+    logit_rec = conf.astype(jnp.float32) if conf is not None else jnp.zeros((batch, bs))
+
+    def rec(buf, value):
+        return buf.at[rows, at].set(value, mode="drop")
+
+    stats = dict(accept=rec(st["accept"], n_commit), proposed=rec(st["proposed"], L), conf=rec(st["conf"], conf_rec),
+                 conf_logits=rec(st["conf_logits"], logit_rec),
+                 outcome=rec(st["outcome"], slots[:, :bs] < m_cut[:, None]))
+    return dict(c, rnd=c["rnd"] + 1, row_rnd=r + active, t_cache=t_cache, dstate=dstate,
+                anchor=jnp.where(active, verdict.next_token, c["anchor"]), out=out, n_out=n_out, done=done,
+                stats=stats, sched=sched_state)
+
+
+def loop_state(rows: dict, settings: SpecSettings, bs: int) -> dict:
+    sched = settings.scheduler
+    batch = rows["anchor"].shape[0]
+    return dict(rows, rnd=jnp.int32(0), sched=sched.init_state(batch, bs) if sched is not None else ())
+
+
+def head_for_loop(draft):
+    """DSpark / DFlash base logits are B * Bs rows per round: contract them against a [H, V] copy made once."""
+    return None if draft.config.is_eagle3 else draft.decode_head()
+
+
+__all__ = ["SpecSettings", "drafts_per_round", "draft_context_len", "init_rows", "spec_round", "loop_state",
+           "head_for_loop"]
