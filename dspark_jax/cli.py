@@ -235,11 +235,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate_parser(sub)       # dspark calibrate: STS temperatures for the draft's confidence head
     add_profile_parser(sub)         # dspark profile: SPS(B) table for the prefix scheduler
     add_format_parsers(sub)         # dspark convert draft, dspark inspect: draft checkpoint formats
+    from dspark_jax.distributed import add_distributed_args
+
+    for name in JOINS_FROM_FLAGS:
+        add_distributed_args(sub.choices[name])
     return parser
+
+
+# commands that join a multi-process run from their flags alone, before they run (train and prepare-cache also
+# read their config's distributed section, so they join inside their command)
+JOINS_FROM_FLAGS = ("generate-data", "eval", "calibrate", "profile")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in JOINS_FROM_FLAGS:
+        from dspark_jax.distributed import DistributedError, config_from_args, initialize
+
+        try:
+            initialize(config_from_args(args))  # before anything starts the JAX backend
+        except DistributedError as e:
+            raise SystemExit(f"error: {e}") from None
     return args.func(args)
 
 

@@ -19,9 +19,12 @@ position, so the continued run is the run that was never stopped. The restore re
 shardings, so a run can move to a different mesh shape or device count. SIGTERM / SIGINT (pre-emption) finish
 the current step, write a checkpoint and exit cleanly.
 
-Multi-host: with ``distributed: true`` every host runs the same command; ``jax.distributed.initialize()`` picks
-up the coordinator from the environment (TPU pods, SLURM, or ``JAX_COORDINATOR_ADDRESS`` etc.), each host
-reads the rows of the global batch that belong to it and process 0 writes metrics and exports.
+Multi-host (docs/DISTRIBUTED.md): with ``distributed: true`` every host runs the same command
+(:mod:`dspark_jax.distributed` joins the run before the backend starts). Each host loads exactly the rows of
+the global batch its devices hold, so the global batch, the anchors and every RNG stream -- and so the loss
+curve -- are those of a one-host run on the same mesh shape, and checkpoints resume on any host count. Process
+0 alone writes shared files (config, metrics, TensorBoard, target, draft); a barrier follows each write another
+process reads. Orbax writes checkpoints from all processes into one shared directory.
 """
 
 from __future__ import annotations
@@ -162,11 +165,12 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, devices=None, echo: Callable[[str], None] | None = None,
                  compiler_options: dict | None = None, inputs_only: bool = False):
+        from dspark_jax import distributed
+
         self.compiler_options = compiler_options
-        if cfg.distributed and jax.process_count() == 1 and not _distributed_initialized():
-            jax.distributed.initialize()
+        distributed.initialize(cfg.distributed)  # no-op when the CLI already did (or when not distributed)
         self.cfg = cfg
-        self.is_main = jax.process_index() == 0
+        self.is_main = distributed.is_main_process()
         self.echo = echo or (print if self.is_main else (lambda *_: None))
         self.out_dir = os.path.abspath(cfg.output_dir)
         os.makedirs(self.out_dir, exist_ok=True)
@@ -278,11 +282,13 @@ class Trainer:
         if not self.random_target:
             return
         import dspark_jax as dj
+        from dspark_jax import distributed
         from dspark_jax.train.pretrain import fit_target
 
         target_dir = os.path.join(self.out_dir, "target")
         done_marker = os.path.join(target_dir, "pretrain.json")
-        if t.pretrain_steps and os.path.isfile(done_marker):
+        # process 0's view decides, so no host starts a second fit while another reuses the saved target
+        if t.pretrain_steps and bool(distributed.broadcast_from_main(np.asarray(os.path.isfile(done_marker)))):
             # a resumed run: the same pre-trained target, not a second fit
             self.target = dj.load_target(target_dir, dtype=self.target.dtype)
             self.echo(f"[train] reusing the pre-trained target in {target_dir}")
@@ -302,6 +308,7 @@ class Trainer:
                 json.dump({"steps": t.pretrain_steps, "first_loss": losses[0] if losses else None,
                            "last_loss": losses[-1] if losses else None}, f)
             self.echo(f"[train] target{' (pre-trained)' if losses else ''} saved to {target_dir}")
+        distributed.barrier("dspark_jax.train.target_saved")  # the others read what process 0 just wrote
         if t.pretrain_steps:  # continue from exactly what was saved (a resumed run reloads it)
             self.target = dj.load_target(target_dir, dtype=self.target.dtype)
 
@@ -331,7 +338,7 @@ class Trainer:
     def _build_pipeline_and_step(self):
         from dspark_jax.train.data import InputPipeline
         from dspark_jax.train.schedule import dspark_lr_schedule, make_optimizer
-        from dspark_jax.train.step import make_train_step, shard_target_state
+        from dspark_jax.train.step import make_train_step, process_batch_rows, shard_target_state
 
         cfg, o = self.cfg, self.cfg.optim
         micro = o.micro_batch_size or o.global_batch_size
@@ -342,9 +349,11 @@ class Trainer:
         if len(self.samples) < o.global_batch_size:
             raise ConfigError(f"{len(self.samples)} samples cannot fill one global batch of {o.global_batch_size} "
                               "(lower optim.global_batch_size)")
+        # each process loads the rows its devices hold: the global batch is the one-process batch
         self.pipeline = InputPipeline(self.samples, global_batch_size=o.global_batch_size, micro_batch_size=micro,
                                       max_length=cfg.data.max_length, buckets=cfg.data.buckets, seed=o.seed,
                                       num_epochs=o.epochs, lengths=self.lengths,
+                                      row_positions=process_batch_rows(self.mesh, micro),
                                       num_threads=cfg.data.num_threads)
         self.grad_accum = o.global_batch_size // micro
         self.total_updates = o.epochs * (len(self.samples) // o.global_batch_size)
@@ -382,11 +391,15 @@ class Trainer:
         import dspark_jax as dj
         from dspark_jax.train.step import split_draft
 
+        from dspark_jax import distributed
+
         graphdef, _, _ = split_draft(self.draft)
-        draft = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.frozen))
+        # every process takes part in gathering the shards; only process 0 writes
+        draft = nnx.merge(graphdef, _to_host(state.params), _to_host(state.frozen))
         path = path or os.path.join(self.out_dir, "draft")
         if self.is_main:
             dj.save_draft(draft, path)
+        distributed.barrier("dspark_jax.train.draft_exported")
         return path
 
     # ---- the loop -------------------------------------------------------------------------------------
@@ -434,7 +447,7 @@ class Trainer:
                     batch = next(it)
                     state, metrics = self.step_fn(state, self.target_state, batch)
                     step += 1
-                    pending.append((step, metrics, float(np.sum(batch["lengths"]))))
+                    pending.append((step, metrics, float(self.pipeline.global_tokens(step - 1))))
                     if step % cfg.log.every == 0 or step == self.total_steps or stop.requested:
                         # one host sync per log interval, not per step
                         host = jax.device_get([m for _, m, _ in pending])
@@ -446,7 +459,7 @@ class Trainer:
                             line = {"step": s, "update": s // self.grad_accum,
                                     "epoch": (s - 1) // self.pipeline.steps_per_epoch,
                                     **{k: float(v) for k, v in m.items()}}
-                            rows = self.pipeline.local_batch_size * jax.process_count()
+                            rows = self.pipeline.sampler.micro_batch_size
                             block_tokens = (ctx * self.draft.config.ttt_length if eagle else
                                             line.get("anchors_per_seq", 0.0) * rows * self.draft.config.block_size)
                             tokens += ctx
@@ -482,13 +495,13 @@ class Trainer:
                            draft_dir=draft_dir, stopped_early=stopped)
 
 
-def _distributed_initialized() -> bool:
-    try:
-        from jax._src import distributed  # the public API has no query; fall back to "not initialised"
+def _to_host(tree):
+    """``tree``'s arrays as numpy, whole (gathered from every process when sharded across hosts)."""
+    if all(x.is_fully_addressable for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
 
-        return distributed.global_state.client is not None
-    except (ImportError, AttributeError):  # pragma: no cover
-        return False
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 class _StopFlag:
