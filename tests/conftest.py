@@ -68,3 +68,80 @@ def jax_targets(hf_models):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# ---- several real JAX processes on the loopback address (multi-host stand-ins) -----------------------------
+class ProcessLauncher:
+    """Starts ``python -m dspark_jax.cli ...`` processes that stand in for hosts: CPU, ``devices`` devices each,
+    fast-compile XLA flags, one compilation cache shared by every multi-process test of the session."""
+
+    FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+    def __init__(self, cache_dir: str):
+        self.cache_dir = cache_dir
+
+    @staticmethod
+    def free_port() -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def env(self, devices: int) -> dict:
+        return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=self.cache_dir,
+                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {self.FAST_XLA}",
+                    PYTHONUNBUFFERED="1")
+
+    def start(self, args: list[str], log_path, *, devices: int):
+        import subprocess
+        import sys
+
+        log = open(log_path, "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "dspark_jax.cli", *args], env=self.env(devices),
+                                stdout=log, stderr=subprocess.STDOUT)
+        proc.log_path = str(log_path)
+        log.close()
+        return proc
+
+    def start_group(self, args: list[str], log_dir, *, processes: int = 2, devices: int = 2, port=None,
+                    extra=("--heartbeat-timeout", "10", "--initialization-timeout", "60")):
+        """``processes`` processes of one run (``--coordinator-address/--num-processes/--process-id`` added)."""
+        port = port or self.free_port()
+        return [self.start([*args, "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", str(processes),
+                            "--process-id", str(i), *extra], os.path.join(log_dir, f"process{i}.log"),
+                           devices=devices)
+                for i in range(processes)]
+
+    @staticmethod
+    def output(proc) -> str:
+        with open(proc.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def finish(self, procs, timeout: float = 300) -> list[str]:
+        """Waits for every process; fails the test (with the logs) on a timeout or a non-zero exit."""
+        import subprocess
+        import time
+
+        deadline = time.monotonic() + timeout
+        try:
+            for p in procs:
+                p.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"processes still running after {timeout}s:\n" + "\n".join(self.output(p)[-3000:]
+                                                                                 for p in procs))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        outs = [self.output(p) for p in procs]
+        for p, out in zip(procs, outs):
+            assert p.returncode == 0, f"exit {p.returncode}:\n{out[-4000:]}"
+        return outs
+
+
+@pytest.fixture(scope="session")
+def multiprocess(tmp_path_factory):
+    """A :class:`ProcessLauncher` whose processes share this session's compilation cache."""
+    return ProcessLauncher(str(tmp_path_factory.mktemp("multiprocess_jax_cache")))
