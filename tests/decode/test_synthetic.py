@@ -207,3 +207,34 @@ def test_training_text_continues_the_generation_prompt():
         full = tok.apply_chat_template(conv, tokenize=False)
         assert full == prompt + conv[-1]["content"] + "<|im_end|>\n"
     assert tok.apply_chat_template(two, tokenize=False).count("<think>") == 1
+
+
+@pytest.mark.multiprocess
+def test_two_processes_write_what_one_writes(full_run, model_dirs, multiprocess, tmp_path):
+    """generate-data on 2 real processes (loopback coordinator): batches dealt out by index, one shard per
+    process, assembled by process 0 into the very file one process writes."""
+    inp, out = full_run
+    tdir, _ = model_dirs
+    two = tmp_path / "two.jsonl"
+    outs = multiprocess.finish(multiprocess.start_group(
+        ["generate-data", "--target", tdir, "--input", inp, "--output", str(two)] + ARGS, tmp_path))
+    with open(out, "rb") as f:
+        assert two.read_bytes() == f.read()
+    assert not list(tmp_path.glob("two.jsonl.shard-*"))
+    ok = sum(r["status"] == "success" for r in _read(out))
+    assert f"8 conversations: {ok} success, {8 - ok} error" in outs[0]  # the counts of both processes
+
+
+def test_shards_are_folded_in_order_once(tmp_path):
+    from dspark_jax.decode.jsonl_shards import fold_shards, shard_path
+
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"id": "a"}\n')
+    with open(shard_path(out, 0, 2), "w") as f:
+        f.write('{"id": "c"}\n{"id": "a"}\n{"id": "x", "partial')   # a crash mid-write: the tail is dropped
+    with open(shard_path(out, 1, 2), "w") as f:
+        f.write('{"id": "b"}\n{"id": "d"}\n')
+    assert fold_shards(out, order=["b", "c", "a"]) == 3
+    assert [r["id"] for r in _read(out)] == ["a", "b", "c", "d"]
+    assert not list(tmp_path.glob("o.jsonl.shard-*"))
+    assert fold_shards(out) == 0
