@@ -86,11 +86,15 @@ def cmd_prepare_cache(args) -> int:
         raise SystemExit("error: data.cache_dir is set: prepare-cache reads the JSONL files and writes --out")
     import jax
 
+    from dspark_jax.train.target_cache import CacheError
     from dspark_jax.train.trainer import write_cache_for_config
 
-    if jax.process_count() > 1:
-        raise SystemExit("error: prepare-cache runs on one host")
-    manifest = write_cache_for_config(cfg, args.out, batch_size=args.batch_size, overwrite=args.overwrite)
+    try:
+        manifest = write_cache_for_config(cfg, args.out, batch_size=args.batch_size, overwrite=args.overwrite)
+    except (ConfigError, CacheError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if jax.process_index() != 0:
+        return 0
     print(f"[prepare-cache] {manifest.num_samples} samples in {manifest.num_shards} shard(s) -> {args.out}")
     return 0
 

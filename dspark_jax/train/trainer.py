@@ -62,19 +62,27 @@ def write_cache_for_config(cfg, directory: str, *, batch_size: int = 16, hidden_
                            overwrite: bool = False, progress: bool = True, compiler_options: dict | None = None,
                            echo: Callable[[str], None] | None = None):
     """Runs ``cfg``'s target over ``cfg``'s training data (parsed exactly as training parses it) and writes the
-    offline cache for ``cfg.draft.target_layer_ids`` to ``directory``: what ``dspark prepare-cache`` does.
+    offline cache for ``cfg.draft.target_layer_ids`` to ``directory``: what ``dspark prepare-cache`` does. On
+    several processes each writes the batches dealt to it and process 0 merges them into one cache.
     ``echo``: the trainer's input messages (default: its own). Returns the
     :class:`~dspark_jax.train.target_cache.CacheManifest`."""
+    from dspark_jax.train.config import MeshSection
     from dspark_jax.train.target_cache import write_target_cache
 
-    inputs = Trainer(cfg, inputs_only=True, compiler_options=compiler_options, echo=echo)
+    devices = None
+    if jax.process_count() > 1:
+        # data-parallel over processes: each holds a whole target on its own devices and writes a part of the
+        # cache (so the target must fit one host's devices; fsdp over them)
+        cfg, devices = cfg.replace(mesh=MeshSection()), jax.local_devices()
+    inputs = Trainer(cfg, inputs_only=True, compiler_options=compiler_options, echo=echo, devices=devices)
     d = cfg.data
     return write_target_cache(
         directory, inputs.samples, inputs.target, target_layer_ids=tuple(cfg.draft.target_layer_ids),
         batch_size=batch_size, target_model_name_or_path=cfg.target.path or "", progress=progress,
         compiler_options=compiler_options, data_paths=tuple(resolve_data_files(d.train_files)),
         chat_template=d.chat_template, max_length=d.max_length, min_loss_tokens=d.min_loss_tokens,
-        hidden_dtype=hidden_dtype, overwrite=overwrite)
+        hidden_dtype=hidden_dtype, overwrite=overwrite, process_index=jax.process_index(),
+        process_count=jax.process_count())
 
 
 def resolve_data_files(files) -> list[str]:

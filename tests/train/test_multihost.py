@@ -3,7 +3,8 @@ for 2 hosts) against the same run on 1 process x 4 devices, same mesh shape (dat
 
   - the loss curve (<= 1e-5 relative) and the exported draft are the same;
   - a checkpoint written by 2 processes resumes on 1, and one written by 1 resumes on 2, with the straight curve;
-  - a process killed mid-run ends the other within a bounded time, with a message naming it.
+  - a process killed mid-run ends the other within a bounded time, with a message naming it;
+  - ``dspark prepare-cache`` on 2 processes writes the cache 1 process writes (sample by sample, bit for bit).
 """
 
 import json
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from dspark_jax.train.target_cache import TargetCache
 from dspark_jax.train.trainer import EMBEDDED
 
 pytestmark = pytest.mark.multiprocess
@@ -138,3 +140,23 @@ def test_killed_process_ends_the_run(multiprocess, data_file, tmp_path):
     assert waited < heartbeat + 60
     assert "stopped sending heartbeats" in out and "\n1\n" in out.split("stopped sending heartbeats")[1][:40], \
         out[-3000:]
+
+
+def test_prepare_cache_on_two_processes(multiprocess, data_file, tmp_path):
+    args = train_args(tmp_path / "unused", data_file)[3:]  # the same data and target overrides
+    args = [a for a in args if not a.startswith("mesh.")]
+    one, two = tmp_path / "one", tmp_path / "two"
+    multiprocess.finish([multiprocess.start(["prepare-cache", "--config", "tiny", "--out", str(one),
+                                             "--batch-size", "4", *args], tmp_path / "one.log", devices=2)])
+    os.makedirs(tmp_path / "logs")
+    outs = multiprocess.finish(multiprocess.start_group(["prepare-cache", "--config", "tiny", "--out", str(two),
+                                                         "--batch-size", "4", *args], tmp_path / "logs"))
+    assert "16 samples in 2 shard(s)" in outs[0]  # one shard per process, under one manifest
+    a, b = TargetCache(str(one)), TargetCache(str(two))
+    assert len(a) == len(b) == 16
+    for i in range(len(a)):
+        x, y = a[i], b[i]
+        assert sorted(x) == sorted(y)
+        for k in x:
+            np.testing.assert_array_equal(np.asarray(y[k]), np.asarray(x[k]), err_msg=f"sample {i} {k}")
+    assert not [n for n in os.listdir(two) if n.startswith("part-")]
