@@ -248,15 +248,16 @@ JOINS_FROM_FLAGS = ("generate-data", "eval", "calibrate", "profile")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dspark_jax.distributed import DistributedError, config_from_args, failing_fast, initialize
+
     args = build_parser().parse_args(argv)
     if args.command in JOINS_FROM_FLAGS:
-        from dspark_jax.distributed import DistributedError, config_from_args, initialize
-
         try:
             initialize(config_from_args(args))  # before anything starts the JAX backend
         except DistributedError as e:
             raise SystemExit(f"error: {e}") from None
-    return args.func(args)
+    with failing_fast():  # a process of a multi-process run that fails must not leave its peers hanging
+        return args.func(args)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ Failure behaviour (all bounded in time):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import socket
@@ -233,6 +234,33 @@ def broadcast_from_main(value):
     return multihost_utils.broadcast_one_to_all(value)
 
 
+@contextlib.contextmanager
+def failing_fast():
+    """Around a command: when it fails in a multi-process run, print the error and leave at once.
+
+    A normal exit would wait (up to JAX's shutdown timeout) at the distributed shutdown barrier while the other
+    processes sit in a collective waiting for this one: a silent hang. Leaving without it stops this process's
+    heartbeats, and the coordination service then ends the others within ``heartbeat_timeout_s``, naming it."""
+    try:
+        yield
+    except BaseException as e:  # noqa: BLE001 -- re-raised unless it must end the process
+        if isinstance(e, SystemExit) and e.code in (0, None) or not is_initialized():
+            raise
+        import traceback
+
+        import jax
+
+        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
+        if isinstance(e, SystemExit):
+            print(e.code if not isinstance(e.code, int) else "", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        print(f"[distributed] process {jax.process_index()} of {jax.process_count()} failed; leaving now so the "
+              "other processes stop at their next heartbeat check", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)
+
+
 # ---- command-line flags ---------------------------------------------------------------------------------
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     """``--distributed``, ``--coordinator-address``, ``--num-processes``, ``--process-id`` and the timeouts."""
@@ -261,4 +289,5 @@ def config_from_args(args: argparse.Namespace, base: DistributedConfig | None = 
 
 
 __all__ = ["DistributedConfig", "DistributedError", "ENV_VARS", "initialize", "is_initialized", "is_main_process",
+           "failing_fast",
            "barrier", "broadcast_from_main", "split_address", "add_distributed_args", "config_from_args"]

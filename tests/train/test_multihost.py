@@ -3,7 +3,7 @@ for 2 hosts) against the same run on 1 process x 4 devices, same mesh shape (dat
 
   - the loss curve (<= 1e-5 relative) and the exported draft are the same;
   - a checkpoint written by 2 processes resumes on 1, and one written by 1 resumes on 2, with the straight curve;
-  - a process killed mid-run ends the other within a bounded time, with a message naming it;
+  - a process killed mid-run, or one that fails, ends the other within a bounded time, with a message naming it;
   - ``dspark prepare-cache`` on 2 processes writes the cache 1 process writes (sample by sample, bit for bit).
 """
 
@@ -140,6 +140,33 @@ def test_killed_process_ends_the_run(multiprocess, data_file, tmp_path):
     assert waited < heartbeat + 60
     assert "stopped sending heartbeats" in out and "\n1\n" in out.split("stopped sending heartbeats")[1][:40], \
         out[-3000:]
+
+
+def test_failing_process_ends_the_run(multiprocess, data_file, tmp_path):
+    """Process 1 fails at start-up (its data file is missing) while process 0 goes on into the run's first
+    barrier: process 1 leaves at once with its error, and process 0 is ended within the heartbeat timeout,
+    naming process 1 -- not a hang at the shutdown barrier or in a collective."""
+    heartbeat, port = 5, multiprocess.free_port()
+    join = ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--heartbeat-timeout",
+            str(heartbeat)]
+    procs = [multiprocess.start(train_args(tmp_path / "run", data_file, *extra) + join + ["--process-id", str(i)],
+                                tmp_path / f"process{i}.log", devices=2)
+             for i, extra in enumerate([(), (f"data.train_files=[{tmp_path / 'missing.jsonl'}]",)])]
+    t0 = time.monotonic()
+    try:
+        for p in procs:
+            p.wait(120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert time.monotonic() - t0 < 120
+    out0, out1 = map(multiprocess.output, procs)
+    assert procs[1].returncode == 1 and "missing.jsonl does not exist" in out1 and "process 1 of 2 failed" in out1
+    assert procs[0].returncode != 0
+    assert "stopped sending heartbeats" in out0 and "\n1\n" in out0.split("stopped sending heartbeats")[1][:40], \
+        out0[-3000:]
 
 
 def test_prepare_cache_on_two_processes(multiprocess, data_file, tmp_path):
