@@ -194,11 +194,16 @@ def initialize(config: DistributedConfig, *, environ: Mapping[str, str] | None =
                                "distributed.coordinator_address, num_processes and process_id (or the "
                                "--coordinator-address/--num-processes/--process-id flags, or DSPARK_* "
                                "variables)") from None
+    global _joined
+    _joined = cfg
     if cfg.num_processes is not None and (jax.process_count(), jax.process_index()) != (cfg.num_processes,
                                                                                         cfg.process_id):
         raise DistributedError(f"joined as process {jax.process_index()} of {jax.process_count()}, expected "
                                f"{cfg.process_id} of {cfg.num_processes}")
     return cfg
+
+
+_joined: DistributedConfig | None = None  # what this process joined with (heartbeat timeout for failing_fast)
 
 
 def _stderr(msg: str) -> None:
@@ -255,10 +260,37 @@ def failing_fast():
             print(e.code if not isinstance(e.code, int) else "", file=sys.stderr)
         else:
             traceback.print_exc()
-        print(f"[distributed] process {jax.process_index()} of {jax.process_count()} failed; leaving now so the "
-              "other processes stop at their next heartbeat check", file=sys.stderr, flush=True)
+        me, n = jax.process_index(), jax.process_count()
+        if isinstance(e, jax.errors.JaxRuntimeError):
+            # most likely a collective that lost a peer (gloo: "Connection closed by peer"); name the peer
+            gone = _wait_for_dead_peers(n, _joined.heartbeat_timeout_s + 5 if _joined else 105)
+            if gone:
+                print(f"[distributed] process(es) {gone} of {n} stopped (killed, crashed or unreachable); process "
+                      f"{me} ends too", file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(code)
+        print(f"[distributed] process {me} of {n} failed; leaving now so the other processes stop at their next "
+              "heartbeat check", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(code)
+
+
+def _wait_for_dead_peers(process_count: int, timeout_s: float) -> list[int]:
+    """The processes the coordination service no longer counts as live, waiting up to ``timeout_s`` for it to
+    notice (it may also end this process itself, with its own message naming them)."""
+    from jax._src import distributed
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            live = distributed.global_state.client.get_live_nodes(list(range(process_count)))
+        except Exception:  # noqa: BLE001 -- the service itself is gone (process 0 died): it is the one
+            return [0]
+        gone = sorted(set(range(process_count)) - set(live))
+        if gone:
+            return gone
+        time.sleep(0.5)
+    return []
 
 
 # ---- command-line flags ---------------------------------------------------------------------------------

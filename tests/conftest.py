@@ -89,7 +89,9 @@ class ProcessLauncher:
             return s.getsockname()[1]
 
     def env(self, devices: int) -> dict:
+        # every compilation is cached (not only those over 1 s): the processes repeat the same small programs
         return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=self.cache_dir,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {self.FAST_XLA}",
                     PYTHONUNBUFFERED="1")
 

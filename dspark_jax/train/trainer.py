@@ -456,7 +456,8 @@ class Trainer:
                     state, metrics = self.step_fn(state, self.target_state, batch)
                     step += 1
                     pending.append((step, metrics, float(self.pipeline.global_tokens(step - 1))))
-                    if step % cfg.log.every == 0 or step == self.total_steps or stop.requested:
+                    stop_now = stop.agreed(step, cfg.log.every)
+                    if step % cfg.log.every == 0 or step == self.total_steps or stop_now:
                         # one host sync per log interval, not per step
                         host = jax.device_get([m for _, m, _ in pending])
                         now = time.perf_counter()
@@ -483,8 +484,8 @@ class Trainer:
                         pending, t_last = [], now
                     if bar is not None:
                         bar.update(1)
-                    ckpt.save(state, {"data": it.get_state(), "epoch": it.epoch()}, force=stop.requested)
-                    if stop.requested:
+                    ckpt.save(state, {"data": it.get_state(), "epoch": it.epoch()}, force=stop_now)
+                    if stop_now:
                         self.echo(f"[train] {stop.signal_name}: checkpoint written at step {step}; exiting")
                         stopped = True
                         break
@@ -513,7 +514,11 @@ def _to_host(tree):
 
 
 class _StopFlag:
-    """Turns SIGTERM / SIGINT into a flag the loop checks after each step (checkpoint, then exit)."""
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each step (checkpoint, then exit).
+
+    With several processes the signal reaches each at a different step (or only some of them), but the
+    checkpoint and the exit must happen at the same step everywhere: there the flag is pooled (any process
+    stops all) every ``every`` steps, one small all-gather per log interval."""
 
     def __init__(self):
         self.requested = False
@@ -523,6 +528,19 @@ class _StopFlag:
     def _handle(self, signum, _frame):
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, step: int, every: int) -> bool:
+        """Whether to stop after ``step`` -- the same answer on every process."""
+        if jax.process_count() == 1:
+            return self.requested
+        if step % every:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray(self.requested))
+        if np.any(flags) and not self.requested:
+            self.signal_name = f"a stop signal to process {int(np.argmax(flags))}"
+        return bool(np.any(flags))
 
     def __enter__(self):
         try:
