@@ -66,9 +66,11 @@ def write_cache_for_config(cfg, directory: str, *, batch_size: int = 16, hidden_
     several processes each writes the batches dealt to it and process 0 merges them into one cache.
     ``echo``: the trainer's input messages (default: its own). Returns the
     :class:`~dspark_jax.train.target_cache.CacheManifest`."""
+    from dspark_jax import distributed
     from dspark_jax.train.config import MeshSection
     from dspark_jax.train.target_cache import write_target_cache
 
+    distributed.initialize(cfg.distributed)  # before jax.process_count() starts the backend
     devices = None
     if jax.process_count() > 1:
         # data-parallel over processes: each holds a whole target on its own devices and writes a part of the
