@@ -190,7 +190,7 @@ def initialize(config: DistributedConfig, *, environ: Mapping[str, str] | None =
                                    process_id=cfg.process_id, initialization_timeout=cfg.initialization_timeout_s,
                                    heartbeat_timeout_seconds=cfg.heartbeat_timeout_s)
     except ValueError as e:  # JAX found no cluster to detect and no address was given
-        raise DistributedError(f"distributed: {e}. Outside TPU pods / SLURM / Open MPI give "
+        raise DistributedError(f"distributed: {str(e).rstrip('.')}. Outside TPU pods / SLURM / Open MPI give "
                                "distributed.coordinator_address, num_processes and process_id (or the "
                                "--coordinator-address/--num-processes/--process-id flags, or DSPARK_* "
                                "variables)") from None

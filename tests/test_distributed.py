@@ -1,6 +1,7 @@
 """Joining a multi-process run (dspark_jax/distributed.py): where the values come from, and bad input failing
 fast with a clear message (checked values in-process; an unreachable coordinator with a real CLI process)."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -72,8 +73,9 @@ def test_refused_once_the_backend_has_started():
 
 def _cli(*args, timeout=60):
     t0 = time.monotonic()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "DSPARK_"))}
     out = subprocess.run([sys.executable, "-m", "dspark_jax.cli", *args], capture_output=True, text=True,
-                         timeout=timeout, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+                         timeout=timeout, env={**env, "JAX_PLATFORMS": "cpu"})
     return out.returncode, out.stdout + out.stderr, time.monotonic() - t0
 
 
@@ -93,6 +95,9 @@ def test_unreachable_coordinator_and_bad_process_id_fail_fast():
     with pytest.raises(SystemExit, match="process_id=2 is out of range for num_processes=2"):
         cli.main(["eval", "--target", "x", "--draft", "y", "--data-dir", "z", "--coordinator-address",
                   f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "2"])
+    # distributed=true where JAX detects no cluster (no SLURM / MPI / TPU pod here) and no values are given
+    rc, out, _ = _cli("train", "--config", "tiny", "distributed=true", "output_dir=unused")
+    assert rc != 0 and "Outside TPU pods / SLURM / Open MPI give distributed.coordinator_address" in out, out[-2000:]
     with socket.socket() as busy:  # process 0 cannot serve on a port that is taken
         busy.bind(("", port))
         busy.listen()

@@ -399,9 +399,8 @@ class Trainer:
     def export_draft(self, state, path: str | None = None) -> str:
         """Writes the draft with ``state``'s weights in DeepSpec's format (default ``<output_dir>/draft``)."""
         import dspark_jax as dj
-        from dspark_jax.train.step import split_draft
-
         from dspark_jax import distributed
+        from dspark_jax.train.step import split_draft
 
         graphdef, _, _ = split_draft(self.draft)
         # every process takes part in gathering the shards; only process 0 writes
