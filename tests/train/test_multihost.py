@@ -67,8 +67,8 @@ def runs(multiprocess, data_file, tmp_path_factory):
                                             root / "one.log", devices=4)])
     t1 = time.perf_counter()
     os.makedirs(root / "two_logs")
-    multiprocess.finish(multiprocess.start_group(train_args(two, data_file, f"optim.max_steps={STEPS}"),
-                                                 root / "two_logs"))
+    multiprocess.finish(multiprocess.start_group(train_args(two, data_file, f"optim.max_steps={STEPS}",
+                                                            "distributed=true"), root / "two_logs"))
     print(f"1 process: {t1 - t0:.1f}s, 2 processes: {time.perf_counter() - t1:.1f}s")
     return one, two
 
