@@ -95,13 +95,13 @@ class ProcessLauncher:
                     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {self.FAST_XLA}",
                     PYTHONUNBUFFERED="1")
 
-    def start(self, args: list[str], log_path, *, devices: int):
+    def start(self, args: list[str], log_path, *, devices: int, env: dict | None = None):
         import subprocess
         import sys
 
         log = open(log_path, "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "dspark_jax.cli", *args], env=self.env(devices),
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "dspark_jax.cli", *args],
+                                env={**self.env(devices), **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
         proc.log_path = str(log_path)
         log.close()
         return proc
@@ -113,6 +113,24 @@ class ProcessLauncher:
         return [self.start([*args, "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", str(processes),
                             "--process-id", str(i), *extra], os.path.join(log_dir, f"process{i}.log"),
                            devices=devices)
+                for i in range(processes)]
+
+    def start_slurm_group(self, args: list[str], log_dir, *, processes: int = 2, devices: int = 2):
+        """``processes`` processes of one run that learn everything from the variables a SLURM job step sets
+        (JAX's cluster detection; the coordinator port is derived from the job id), given only --distributed."""
+        import socket
+
+        for job_id in range(int.from_bytes(os.urandom(2), "little"), 1 << 20):
+            with socket.socket() as s:  # JAX's SLURM port: job id mod 4096 + 61440
+                try:
+                    s.bind(("127.0.0.1", job_id % 4096 + 61440))
+                    break
+                except OSError:
+                    continue
+        return [self.start([*args, "--distributed", "--heartbeat-timeout", "10"],
+                           os.path.join(log_dir, f"process{i}.log"), devices=devices,
+                           env={"SLURM_JOB_ID": str(job_id), "SLURM_STEP_NODELIST": "127.0.0.1",
+                                "SLURM_NTASKS": str(processes), "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)})
                 for i in range(processes)]
 
     @staticmethod

@@ -211,9 +211,10 @@ def test_training_text_continues_the_generation_prompt():
 
 @pytest.mark.multiprocess
 def test_two_processes_write_what_one_writes(full_run, model_dirs, multiprocess, tmp_path):
-    """generate-data on 2 real processes (loopback coordinator): batches dealt out by index, one shard per
-    process, assembled by process 0 into the very file one process writes. It resumes a run that was cut
-    short: a shard left behind (2 records and a partial third) is taken in first."""
+    """generate-data on 2 real processes that find each other as SLURM tasks do (JAX's detection from the job
+    step's variables; loopback coordinator): batches dealt out by index, one shard per process, assembled by
+    process 0 into the very file one process writes. It resumes a run that was cut short: a shard left behind
+    (2 records and a partial third) is taken in first."""
     from dspark_jax.decode.jsonl_shards import shard_path
 
     inp, out = full_run
@@ -223,9 +224,9 @@ def test_two_processes_write_what_one_writes(full_run, model_dirs, multiprocess,
         lines = f.readlines()
     with open(shard_path(two, 1, 2), "wb") as f:
         f.write(b"".join(lines[:2]) + lines[2][:10])
-    outs = multiprocess.finish(multiprocess.start_group(
+    outs = multiprocess.finish(multiprocess.start_slurm_group(
         ["generate-data", "--target", tdir, "--input", inp, "--output", str(two)] + ARGS, tmp_path))
-    assert "resuming: 2 of 8 ids already" in outs[0]
+    assert "resuming: 2 of 8 ids already" in outs[0] and "cluster-detected" in outs[1]
     assert two.read_bytes() == b"".join(lines)
     assert not list(tmp_path.glob("two.jsonl.shard-*"))
     ok = sum(r["status"] == "success" for r in _read(out)[2:])
