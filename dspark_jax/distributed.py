@@ -7,8 +7,8 @@ any array): JAX refuses ``jax.distributed.initialize()`` afterwards. The CLI cal
 Where the values come from, first match wins:
   1. explicit: ``distributed.coordinator_address / num_processes / process_id`` (train config or overrides) or
      ``--coordinator-address / --num-processes / --process-id`` (every command);
-  2. the environment: ``DSPARK_COORDINATOR_ADDRESS``, ``DSPARK_NUM_PROCESSES``, ``DSPARK_PROCESS_ID`` (for clusters
-     JAX does not detect; JAX itself reads only ``JAX_COORDINATOR_ADDRESS``);
+  2. the environment: ``DSPARK_COORDINATOR_ADDRESS`` (or JAX's ``JAX_COORDINATOR_ADDRESS``),
+     ``DSPARK_NUM_PROCESSES``, ``DSPARK_PROCESS_ID`` (for clusters JAX does not detect);
   3. JAX's cluster detection: TPU pods, SLURM, Open MPI, Kubernetes (nothing to pass).
 
 Failure behaviour (all bounded in time):
@@ -32,9 +32,9 @@ import sys
 import time
 from typing import Mapping
 
-ENV_VARS = {"coordinator_address": "DSPARK_COORDINATOR_ADDRESS", "num_processes": "DSPARK_NUM_PROCESSES",
-            "process_id": "DSPARK_PROCESS_ID"}
-"""Environment variables read when a value is not given explicitly."""
+ENV_VARS = {"coordinator_address": ("DSPARK_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"),
+            "num_processes": ("DSPARK_NUM_PROCESSES",), "process_id": ("DSPARK_PROCESS_ID",)}
+"""Environment variables read (first set one wins) when a value is not given explicitly."""
 
 
 class DistributedError(RuntimeError):
@@ -60,13 +60,18 @@ class DistributedConfig:
     heartbeat_timeout_s: int = 100
 
     def resolved(self, environ: Mapping[str, str] | None = None) -> DistributedConfig:
-        """This config with missing values filled from ``DSPARK_*`` variables, checked; raises
-        :class:`DistributedError` on bad or inconsistent values."""
+        """This config with missing values filled from the environment (:data:`ENV_VARS`), checked; raises
+        :class:`DistributedError` on bad or inconsistent values. An explicit value or a ``DSPARK_*`` variable
+        implies ``enabled``; ``JAX_COORDINATOR_ADDRESS`` alone does not (it may be set for other programs)."""
         env = os.environ if environ is None else environ
         values = {}
-        for name, var in ENV_VARS.items():
+        implied = any(getattr(self, name) is not None for name in ENV_VARS)
+        implied = implied or any(env.get(v, "").strip() for vs in ENV_VARS.values() for v in vs
+                                 if v.startswith("DSPARK_"))
+        for name, variables in ENV_VARS.items():
             value = getattr(self, name)
-            if value is None and env.get(var, "").strip():
+            var = next((v for v in variables if env.get(v, "").strip()), None)
+            if value is None and var is not None:
                 text = env[var].strip()
                 if name == "coordinator_address":
                     value = text
@@ -76,9 +81,7 @@ class DistributedConfig:
                     except ValueError:
                         raise DistributedError(f"{var}={text!r} is not an integer") from None
             values[name] = value
-        out = dataclasses.replace(self, **values)
-        if any(v is not None for v in values.values()):
-            out = dataclasses.replace(out, enabled=True)
+        out = dataclasses.replace(self, **values, enabled=self.enabled or implied)
         out.check()
         return out
 

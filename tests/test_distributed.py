@@ -22,6 +22,10 @@ def test_values_come_from_config_then_environment():
     got = DistributedConfig(num_processes=2, process_id=0).resolved(env)  # explicit values win over the env
     assert (got.coordinator_address, got.num_processes, got.process_id) == ("10.0.0.1:1234", 2, 0)
     assert not DistributedConfig().resolved({}).enabled
+    got = DistributedConfig().resolved({"JAX_COORDINATOR_ADDRESS": "h:2", "DSPARK_NUM_PROCESSES": "2",
+                                        "DSPARK_PROCESS_ID": "1"})  # JAX's own variable counts too
+    assert (got.enabled, got.coordinator_address, got.num_processes, got.process_id) == (True, "h:2", 2, 1)
+    assert not DistributedConfig().resolved({"JAX_COORDINATOR_ADDRESS": "h:2"}).enabled  # set for others
     # the train config's section: distributed=true is the old boolean form; flags lie over the section
     cfg = load_train_config("tiny", ["distributed=true", "distributed.num_processes=2",
                                      "distributed.process_id=1", "distributed.coordinator_address=h:5"])
