@@ -264,8 +264,8 @@ def failing_fast():
         else:
             traceback.print_exc()
         me, n = jax.process_index(), jax.process_count()
-        if isinstance(e, jax.errors.JaxRuntimeError):
-            # most likely a collective that lost a peer (gloo: "Connection closed by peer"); name the peer
+        if isinstance(e, jax.errors.JaxRuntimeError) and any(m in str(e) for m in _LOST_PEER_MESSAGES):
+            # a collective that lost a peer (gloo: "Connection closed by peer"): name the peer
             gone = _wait_for_dead_peers(n, _joined.heartbeat_timeout_s + 5 if _joined else 105)
             if gone:
                 print(f"[distributed] process(es) {gone} of {n} stopped (killed, crashed or unreachable); process "
@@ -276,6 +276,10 @@ def failing_fast():
               "heartbeat check", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(code)
+
+
+# runtime errors that mean a peer went away (others, e.g. out of memory, are this process's own failure)
+_LOST_PEER_MESSAGES = ("closed by peer", "Connection reset", "Connection refused", "UNAVAILABLE", "unhealthy")
 
 
 def _wait_for_dead_peers(process_count: int, timeout_s: float) -> list[int]:
