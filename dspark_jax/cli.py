@@ -237,10 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate_parser(sub)       # dspark calibrate: STS temperatures for the draft's confidence head
     add_profile_parser(sub)         # dspark profile: SPS(B) table for the prefix scheduler
     add_format_parsers(sub)         # dspark convert draft, dspark inspect: draft checkpoint formats
+    from dspark_jax.distributed import add_distributed_args
+
+    for name in JOINS_FROM_FLAGS:
+        add_distributed_args(sub.choices[name])
     _add_debug_flag(parser)
     for p in _leaf_parsers(parser):     # `dspark generate --debug ...` as well as `dspark --debug generate ...`
         _add_debug_flag(p, default=argparse.SUPPRESS)
     return parser
+
+
+# commands that join a multi-process run from their flags alone, before they run (train and prepare-cache also
+# read their config's distributed section, so they join inside their command)
+JOINS_FROM_FLAGS = ("generate-data", "eval", "calibrate", "profile")
 
 
 # Errors that describe bad input or the environment (missing files, a full disk, an unreachable hub), not a defect
@@ -282,20 +291,31 @@ def error_message(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dspark_jax.distributed import DistributedError, config_from_args, failing_fast, initialize, is_initialized
+
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("DSPARK_DEBUG", "") not in ("", "0")
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except (*USER_ERRORS, ModuleNotFoundError) as e:
-        if debug:
-            raise
-        print(f"error: {error_message(e)}", file=sys.stderr)
-        return 2
+    if args.command in JOINS_FROM_FLAGS:
+        try:
+            initialize(config_from_args(args))  # before anything starts the JAX backend
+        except DistributedError as e:
+            raise SystemExit(f"error: {e}") from None
+    with failing_fast():  # a process of a multi-process run that fails must not leave its peers hanging
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            print("error: interrupted", file=sys.stderr)
+            code = 130
+        except (*USER_ERRORS, ModuleNotFoundError) as e:
+            if debug:
+                raise
+            print(f"error: {error_message(e)}", file=sys.stderr)
+            code = 2
+        if is_initialized():
+            raise SystemExit(code)   # failing_fast leaves at once instead of waiting for the peers
+        return code
 
 
 if __name__ == "__main__":

@@ -68,3 +68,100 @@ def jax_targets(hf_models):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# ---- several real JAX processes on the loopback address (multi-host stand-ins) -----------------------------
+class ProcessLauncher:
+    """Starts ``python -m dspark_jax.cli ...`` processes that stand in for hosts: CPU, ``devices`` devices each,
+    fast-compile XLA flags, one compilation cache shared by every multi-process test of the session."""
+
+    FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+    def __init__(self, cache_dir: str):
+        self.cache_dir = cache_dir
+
+    @staticmethod
+    def free_port() -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def env(self, devices: int) -> dict:
+        # every compilation is cached (not only those over 1 s): the processes repeat the same small programs
+        return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=self.cache_dir,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {self.FAST_XLA}",
+                    PYTHONUNBUFFERED="1")
+
+    def start(self, args: list[str], log_path, *, devices: int, env: dict | None = None):
+        import subprocess
+        import sys
+
+        log = open(log_path, "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "dspark_jax.cli", *args],
+                                env={**self.env(devices), **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+        proc.log_path = str(log_path)
+        log.close()
+        return proc
+
+    def start_group(self, args: list[str], log_dir, *, processes: int = 2, devices: int = 2, port=None,
+                    extra=("--heartbeat-timeout", "10", "--initialization-timeout", "60")):
+        """``processes`` processes of one run (``--coordinator-address/--num-processes/--process-id`` added)."""
+        port = port or self.free_port()
+        return [self.start([*args, "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", str(processes),
+                            "--process-id", str(i), *extra], os.path.join(log_dir, f"process{i}.log"),
+                           devices=devices)
+                for i in range(processes)]
+
+    def start_slurm_group(self, args: list[str], log_dir, *, processes: int = 2, devices: int = 2):
+        """``processes`` processes of one run that learn everything from the variables a SLURM job step sets
+        (JAX's cluster detection; the coordinator port is derived from the job id), given only --distributed."""
+        import socket
+
+        for job_id in range(int.from_bytes(os.urandom(2), "little"), 1 << 20):
+            with socket.socket() as s:  # JAX's SLURM port: job id mod 4096 + 61440
+                try:
+                    s.bind(("127.0.0.1", job_id % 4096 + 61440))
+                    break
+                except OSError:
+                    continue
+        return [self.start([*args, "--distributed", "--heartbeat-timeout", "10"],
+                           os.path.join(log_dir, f"process{i}.log"), devices=devices,
+                           env={"SLURM_JOB_ID": str(job_id), "SLURM_STEP_NODELIST": "127.0.0.1",
+                                "SLURM_NTASKS": str(processes), "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)})
+                for i in range(processes)]
+
+    @staticmethod
+    def output(proc) -> str:
+        with open(proc.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def finish(self, procs, timeout: float = 300) -> list[str]:
+        """Waits for every process; fails the test (with the logs) on a timeout or a non-zero exit."""
+        import subprocess
+        import time
+
+        deadline = time.monotonic() + timeout
+        try:
+            for p in procs:
+                p.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"processes still running after {timeout}s:\n" + "\n".join(self.output(p)[-3000:]
+                                                                                 for p in procs))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        outs = [self.output(p) for p in procs]
+        for p, out in zip(procs, outs):
+            assert p.returncode == 0, f"exit {p.returncode}:\n{out[-4000:]}"
+        return outs
+
+
+@pytest.fixture(scope="session")
+def multiprocess(tmp_path_factory):
+    """A :class:`ProcessLauncher` whose processes share this session's compilation cache."""
+    return ProcessLauncher(str(tmp_path_factory.mktemp("multiprocess_jax_cache")))

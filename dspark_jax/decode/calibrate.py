@@ -445,6 +445,8 @@ def cmd_calibrate(args) -> int:
                            top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
                            stop_token_ids=resolve_stop_ids(target, args.target), progress=not args.no_progress)
     res = fit_from_rounds(rounds, holdout=args.holdout, seed=args.seed)
+    if jax.process_index() != 0:  # several processes run the same (small) job; one writes
+        return 0
     report_dir = args.report_dir or os.path.join(args.draft, "calibration")
     os.makedirs(report_dir, exist_ok=True)
     np.savez_compressed(os.path.join(report_dir, "rounds.npz"), **rounds)

@@ -231,6 +231,10 @@ def cmd_profile(args) -> int:
                               seed=args.seed, progress=not args.no_progress, log=print)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    import jax
+
+    if jax.process_index() != 0:  # every process measures its own devices; process 0's table is written
+        return 0
     prof["target"] = os.path.abspath(args.target)
     path, png = save_profile(prof, args.out, plot=not args.no_plot)
     print("| B | ms/step | steps/s | tokens/s |\n|---:|---:|---:|---:|")

@@ -395,8 +395,19 @@ def _generate_turn(target, draft, ready, prompts, settings, stop_ids, seed, turn
 
 def generate_data(target, draft, input_path: str | os.PathLike, output_path: str | os.PathLike,
                   settings: GenSettings, *, target_dir: str | os.PathLike | None = None, progress: bool = True,
-                  log: Callable[[str], None] = print) -> RunReport:
-    """Regenerates the assistant turns of ``input_path`` into ``output_path`` (resumable). Returns a report."""
+                  log: Callable[[str], None] = print, process_index: int = 0,
+                  process_count: int = 1) -> RunReport:
+    """Regenerates the assistant turns of ``input_path`` into ``output_path`` (resumable). Returns a report.
+
+    With ``process_count > 1`` (every process of a ``jax.distributed`` run calls this with its index) the
+    batches are dealt out round-robin by index -- batch ``k`` to process ``k % process_count``, with the seed
+    and rows it has on one process -- each process writes its own resumable shard
+    (:mod:`~dspark_jax.decode.jsonl_shards`) and process 0 assembles ``output_path`` in the one-process order.
+    The report then counts the records and tokens of all processes."""
+    from dspark_jax import distributed
+    from dspark_jax.decode.jsonl_shards import fold_shards, shard_path
+
+    main = process_index == 0
     if getattr(target, "tokenizer", None) is None:
         raise ValueError("the target has no tokenizer: generate-data needs the tokenizer files and chat template "
                          "in the target directory")
@@ -404,10 +415,15 @@ def generate_data(target, draft, input_path: str | os.PathLike, output_path: str
         raise ValueError(f"batch_size must be >= 1, got {settings.batch_size}")
     check_writable(output_path)
     convs, dups = read_conversations(input_path)
-    scan = scan_output(output_path)
-    report = RunReport(total=len(convs), duplicates=dups, truncated_bytes=scan.truncated_bytes,
-                       bad_lines=scan.bad_lines)
-    if scan.truncated_bytes:
+    truncated = 0
+    if main:  # cut a crash's partial line, take in the shards an interrupted multi-process run left
+        truncated = scan_output(output_path).truncated_bytes
+        fold_shards(output_path)
+    if process_count > 1:
+        distributed.barrier("dspark_jax.generate_data.scanned")
+    scan = scan_output(output_path, repair=False)
+    report = RunReport(total=len(convs), duplicates=dups, truncated_bytes=truncated, bad_lines=scan.bad_lines)
+    if truncated:
         log(f"[generate-data] {output_path}: cut a partial last line ({scan.truncated_bytes} bytes) left by an "
             "interrupted run; that record is regenerated")
     if scan.bad_lines:
@@ -422,9 +438,11 @@ def generate_data(target, draft, input_path: str | os.PathLike, output_path: str
     stop_ids = resolve_stop_ids(target, target_dir)
     # never pad a small run up to the full batch size; the compiled shape still repeats across batches
     settings = dataclasses.replace(settings, batch_size=max(1, min(settings.batch_size, len(pending))))
-    bar = _progress(len(pending), progress)
-    with RecordWriter(output_path) as writer:
-        for b in range(0, len(pending), settings.batch_size):
+    starts = list(range(0, len(pending), settings.batch_size))[process_index::process_count]
+    bar = _progress(sum(min(settings.batch_size, len(pending) - b) for b in starts), progress)
+    path = output_path if process_count == 1 else shard_path(output_path, process_index, process_count)
+    with RecordWriter(path) as writer:
+        for b in starts:
             batch = pending[b:b + settings.batch_size]
             regenerate_batch(target, draft, batch, settings, stop_ids, settings.seed + 1_000_003 * b, report)
             for c in batch:
@@ -438,7 +456,26 @@ def generate_data(target, draft, input_path: str | os.PathLike, output_path: str
                 bar.set_postfix(tok_s=f"{report.tokens_per_s:.1f}", errors=report.errors)
     if bar is not None:
         bar.close()
+    if process_count > 1:
+        distributed.barrier("dspark_jax.generate_data.shards_written")
+        if main:
+            fold_shards(output_path, order=[c.id for c in pending])
+        _sum_over_processes(report)
+        distributed.barrier("dspark_jax.generate_data.assembled")
     return report
+
+
+def _sum_over_processes(report: RunReport) -> None:
+    """Makes ``report``'s per-process counts (records, tokens, seconds) the run's totals, on every process."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    for fields, dtype in ((("success", "errors", "new_tokens", "steady_tokens"), np.int32),
+                          (("seconds", "steady_seconds"), np.float32)):
+        mine = np.asarray([getattr(report, f) for f in fields], dtype)
+        every = np.asarray(multihost_utils.process_allgather(mine))
+        for f, total in zip(fields, every.sum(axis=0)):
+            setattr(report, f, type(getattr(report, f))(total))
 
 
 def _progress(total: int, enabled: bool):
@@ -469,13 +506,18 @@ def cmd_generate_data(args) -> int:
     settings = GenSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
                            max_prompt_tokens=args.max_prompt_tokens)
+    import jax
+
     t0 = time.perf_counter()
     try:
         report = generate_data(target, draft, args.input, args.output, settings, target_dir=args.target,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, process_index=jax.process_index(),
+                               process_count=jax.process_count())
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     wall = time.perf_counter() - t0
+    if jax.process_index() != 0:
+        return 0
     mode = "speculative" if draft is not None else "plain"
     steady = report.steady_tokens_per_s
     steady = f"; {steady:.1f} tokens/s on already-compiled shapes" if steady is not None else ""

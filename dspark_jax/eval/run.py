@@ -66,12 +66,15 @@ class _DatasetRun:
     greedy_match: int = 0
     prompt_tokens: int = 0
     rounds: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
+    batch_ids: list[int] = dataclasses.field(default_factory=list)  # which batch each rounds entry came from
 
 
 def evaluate_dataset(target, draft, name: str, prompts: list[list[int]], settings: EvalSettings,
-                     stop_ids: tuple[int, ...], compiled: set, on_batch: Callable[[int], None] | None = None
-                     ) -> _DatasetRun:
-    """Runs one dataset's prompts (token ids) speculatively and plainly; returns the accumulated run."""
+                     stop_ids: tuple[int, ...], compiled: set, on_batch: Callable[[int], None] | None = None,
+                     process_index: int = 0, process_count: int = 1) -> _DatasetRun:
+    """Runs one dataset's prompts (token ids) speculatively and plainly; returns the accumulated run. On
+    several processes this one runs batches ``process_index::process_count`` (its rounds are keyed by batch
+    index, ``run.rounds_by_batch``, for :func:`merge_runs`)."""
     import dspark_jax as dj
     from dspark_jax.config import next_bucket
 
@@ -80,7 +83,8 @@ def evaluate_dataset(target, draft, name: str, prompts: list[list[int]], setting
     b = max(1, min(settings.batch_size, len(prompts)))
     kw = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
               top_p=settings.top_p, stop_token_ids=stop_ids)
-    for idx in _batches(prompts, b):
+    batches = list(enumerate(_batches(prompts, b)))[process_index::process_count]
+    for j, idx in batches:
         real = len(idx)
         rows = [prompts[i] for i in idx] + [prompts[idx[-1]]] * (b - real)  # pad: the compiled shape repeats
         seed = settings.seed + idx[0]
@@ -112,6 +116,7 @@ def evaluate_dataset(target, draft, name: str, prompts: list[list[int]], setting
             run.greedy_rows += real
             run.greedy_match += sum(a == p for a, p in zip(s_out.token_lists()[:real], p_out.token_lists()[:real]))
         _keep_rounds(run, s_out, idx)
+        run.batch_ids.append(j)
         if on_batch is not None:
             on_batch(real)
     return run
@@ -145,6 +150,59 @@ def _stack_rounds(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
     return out
 
 
+_RUN_SUMS = ("spec_tokens", "spec_seconds", "plain_tokens", "plain_seconds", "compile_seconds", "greedy_rows",
+             "greedy_match", "prompt_tokens")
+
+
+def _write_part(run: _DatasetRun, prefix: str) -> None:
+    """One process's share of a dataset: sums + counts as JSON, round arrays keyed ``<array>/<batch index>``."""
+    with open(prefix + ".json", "w", encoding="utf-8") as f:
+        json.dump({"counts": run.counts.to_dict(), "batch_ids": run.batch_ids,
+                   **{k: getattr(run, k) for k in _RUN_SUMS}}, f)
+    np.savez(prefix + ".npz", **{f"{key}/{j}": a for key, vals in run.rounds.items()
+                                 for j, a in zip(run.batch_ids, vals)})
+
+
+def merge_runs(prefixes: list[str], max_positions: int) -> _DatasetRun:
+    """The run of all processes from their parts: counts, tokens and seconds summed (so tokens/s is per
+    process), round arrays in batch order -- what one process running every batch would hold."""
+    run = _DatasetRun(counts=RoundCounts(max_positions))
+    by_batch: dict[int, dict[str, np.ndarray]] = {}
+    for prefix in prefixes:
+        with open(prefix + ".json", encoding="utf-8") as f:
+            part = json.load(f)
+        run.counts = run.counts + RoundCounts.from_dict(part["counts"])
+        for k in _RUN_SUMS:
+            setattr(run, k, getattr(run, k) + part[k])
+        with np.load(prefix + ".npz") as z:
+            for name in z.files:
+                key, j = name.rsplit("/", 1)
+                by_batch.setdefault(int(j), {})[key] = z[name]
+    for j in sorted(by_batch):
+        for key, a in by_batch[j].items():
+            run.rounds.setdefault(key, []).append(a)
+        run.batch_ids.append(j)
+    return run
+
+
+def _gather_run(run: _DatasetRun, name: str, parts_dir: str, process_index: int, process_count: int,
+                max_positions: int) -> _DatasetRun | None:
+    """Every process writes its part; process 0 returns the merged run (the others None)."""
+    from dspark_jax import distributed
+
+    os.makedirs(parts_dir, exist_ok=True)
+    prefixes = [os.path.join(parts_dir, f"{name}.part-{p:05d}-of-{process_count:05d}") for p in range(process_count)]
+    _write_part(run, prefixes[process_index])
+    distributed.barrier(f"dspark_jax.eval.{name}.parts_written")
+    merged = None
+    if process_index == 0:
+        merged = merge_runs(prefixes, max_positions)
+        for prefix in prefixes:
+            os.remove(prefix + ".json")
+            os.remove(prefix + ".npz")
+    return merged
+
+
 def dataset_row(name: str, run: _DatasetRun) -> dict[str, Any]:
     row = {"dataset": name, **summarize(run.counts)}
     spec_tps = run.spec_tokens / run.spec_seconds if run.spec_seconds > 0 else 0.0
@@ -164,9 +222,15 @@ def dataset_row(name: str, run: _DatasetRun) -> dict[str, Any]:
 
 def evaluate(target, draft, data_dir: str | os.PathLike, datasets: str | list[str] | None,
              settings: EvalSettings, *, target_dir: str | os.PathLike | None = None, rounds_dir: str | None = None,
-             progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+             progress: bool = True, log: Callable[[str], None] = print, process_index: int = 0,
+             process_count: int = 1) -> dict[str, Any]:
     """Evaluates ``draft`` against ``target`` on the named datasets of ``data_dir``. Returns the results dict
-    (what ``results.json`` holds); with ``rounds_dir`` also writes ``<dataset>.npz`` round arrays there."""
+    (what ``results.json`` holds); with ``rounds_dir`` also writes ``<dataset>.npz`` round arrays there.
+
+    With ``process_count > 1`` (every process of a ``jax.distributed`` run calls this with its index) each
+    process runs every ``process_count``-th batch of each dataset, writes its part to ``rounds_dir`` (required
+    then, on a file system all processes share), and process 0 merges the parts: its results are the run's
+    (tokens/s per process), the others' have no dataset rows."""
     import jax
 
     from dspark_jax.decode.synthetic import resolve_stop_ids
@@ -179,6 +243,8 @@ def evaluate(target, draft, data_dir: str | os.PathLike, datasets: str | list[st
         raise ValueError("the target's tokenizer has no chat template")
     if settings.batch_size < 1 or settings.max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
+    if process_count > 1 and rounds_dir is None:
+        raise ValueError("eval on several processes needs rounds_dir (where the processes' parts meet)")
     names = D.resolve_names(data_dir, datasets)
     if not names:
         raise D.DatasetError(f"none of DeepSpec's default datasets is in {os.fspath(data_dir)!r}; pass --datasets "
@@ -209,7 +275,12 @@ def evaluate(target, draft, data_dir: str | os.PathLike, datasets: str | list[st
         if bar is not None:
             bar.set_postfix(dataset=name)
         run = evaluate_dataset(target, draft, name, prompts, settings, stop_ids, compiled,
-                               on_batch=bar.update if bar is not None else None)
+                               on_batch=bar.update if bar is not None else None, process_index=process_index,
+                               process_count=process_count)
+        if process_count > 1:
+            run = _gather_run(run, name, rounds_dir, process_index, process_count, drafts_per_round(draft))
+            if run is None:  # not process 0: its share is in the merged run
+                continue
         row = dataset_row(name, run)
         rows.append(row)
         if rounds_dir is not None:
@@ -314,11 +385,16 @@ def cmd_eval(args) -> int:
     settings = EvalSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
                             max_samples=args.max_samples, warmup=not args.no_warmup, scheduler=scheduler)
+    import jax
+
     try:
         results = evaluate(target, draft, args.data_dir, names, settings, target_dir=args.target,
-                           rounds_dir=os.path.join(args.out, "rounds"), progress=not args.no_progress)
+                           rounds_dir=os.path.join(args.out, "rounds"), progress=not args.no_progress,
+                           process_index=jax.process_index(), process_count=jax.process_count())
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
+    if jax.process_index() != 0:
+        return 0
     results = {"target": os.path.abspath(args.target), "draft": os.path.abspath(args.draft), **results}
     jpath, mpath = write_results(results, args.out)
     print(markdown_report(results))

@@ -8,7 +8,8 @@ Examples::
     dspark prepare-cache --config qwen3-4b-dspark target.path=... data.train_files=[...] --out /data/cache
     dspark train --config qwen3-4b-dspark ... data.cache_dir=/data/cache   # train from the offline cache
 
-Multi-host (TPU pod): run the same command on every host with ``distributed=true``, e.g.::
+Multi-host (docs/DISTRIBUTED.md): run the same command on every host with ``distributed=true`` (TPU pods,
+SLURM, Open MPI are detected; elsewhere add ``--coordinator-address H:P --num-processes N --process-id I``), e.g.::
 
     gcloud compute tpus tpu-vm ssh my-v5e-64 --zone us-west4-a --worker=all --command \\
       "cd dspark-jax && .venv/bin/dspark train --config qwen3-4b-dspark distributed=true \\
@@ -26,9 +27,17 @@ from dspark_jax.config import ConfigError
 
 
 def _load(args):
+    """The run's config, after which this process joins the multi-process run it names (config section, then
+    flags), before anything starts the JAX backend."""
+    from dspark_jax.distributed import DistributedError, config_from_args, initialize
     from dspark_jax.train.config import load_train_config
 
-    return load_train_config(args.config, args.overrides)
+    cfg = load_train_config(args.config, args.overrides)
+    try:
+        joined = initialize(config_from_args(args, cfg.distributed))
+    except DistributedError as e:
+        raise SystemExit(f"error: {e}") from None
+    return cfg.replace(distributed=joined)
 
 
 def cmd_train(args) -> int:
@@ -77,16 +86,21 @@ def cmd_prepare_cache(args) -> int:
         raise SystemExit("error: data.cache_dir is set: prepare-cache reads the JSONL files and writes --out")
     import jax
 
+    from dspark_jax.train.target_cache import CacheError
     from dspark_jax.train.trainer import write_cache_for_config
 
-    if jax.process_count() > 1:
-        raise SystemExit("error: prepare-cache runs on one host")
-    manifest = write_cache_for_config(cfg, args.out, batch_size=args.batch_size, overwrite=args.overwrite)
+    try:
+        manifest = write_cache_for_config(cfg, args.out, batch_size=args.batch_size, overwrite=args.overwrite)
+    except (ConfigError, CacheError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if jax.process_index() != 0:
+        return 0
     print(f"[prepare-cache] {manifest.num_samples} samples in {manifest.num_shards} shard(s) -> {args.out}")
     return 0
 
 
 def add_train_parsers(sub) -> None:
+    from dspark_jax.distributed import add_distributed_args
     from dspark_jax.train.config import list_presets
 
     presets = ", ".join(list_presets())
@@ -103,6 +117,7 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--device", default=None, help="chip name for the dry run's fits/does-not-fit line "
                    "(v5e, v5p, v4, v6e, h100, h200, a100, b200)")
     p.add_argument("--json", default=None, help="also write the dry-run table as JSON here")
+    add_distributed_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("prepare-cache", help="write an offline target-feature cache (DeepSpec v2 layout)",
@@ -113,6 +128,7 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="cache directory")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--overwrite", action="store_true")
+    add_distributed_args(p)
     p.set_defaults(func=cmd_prepare_cache)
 
 

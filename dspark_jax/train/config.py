@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence, Union
 import yaml
 
 from dspark_jax.config import ConfigError, RopeConfig, TargetConfig
+from dspark_jax.distributed import DistributedConfig, DistributedError
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 """Where the packaged presets live (``dspark_jax/configs``; the repo's ``configs/`` links here)."""
@@ -206,11 +207,12 @@ class LogSection:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training run. ``output_dir`` receives checkpoints, metrics, the exported draft and, for a random
-    target, the target and tokenizer. ``distributed``: call ``jax.distributed.initialize()`` first
-    (multi-host; on TPU pods and SLURM its arguments come from the environment)."""
+    target, the target and tokenizer. ``distributed``: how this process joins a multi-host run
+    (:class:`~dspark_jax.distributed.DistributedConfig`; ``distributed=true`` is short for
+    ``distributed.enabled=true``, which on TPU pods, SLURM and Open MPI is all it takes)."""
 
     output_dir: str = "runs/dspark"
-    distributed: bool = False
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     target: TargetSection = dataclasses.field(default_factory=TargetSection)
     draft: DraftSection = dataclasses.field(default_factory=DraftSection)
     data: DataSection = dataclasses.field(default_factory=DataSection)
@@ -283,6 +285,10 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.target.pretrain_steps and cfg.target.path is not None:
         raise ConfigError("target.pretrain_steps needs a random target (target.path: null); a checkpoint is "
                           "used as it is")
+    try:
+        cfg.distributed.check()
+    except DistributedError as e:
+        raise ConfigError(str(e)) from None
     bad_tiny = sorted(set(cfg.target.tiny) - {f.name for f in dataclasses.fields(TargetConfig)})
     if bad_tiny:
         raise ConfigError(f"target.tiny: unknown TargetConfig field(s) {bad_tiny}")
@@ -307,6 +313,8 @@ def target_config_for(section: TargetSection) -> TargetConfig:
 
 # ---- reading -----------------------------------------------------------------------------------------------
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+# sections a plain bool may stand for (``distributed: true`` == ``distributed: {enabled: true}``, the old form)
+_SECTION_SHORTHANDS = {"distributed": "enabled"}
 
 
 def _to_plain(x):
@@ -383,6 +391,9 @@ def from_dict(tree: Mapping[str, Any], where: str = "config") -> TrainConfig:
     """A :class:`TrainConfig` from a nested dict (types checked, unknown keys rejected)."""
     tree = dict(tree)
     tree.pop("base", None)
+    for name, key in _SECTION_SHORTHANDS.items():
+        if isinstance(tree.get(name), bool):
+            tree[name] = {key: tree[name]}
     unknown = sorted(set(tree) - set(_SECTIONS))
     if unknown:
         raise ConfigError(f"{where}: unknown top-level key(s) {unknown}; expected {sorted(_SECTIONS)}")
@@ -471,6 +482,8 @@ def _apply_override(tree: dict, item: str, where: str) -> None:
         nxt = node.get(p)
         if nxt is None:
             nxt = node[p] = {}
+        if node is tree and p in _SECTION_SHORTHANDS and isinstance(nxt, bool):
+            nxt = node[p] = {_SECTION_SHORTHANDS[p]: nxt}
         if not isinstance(nxt, dict):
             raise ConfigError(f"{where}: override {item!r}: {p!r} is not a section")
         node = nxt

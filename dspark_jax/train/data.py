@@ -20,7 +20,8 @@ Batching (:class:`InputPipeline`): epoch ``e`` uses the first ``G*floor(N/G)`` e
 ``range(N)`` seeded with ``seed+e`` (``G`` = global batch size, seed 42); the epochs stream back to back.
 Yielded step ``k`` covers rows ``[j*M, (j+1)*M)`` of its epoch's order (``M`` = micro batch size, global over
 processes); process ``r`` of ``P`` takes every ``P``-th of those rows starting at ``r`` - the same rows the
-reference's strided distributed sampler gives rank ``r``. Each step is zero-padded on the right to the smallest
+reference's strided distributed sampler gives rank ``r`` - unless given ``row_positions``: the trainer passes the
+rows its devices hold in the mesh, so the global batch is the same for 1 or N processes. Each step is zero-padded on the right to the smallest
 bucket length that holds the longest sequence of the whole global step, so all processes agree on the
 shape and a jitted step compiles at most ``len(buckets)`` times. The iterator state is the next step index,
 which does not depend on the process count.
@@ -475,11 +476,15 @@ class InputPipeline:
       seed: base seed, epoch ``e`` uses ``seed + e``.
       num_epochs: ``None`` streams forever.
       process_index / process_count: this process's shard; default ``jax.process_index()/process_count()``.
+      row_positions: the positions in each global micro batch this process loads, in order (default: every
+        ``process_count``-th from ``process_index``). A trainer on a mesh passes the rows its devices hold
+        (:func:`~dspark_jax.train.step.process_batch_rows`), which makes the global batch independent of the
+        number of processes.
       lengths: optional ``int[N]`` sequence lengths (saves reading every sample up front).
       num_threads / prefetch: grain read threads and prefetch buffer (``num_threads=0``: no grain, no threads).
 
     Batches: ``{"input_ids": int32[B, L], "loss_mask": uint8[B, L], "lengths": int32[B], ...}`` with
-    ``B = M // process_count`` and ``L`` in ``buckets``.
+    ``B = len(row_positions)`` (default ``M // process_count``) and ``L`` in ``buckets``.
     """
 
     def __init__(
@@ -494,6 +499,7 @@ class InputPipeline:
         num_epochs: int | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
+        row_positions: Sequence[int] | np.ndarray | None = None,
         lengths: Sequence[int] | np.ndarray | None = None,
         num_threads: int = 2,
         prefetch: int = 4,
@@ -510,7 +516,14 @@ class InputPipeline:
             raise ValueError(f"micro batch {self.sampler.micro_batch_size} is not divisible by "
                              f"{process_count} processes")
         self.process_index, self.process_count = int(process_index), int(process_count)
-        self.local_batch_size = self.sampler.micro_batch_size // self.process_count
+        if row_positions is None:
+            row_positions = np.arange(self.sampler.micro_batch_size)[self.process_index::self.process_count]
+        self.row_positions = np.asarray(row_positions, np.int64)
+        m = self.sampler.micro_batch_size
+        if (self.row_positions.ndim != 1 or not len(self.row_positions) or self.row_positions.min() < 0
+                or self.row_positions.max() >= m or len(set(self.row_positions.tolist())) != len(self.row_positions)):
+            raise ValueError(f"row_positions must be distinct positions in [0, {m}), got {self.row_positions}")
+        self.local_batch_size = len(self.row_positions)
         self.max_length = int(max_length)
         self.buckets = tuple(int(b) for b in (bucket_lengths(max_length) if buckets is None else buckets))
         if list(self.buckets) != sorted(set(self.buckets)) or self.buckets[-1] < self.max_length:
@@ -539,13 +552,17 @@ class InputPipeline:
     def bucket_for(self, length: int) -> int:
         return self.buckets[int(np.searchsorted(self.buckets, length))]
 
+    def global_tokens(self, step: int) -> int:
+        """Unpadded tokens in global step ``step`` over all processes (for throughput figures)."""
+        return int(self.lengths[self.sampler.global_rows(step)].sum())
+
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's batch of global step ``step``."""
         if not 0 <= step < len(self):
             raise IndexError(step)
         rows = self.sampler.global_rows(step)
         width = self.bucket_for(int(self.lengths[rows].max()))
-        local = rows[self.process_index::self.process_count]
+        local = rows[self.row_positions]
         return _collate([self.samples[int(i)] for i in local], self.lengths[local], width)
 
     # -- iteration ----------------------------------------------------------------------------------------

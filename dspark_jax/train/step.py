@@ -154,11 +154,21 @@ def batch_sharding(mesh: Mesh, batch_size: int | None = None) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def process_batch_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
+    """Rows of a ``[batch_size, ...]`` global batch that this process's devices hold under
+    :func:`batch_sharding`, ascending: the rows this process must load so that the global batch (and so every
+    per-row random draw) is the same whatever the number of processes."""
+    indices = batch_sharding(mesh, batch_size).addressable_devices_indices_map((batch_size,))
+    rows = {r for index in indices.values() for r in range(*index[0].indices(batch_size))}
+    return np.asarray(sorted(rows), np.int64)
+
+
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict:
     """Places every ``[B, ...]`` array of ``batch`` with its batch dimension over ``("data", "fsdp")``.
 
     Host (numpy) arrays are the global batch on one process; with several processes they are this process's
-    rows (``jax.make_array_from_process_local_data``), so each host feeds only its own share."""
+    rows, :func:`process_batch_rows` in that order (``jax.make_array_from_process_local_data`` maps them onto
+    the local devices' slices), so each host feeds only its own share."""
     out = {}
     multi = jax.process_count() > 1
     for k, v in batch.items():
@@ -297,5 +307,5 @@ def make_train_step(target: nnx.Module, draft: nnx.Module, optimizer: optax.Grad
 
 
 __all__ = ["TrainState", "BATCH_AXES", "split_draft", "init_train_state", "abstract_train_state",
-           "FEATURE_KEYS", "logical_shardings", "batch_sharding", "shard_batch", "shard_train_state", "shard_target_state",
+           "FEATURE_KEYS", "logical_shardings", "batch_sharding", "process_batch_rows", "shard_batch", "shard_train_state", "shard_target_state",
            "target_features", "make_train_step"]

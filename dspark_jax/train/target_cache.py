@@ -602,7 +602,8 @@ def _padded_batch(samples, rows: list[int], batch_size: int, width: int) -> np.n
 def write_target_cache(directory: str | os.PathLike, samples: Sequence[Mapping[str, Any]], target, *,
                        target_layer_ids: Sequence[int], batch_size: int = 16, target_model_name_or_path: str = "",
                        progress: bool = True, min_bucket: int = 128,
-                       compiler_options: Mapping[str, Any] | None = None, **writer_kwargs) -> CacheManifest:
+                       compiler_options: Mapping[str, Any] | None = None, process_index: int = 0,
+                       process_count: int = 1, **writer_kwargs) -> CacheManifest:
     """Runs the frozen target over `samples` (a sequence of {"input_ids": int[S], "loss_mask": uint8[S]} dicts,
     e.g. from dspark_jax.train.data.read_jsonl), batch_size at a time, right-padded to a bucket length, and
     writes each sample's taps / last hidden (first S rows only).
@@ -620,6 +621,11 @@ def write_target_cache(directory: str | os.PathLike, samples: Sequence[Mapping[s
     DeepSpec; the count goes to the manifest's ``dropped_short``. Kept samples keep their order and get
     sample ids 0..N-1. Every sample is validated (shapes, ids inside the target's vocab, ``max_length``) before
     the target runs.
+
+    With ``process_count > 1`` every process of a ``jax.distributed`` run calls this with its index and the
+    same samples: batch ``k`` goes to process ``k % process_count``, each process writes a part, and process 0
+    merges the parts into one cache (:mod:`~dspark_jax.train.target_cache_parts`) whose samples are those of a
+    one-process run. ``target`` must then live on this process's devices only.
 
     Args:
       directory: the cache directory (see :class:`TargetCacheWriter` for ``overwrite``).
@@ -651,30 +657,67 @@ def write_target_cache(directory: str | os.PathLike, samples: Sequence[Mapping[s
     longest = max((len(samples[i]["input_ids"]) for i in keep), default=1)
     buckets = bucket_lengths(longest, min_bucket)
     forward = _make_forward(target, tap_ids, compiler_options)
+    starts = list(range(0, len(keep), batch_size))[process_index::process_count]
+    out_dir = directory
+    if process_count > 1:
+        out_dir = _prepare_parts(directory, process_index, process_count, bool(writer_kwargs.get("overwrite")))
+        writer_kwargs = {**writer_kwargs, "overwrite": True}  # a part directory is ours alone
 
-    with TargetCacheWriter(directory, target_layer_ids=tap_ids, hidden_size=target.config.hidden_size,
+    with TargetCacheWriter(out_dir, target_layer_ids=tap_ids, hidden_size=target.config.hidden_size,
                            target_model_name_or_path=target_model_name_or_path, extra_manifest=extra,
-                           **writer_kwargs) as writer, _progress_bar(len(keep), progress) as bar:
+                           **writer_kwargs) as writer, \
+            _progress_bar(sum(len(keep[b:b + batch_size]) for b in starts), progress) as bar:
         pending = None
-        for start in range(0, len(keep), batch_size):
+        for start in starts:
             rows = keep[start:start + batch_size]
             width = next(b for b in buckets if b >= max(len(samples[i]["input_ids"]) for i in rows))
             out = forward(_padded_batch(samples, rows, batch_size, width))  # async: returns before it's done
             if pending is not None:
                 _write_batch(writer, samples, *pending, bar)
-            pending = (rows, out)
+            pending = (start, rows, out)
         if pending is not None:
             _write_batch(writer, samples, *pending, bar)
-    return writer.close()
+    manifest = writer.close()
+    if process_count == 1:
+        return manifest
+    from dspark_jax import distributed
+    from dspark_jax.train.target_cache_parts import merge_parts
+
+    distributed.barrier("dspark_jax.target_cache.parts_written")
+    if process_index == 0:
+        merge_parts(directory, process_count)
+    distributed.barrier("dspark_jax.target_cache.merged")
+    return CacheManifest.from_json(directory)
 
 
-def _write_batch(writer: TargetCacheWriter, samples, rows: list[int], out, bar) -> None:
+def _prepare_parts(directory, process_index: int, process_count: int, overwrite: bool) -> str:
+    """Process 0 readies ``directory`` (emptied with ``overwrite``, else it must be empty); every process learns
+    whether that worked, so all fail together. Returns this process's part directory."""
+    from dspark_jax import distributed
+    from dspark_jax.train.target_cache_parts import part_directory, remove_parts
+
+    error = ""
+    if process_index == 0:
+        try:
+            if overwrite:
+                remove_parts(directory)
+            _prepare_directory(os.path.abspath(os.fspath(directory)), overwrite)
+        except CacheError as e:
+            error = str(e)
+    failed = bool(distributed.broadcast_from_main(np.asarray(bool(error))))
+    if failed:
+        raise CacheError(error or f"process 0 could not prepare the target cache directory {directory}")
+    return part_directory(directory, process_index, process_count)
+
+
+def _write_batch(writer: TargetCacheWriter, samples, start: int, rows: list[int], out, bar) -> None:
+    """Writes one batch; its samples' ids are their positions among the kept samples (``start`` + row)."""
     import jax
 
     taps, last = jax.device_get(out)
     for r, i in enumerate(rows):
         s = len(samples[i]["input_ids"])
-        writer.add(samples[i]["input_ids"], samples[i]["loss_mask"], taps[r, :s], last[r, :s])
+        writer.add(samples[i]["input_ids"], samples[i]["loss_mask"], taps[r, :s], last[r, :s], sample_id=start + r)
     bar.update(len(rows))
 
 

@@ -19,9 +19,12 @@ position, so the continued run is the run that was never stopped. The restore re
 shardings, so a run can move to a different mesh shape or device count. SIGTERM / SIGINT (pre-emption) finish
 the current step, write a checkpoint and exit cleanly.
 
-Multi-host: with ``distributed: true`` every host runs the same command; ``jax.distributed.initialize()`` picks
-up the coordinator from the environment (TPU pods, SLURM, or ``JAX_COORDINATOR_ADDRESS`` etc.), each host
-reads the rows of the global batch that belong to it and process 0 writes metrics and exports.
+Multi-host (docs/DISTRIBUTED.md): with ``distributed: true`` every host runs the same command
+(:mod:`dspark_jax.distributed` joins the run before the backend starts). Each host loads exactly the rows of
+the global batch its devices hold, so the global batch, the anchors and every RNG stream -- and so the loss
+curve -- are those of a one-host run on the same mesh shape, and checkpoints resume on any host count. Process
+0 alone writes shared files (config, metrics, TensorBoard, target, draft); a barrier follows each write another
+process reads. Orbax writes checkpoints from all processes into one shared directory.
 """
 
 from __future__ import annotations
@@ -59,19 +62,29 @@ def write_cache_for_config(cfg, directory: str, *, batch_size: int = 16, hidden_
                            overwrite: bool = False, progress: bool = True, compiler_options: dict | None = None,
                            echo: Callable[[str], None] | None = None):
     """Runs ``cfg``'s target over ``cfg``'s training data (parsed exactly as training parses it) and writes the
-    offline cache for ``cfg.draft.target_layer_ids`` to ``directory``: what ``dspark prepare-cache`` does.
+    offline cache for ``cfg.draft.target_layer_ids`` to ``directory``: what ``dspark prepare-cache`` does. On
+    several processes each writes the batches dealt to it and process 0 merges them into one cache.
     ``echo``: the trainer's input messages (default: its own). Returns the
     :class:`~dspark_jax.train.target_cache.CacheManifest`."""
+    from dspark_jax import distributed
+    from dspark_jax.train.config import MeshSection
     from dspark_jax.train.target_cache import write_target_cache
 
-    inputs = Trainer(cfg, inputs_only=True, compiler_options=compiler_options, echo=echo)
+    distributed.initialize(cfg.distributed)  # before jax.process_count() starts the backend
+    devices = None
+    if jax.process_count() > 1:
+        # data-parallel over processes: each holds a whole target on its own devices and writes a part of the
+        # cache (so the target must fit one host's devices; fsdp over them)
+        cfg, devices = cfg.replace(mesh=MeshSection()), jax.local_devices()
+    inputs = Trainer(cfg, inputs_only=True, compiler_options=compiler_options, echo=echo, devices=devices)
     d = cfg.data
     return write_target_cache(
         directory, inputs.samples, inputs.target, target_layer_ids=tuple(cfg.draft.target_layer_ids),
         batch_size=batch_size, target_model_name_or_path=cfg.target.path or "", progress=progress,
         compiler_options=compiler_options, data_paths=tuple(resolve_data_files(d.train_files)),
         chat_template=d.chat_template, max_length=d.max_length, min_loss_tokens=d.min_loss_tokens,
-        hidden_dtype=hidden_dtype, overwrite=overwrite)
+        hidden_dtype=hidden_dtype, overwrite=overwrite, process_index=jax.process_index(),
+        process_count=jax.process_count())
 
 
 def resolve_data_files(files) -> list[str]:
@@ -162,11 +175,12 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, devices=None, echo: Callable[[str], None] | None = None,
                  compiler_options: dict | None = None, inputs_only: bool = False):
+        from dspark_jax import distributed
+
         self.compiler_options = compiler_options
-        if cfg.distributed and jax.process_count() == 1 and not _distributed_initialized():
-            jax.distributed.initialize()
+        distributed.initialize(cfg.distributed)  # no-op when the CLI already did (or when not distributed)
         self.cfg = cfg
-        self.is_main = jax.process_index() == 0
+        self.is_main = distributed.is_main_process()
         self.echo = echo or (print if self.is_main else (lambda *_: None))
         self.out_dir = os.path.abspath(cfg.output_dir)
         os.makedirs(self.out_dir, exist_ok=True)
@@ -278,11 +292,13 @@ class Trainer:
         if not self.random_target:
             return
         import dspark_jax as dj
+        from dspark_jax import distributed
         from dspark_jax.train.pretrain import fit_target
 
         target_dir = os.path.join(self.out_dir, "target")
         done_marker = os.path.join(target_dir, "pretrain.json")
-        if t.pretrain_steps and os.path.isfile(done_marker):
+        # process 0's view decides, so no host starts a second fit while another reuses the saved target
+        if t.pretrain_steps and bool(distributed.broadcast_from_main(np.asarray(os.path.isfile(done_marker)))):
             # a resumed run: the same pre-trained target, not a second fit
             self.target = dj.load_target(target_dir, dtype=self.target.dtype)
             self.echo(f"[train] reusing the pre-trained target in {target_dir}")
@@ -302,6 +318,7 @@ class Trainer:
                 json.dump({"steps": t.pretrain_steps, "first_loss": losses[0] if losses else None,
                            "last_loss": losses[-1] if losses else None}, f)
             self.echo(f"[train] target{' (pre-trained)' if losses else ''} saved to {target_dir}")
+        distributed.barrier("dspark_jax.train.target_saved")  # the others read what process 0 just wrote
         if t.pretrain_steps:  # continue from exactly what was saved (a resumed run reloads it)
             self.target = dj.load_target(target_dir, dtype=self.target.dtype)
 
@@ -331,7 +348,7 @@ class Trainer:
     def _build_pipeline_and_step(self):
         from dspark_jax.train.data import InputPipeline
         from dspark_jax.train.schedule import dspark_lr_schedule, make_optimizer
-        from dspark_jax.train.step import make_train_step, shard_target_state
+        from dspark_jax.train.step import make_train_step, process_batch_rows, shard_target_state
 
         cfg, o = self.cfg, self.cfg.optim
         micro = o.micro_batch_size or o.global_batch_size
@@ -342,9 +359,11 @@ class Trainer:
         if len(self.samples) < o.global_batch_size:
             raise ConfigError(f"{len(self.samples)} samples cannot fill one global batch of {o.global_batch_size} "
                               "(lower optim.global_batch_size)")
+        # each process loads the rows its devices hold: the global batch is the one-process batch
         self.pipeline = InputPipeline(self.samples, global_batch_size=o.global_batch_size, micro_batch_size=micro,
                                       max_length=cfg.data.max_length, buckets=cfg.data.buckets, seed=o.seed,
                                       num_epochs=o.epochs, lengths=self.lengths,
+                                      row_positions=process_batch_rows(self.mesh, micro),
                                       num_threads=cfg.data.num_threads)
         self.grad_accum = o.global_batch_size // micro
         self.total_updates = o.epochs * (len(self.samples) // o.global_batch_size)
@@ -380,13 +399,16 @@ class Trainer:
     def export_draft(self, state, path: str | None = None) -> str:
         """Writes the draft with ``state``'s weights in DeepSpec's format (default ``<output_dir>/draft``)."""
         import dspark_jax as dj
+        from dspark_jax import distributed
         from dspark_jax.train.step import split_draft
 
         graphdef, _, _ = split_draft(self.draft)
-        draft = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.frozen))
+        # every process takes part in gathering the shards; only process 0 writes
+        draft = nnx.merge(graphdef, _to_host(state.params), _to_host(state.frozen))
         path = path or os.path.join(self.out_dir, "draft")
         if self.is_main:
             dj.save_draft(draft, path)
+        distributed.barrier("dspark_jax.train.draft_exported")
         return path
 
     # ---- the loop -------------------------------------------------------------------------------------
@@ -434,8 +456,9 @@ class Trainer:
                     batch = next(it)
                     state, metrics = self.step_fn(state, self.target_state, batch)
                     step += 1
-                    pending.append((step, metrics, float(np.sum(batch["lengths"]))))
-                    if step % cfg.log.every == 0 or step == self.total_steps or stop.requested:
+                    pending.append((step, metrics, float(self.pipeline.global_tokens(step - 1))))
+                    stop_now = stop.agreed(step, cfg.log.every)
+                    if step % cfg.log.every == 0 or step == self.total_steps or stop_now:
                         # one host sync per log interval, not per step
                         host = jax.device_get([m for _, m, _ in pending])
                         now = time.perf_counter()
@@ -446,7 +469,7 @@ class Trainer:
                             line = {"step": s, "update": s // self.grad_accum,
                                     "epoch": (s - 1) // self.pipeline.steps_per_epoch,
                                     **{k: float(v) for k, v in m.items()}}
-                            rows = self.pipeline.local_batch_size * jax.process_count()
+                            rows = self.pipeline.sampler.micro_batch_size
                             block_tokens = (ctx * self.draft.config.ttt_length if eagle else
                                             line.get("anchors_per_seq", 0.0) * rows * self.draft.config.block_size)
                             tokens += ctx
@@ -462,8 +485,8 @@ class Trainer:
                         pending, t_last = [], now
                     if bar is not None:
                         bar.update(1)
-                    ckpt.save(state, {"data": it.get_state(), "epoch": it.epoch()}, force=stop.requested)
-                    if stop.requested:
+                    ckpt.save(state, {"data": it.get_state(), "epoch": it.epoch()}, force=stop_now)
+                    if stop_now:
                         self.echo(f"[train] {stop.signal_name}: checkpoint written at step {step}; exiting")
                         stopped = True
                         break
@@ -482,17 +505,21 @@ class Trainer:
                            draft_dir=draft_dir, stopped_early=stopped)
 
 
-def _distributed_initialized() -> bool:
-    try:
-        from jax._src import distributed  # the public API has no query; fall back to "not initialised"
+def _to_host(tree):
+    """``tree``'s arrays as numpy, whole (gathered from every process when sharded across hosts)."""
+    if all(x.is_fully_addressable for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
 
-        return distributed.global_state.client is not None
-    except (ImportError, AttributeError):  # pragma: no cover
-        return False
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 class _StopFlag:
-    """Turns SIGTERM / SIGINT into a flag the loop checks after each step (checkpoint, then exit)."""
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each step (checkpoint, then exit).
+
+    With several processes the signal reaches each at a different step (or only some of them), but the
+    checkpoint and the exit must happen at the same step everywhere: there the flag is pooled (any process
+    stops all) every ``every`` steps, one small all-gather per log interval."""
 
     def __init__(self):
         self.requested = False
@@ -502,6 +529,19 @@ class _StopFlag:
     def _handle(self, signum, _frame):
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, step: int, every: int) -> bool:
+        """Whether to stop after ``step`` -- the same answer on every process."""
+        if jax.process_count() == 1:
+            return self.requested
+        if step % every:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray(self.requested))
+        if np.any(flags) and not self.requested:
+            self.signal_name = f"a stop signal to process {int(np.argmax(flags))}"
+        return bool(np.any(flags))
 
     def __enter__(self):
         try:

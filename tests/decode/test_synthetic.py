@@ -207,3 +207,42 @@ def test_training_text_continues_the_generation_prompt():
         full = tok.apply_chat_template(conv, tokenize=False)
         assert full == prompt + conv[-1]["content"] + "<|im_end|>\n"
     assert tok.apply_chat_template(two, tokenize=False).count("<think>") == 1
+
+
+@pytest.mark.multiprocess
+def test_two_processes_write_what_one_writes(full_run, model_dirs, multiprocess, tmp_path):
+    """generate-data on 2 real processes that find each other as SLURM tasks do (JAX's detection from the job
+    step's variables; loopback coordinator): batches dealt out by index, one shard per process, assembled by
+    process 0 into the very file one process writes. It resumes a run that was cut short: a shard left behind
+    (2 records and a partial third) is taken in first."""
+    from dspark_jax.decode.jsonl_shards import shard_path
+
+    inp, out = full_run
+    tdir, _ = model_dirs
+    two = tmp_path / "two.jsonl"
+    with open(out, "rb") as f:
+        lines = f.readlines()
+    with open(shard_path(two, 1, 2), "wb") as f:
+        f.write(b"".join(lines[:2]) + lines[2][:10])
+    outs = multiprocess.finish(multiprocess.start_slurm_group(
+        ["generate-data", "--target", tdir, "--input", inp, "--output", str(two)] + ARGS, tmp_path))
+    assert "resuming: 2 of 8 ids already" in outs[0] and "cluster-detected" in outs[1]
+    assert two.read_bytes() == b"".join(lines)
+    assert not list(tmp_path.glob("two.jsonl.shard-*"))
+    ok = sum(r["status"] == "success" for r in _read(out)[2:])
+    assert f"8 conversations: {ok} success, {6 - ok} error, 2 already done" in outs[0]  # both processes' counts
+
+
+def test_shards_are_folded_in_order_once(tmp_path):
+    from dspark_jax.decode.jsonl_shards import fold_shards, shard_path
+
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"id": "a"}\n')
+    with open(shard_path(out, 0, 2), "w") as f:
+        f.write('{"id": "c"}\n{"id": "a"}\n{"id": "x", "partial')   # a crash mid-write: the tail is dropped
+    with open(shard_path(out, 1, 2), "w") as f:
+        f.write('{"id": "b"}\n{"id": "d"}\n')
+    assert fold_shards(out, order=["b", "c", "a"]) == 3
+    assert [r["id"] for r in _read(out)] == ["a", "b", "c", "d"]
+    assert not list(tmp_path.glob("o.jsonl.shard-*"))
+    assert fold_shards(out) == 0

@@ -299,3 +299,27 @@ def test_eval_cli_with_prefix_scheduler(pair_dirs, data_dir, tmp_path):
     with pytest.raises(SystemExit, match="--sps"):
         cli.main(["eval", "--target", tdir, "--draft", ddir, "--data-dir", data_dir, "--datasets", "gsm8k",
                   "--sps", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x"), "--no-progress"])
+
+
+@pytest.mark.multiprocess
+def test_eval_on_two_processes_reports_what_one_reports(pair_dirs, data_dir, multiprocess, tmp_path):
+    """2 real processes (loopback coordinator) share out each dataset's batches; process 0 merges their parts
+    into one report whose counts and round arrays are the 1-process run's (tokens/s are per process)."""
+    tdir, ddir, _ = pair_dirs
+    args = ["eval", "--target", tdir, "--draft", ddir, "--data-dir", data_dir, "--datasets", "gsm8k",
+            "--batch-size", "2", "--max-new-tokens", "12", "--temperature", "1.0", "--seed", "3", "--no-progress",
+            "--no-warmup"]
+    assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0  # 1 process: this one
+    multiprocess.finish(multiprocess.start_group([*args, "--out", str(tmp_path / "two")], tmp_path))
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert [r["dataset"] for r in two["datasets"]] == ["gsm8k"] and two["datasets"][0]["samples"] == 4
+    for a, b in zip(one["datasets"], two["datasets"]):
+        assert b["counts"] == a["counts"] and b["tau"] == a["tau"] and b["accept_rate"] == a["accept_rate"]
+        for key in ("new_tokens",):
+            assert b["speculative"][key] == a["speculative"][key] and b["plain"][key] == a["plain"][key]
+        with np.load(tmp_path / "one" / "rounds" / f"{a['dataset']}.npz") as x, \
+                np.load(tmp_path / "two" / "rounds" / f"{a['dataset']}.npz") as y:
+            assert sorted(x.files) == sorted(y.files)
+            for k in x.files:
+                np.testing.assert_array_equal(y[k], x[k], err_msg=k)
+    assert os.listdir(tmp_path / "two" / "rounds") == ["gsm8k.npz"]  # the parts are folded away

@@ -578,3 +578,31 @@ def test_end_to_end_from_jsonl(tmp_path, tiny_tok):
         assert b["input_ids"].shape[1] in (64, 128, 256)
         assert (b["loss_mask"].sum(1) >= 14).all()
         np.testing.assert_array_equal((b["input_ids"] != 0).sum(1) <= b["lengths"], True)
+
+
+def test_row_positions_follow_the_mesh():
+    """A trainer's processes load the rows their devices hold (contiguous blocks of the global batch here), so
+    their batches, stacked in process order, are the one-process batch itself -- not a permutation of it."""
+    import jax
+
+    from dspark_jax.train.mesh import make_mesh
+    from dspark_jax.train.step import process_batch_rows
+
+    np.testing.assert_array_equal(process_batch_rows(make_mesh({"data": 2, "fsdp": 4}), 16), np.arange(16))
+    np.testing.assert_array_equal(process_batch_rows(make_mesh({"data": 2, "fsdp": 2}, jax.devices()[:4]), 8),
+                                  np.arange(8))
+    samples = fake_samples(40, 32, seed=3)
+    one = D.InputPipeline(samples, global_batch_size=8, max_length=32, process_index=0, process_count=1,
+                          num_threads=0)
+    halves = [D.InputPipeline(samples, global_batch_size=8, max_length=32, process_index=r, process_count=2,
+                              row_positions=range(4 * r, 4 * r + 4), num_threads=0) for r in range(2)]
+    assert [h.local_batch_size for h in halves] == [4, 4]
+    for step in range(7):
+        want, got = one.batch(step), [h.batch(step) for h in halves]
+        for k in want:
+            np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), want[k])
+        assert halves[0].global_tokens(step) == int(want["lengths"].sum())
+    for bad in ([0, 8], [1, 1], []):
+        with pytest.raises(ValueError, match="row_positions must be distinct positions in"):
+            D.InputPipeline(samples, global_batch_size=8, max_length=32, process_index=0, process_count=1,
+                            row_positions=bad, num_threads=0)

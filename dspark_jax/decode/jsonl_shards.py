@@ -1,0 +1,73 @@
+"""Per-host shards of a resumable JSONL output (``generate-data`` on several processes).
+
+Process ``p`` of ``P`` appends its records to ``<output>.shard-<p>-of-<P>`` (same line format and crash safety as
+the output itself); at the end process 0 folds the shards into ``<output>`` in a given id order and removes them.
+Shards left by an interrupted run (of any process count) are folded in first, so a resume sees every finished
+record in ``<output>`` alone.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Iterable
+
+_SUFFIX = ".shard-"
+
+
+def shard_path(output: str | os.PathLike, process_index: int, process_count: int) -> str:
+    return f"{os.fspath(output)}{_SUFFIX}{process_index:05d}-of-{process_count:05d}"
+
+
+def existing_shards(output: str | os.PathLike) -> list[str]:
+    return sorted(glob.glob(glob.escape(os.fspath(output)) + _SUFFIX + "*-of-*"))
+
+
+def _complete_lines(path: str) -> list[bytes]:
+    """Whole lines of ``path`` (a partial last line, from a crash mid-write, is left out)."""
+    with open(path, "rb") as f:
+        lines = f.readlines()
+    if lines and not lines[-1].endswith(b"\n"):
+        lines.pop()
+    return [ln for ln in lines if ln.strip()]
+
+
+def _record_id(line: bytes) -> str | None:
+    try:
+        return str(json.loads(line)["id"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def fold_shards(output: str | os.PathLike, order: Iterable[str] | None = None) -> int:
+    """Appends the records of every shard of ``output`` that ``output`` does not hold yet, in ``order`` (ids;
+    records not in it follow in shard order), then deletes the shards. Returns the number of records added.
+    Call on one process only. ``output``'s own partial last line, if any, must already be cut away."""
+    output = os.fspath(output)
+    shards = existing_shards(output)
+    if not shards:
+        return 0
+    have: set[str] = set()
+    if os.path.exists(output):
+        have = {i for i in map(_record_id, _complete_lines(output)) if i is not None}
+    found: dict[str, bytes] = {}
+    for shard in shards:
+        for line in _complete_lines(shard):
+            rid = _record_id(line)
+            if rid is not None and rid not in have:
+                found.setdefault(rid, line)
+    ordered = [rid for rid in dict.fromkeys(order or ()) if rid in found]
+    placed = set(ordered)
+    ordered += [rid for rid in found if rid not in placed]
+    with open(output, "ab") as f:
+        for rid in ordered:
+            f.write(found[rid])
+        f.flush()
+        os.fsync(f.fileno())
+    for shard in shards:
+        os.remove(shard)
+    return len(ordered)
+
+
+__all__ = ["shard_path", "existing_shards", "fold_shards"]
