@@ -8,8 +8,10 @@ refill (or no slot is live, or a step bound). The host loop in between harvests 
 requests. Finished slots idle without advancing their cache length, so a slot never outgrows its capacity.
 
 Each request samples with its own key (``sampling.request_keys``) and each token with that key folded with the
-token's index, so a request's output depends on the seed and its index in the queue only: the same alone, among
-any others, with any number of slots, and equal to the static batch of :func:`dspark_jax.generate`.
+token's index, so a request's output depends on the seed and its request id only: the same alone, among any
+others, with any number of slots, and equal to the static batch of :func:`dspark_jax.generate`.
+
+The host loop (:class:`SlotEngine`) is shared with speculative decoding (decode/spec_slots.py).
 """
 
 from __future__ import annotations
