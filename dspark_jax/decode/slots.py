@@ -29,7 +29,7 @@ import numpy as np
 from dspark_jax.cache import KVCache
 from dspark_jax.config import next_bucket
 from dspark_jax.decode.prefill import prefill as prefill_target
-from dspark_jax.decode.prompts import pad_batch
+from dspark_jax.decode.prompts import check_request_ids, pad_batch
 from dspark_jax.decode.sampling import SamplingConfig, request_keys, sample_rows
 from dspark_jax.nn.static_graph import split_static
 
@@ -277,16 +277,14 @@ def stream_generate(target, rows: Sequence[Sequence[int]], *, max_new_tokens: in
         return
     if not isinstance(max_slots, (int, np.integer)) or max_slots < 1:
         raise ValueError(f"max_slots must be a positive int, got {max_slots!r}")
-    ids_of = list(range(n)) if request_ids is None else [int(i) for i in request_ids]
-    if len(ids_of) != n:
-        raise ValueError(f"request_ids must hold one id per prompt ({n}), got {len(ids_of)}")
+    ids_of = check_request_ids(request_ids, n)
     engine = PlainSlotEngine(target, num_slots=min(int(max_slots), n), max_prompt_len=max(len(r) for r in rows),
                              max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids, seed=seed,
                              refill_at=refill_at, flat_decode=flat_decode)
     if stats is not None:
         engine.stats = stats
     for i, r in enumerate(rows):
-        engine.submit(ids_of[i], r, tag=i)
+        engine.submit(int(ids_of[i]), r, tag=i)
     yield from engine.run()
 
 
