@@ -19,7 +19,7 @@ from dspark_jax.decode.output import GenerationOutput
 from dspark_jax.decode.prefill import prefill as prefill_target
 from dspark_jax.decode.prompts import check_request_ids, encode_prompts, pad_batch
 from dspark_jax.decode.sampling import SamplingConfig, request_keys, sample_rows
-from dspark_jax.decode.slots import SlotStats, stream_generate
+from dspark_jax.decode.slots import PlainSlotEngine, SlotStats, stream_generate
 from dspark_jax.kernels._dispatch import resolve as resolve_impl
 from dspark_jax.nn.static_graph import split_static
 
@@ -82,6 +82,21 @@ def generate_stream(target, prompts, max_new_tokens: int = 256, temperature: flo
                                    flat_decode=_decodes_flat(target),
                                    request_ids=check_request_ids(request_ids, len(rows))):
         yield i, toks.tolist()
+
+
+def slot_engine(target, *, num_slots: int, max_prompt_len: int, max_new_tokens: int, temperature: float = 0.0,
+                top_k: int = 0, top_p: float = 1.0, stop_token_ids: Sequence[int] | None = None, seed: int = 0,
+                refill_at: int | None = None) -> PlainSlotEngine:
+    """A :class:`~dspark_jax.decode.slots.PlainSlotEngine` with :func:`generate`'s arguments, for jobs that feed
+    requests as they go (``engine.submit`` while iterating ``engine.run(followups=True)``); each request's
+    tokens equal :func:`generate`'s for the same seed and request id."""
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    stops = tuple(target.config.eos_token_ids if stop_token_ids is None else (int(t) for t in stop_token_ids))
+    return PlainSlotEngine(target, num_slots=num_slots, max_prompt_len=max_prompt_len,
+                           max_new_tokens=int(max_new_tokens), sampling=SamplingConfig(float(temperature), int(top_k),
+                                                                                       float(top_p)),
+                           stop_ids=stops, seed=seed, refill_at=refill_at, flat_decode=_decodes_flat(target))
 
 
 def _requests(target, prompts, max_new_tokens, temperature, top_k, top_p, stop_token_ids):

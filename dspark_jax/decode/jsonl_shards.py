@@ -1,7 +1,8 @@
 """Per-host shards of a resumable JSONL output (``generate-data`` on several processes).
 
-Process ``p`` of ``P`` appends its records to ``<output>.shard-<p>-of-<P>`` (same line format and crash safety as
-the output itself); at the end process 0 folds the shards into ``<output>`` in a given id order and removes them.
+Process ``p`` of ``P`` (also the one process of a 1-process run) appends its records to ``<output>.shard-<p>-of-<P>``
+as they finish (same line format and crash safety as the output itself); at the end process 0 folds the shards
+into ``<output>`` in a given id order and removes them.
 Shards left by an interrupted run (of any process count) are folded in first, so a resume sees every finished
 record in ``<output>`` alone.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Iterable
+from typing import Iterable, Iterator
 
 _SUFFIX = ".shard-"
 
@@ -24,13 +25,17 @@ def existing_shards(output: str | os.PathLike) -> list[str]:
     return sorted(glob.glob(glob.escape(os.fspath(output)) + _SUFFIX + "*-of-*"))
 
 
-def _complete_lines(path: str) -> list[bytes]:
-    """Whole lines of ``path`` (a partial last line, from a crash mid-write, is left out)."""
+def _complete_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """``(offset, line)`` of each whole, non-blank line of ``path`` (a partial last line, from a crash mid-write,
+    is left out), read as a stream."""
+    offset = 0
     with open(path, "rb") as f:
-        lines = f.readlines()
-    if lines and not lines[-1].endswith(b"\n"):
-        lines.pop()
-    return [ln for ln in lines if ln.strip()]
+        for line in f:
+            if not line.endswith(b"\n"):
+                return
+            if line.strip():
+                yield offset, line
+            offset += len(line)
 
 
 def _record_id(line: bytes) -> str | None:
@@ -50,21 +55,29 @@ def fold_shards(output: str | os.PathLike, order: Iterable[str] | None = None) -
         return 0
     have: set[str] = set()
     if os.path.exists(output):
-        have = {i for i in map(_record_id, _complete_lines(output)) if i is not None}
-    found: dict[str, bytes] = {}
+        have = {i for i in (_record_id(line) for _, line in _complete_lines(output)) if i is not None}
+    found: dict[str, tuple[str, int, int]] = {}   # id -> (shard, offset, length): records stay on disk
     for shard in shards:
-        for line in _complete_lines(shard):
+        for offset, line in _complete_lines(shard):
             rid = _record_id(line)
             if rid is not None and rid not in have:
-                found.setdefault(rid, line)
+                found.setdefault(rid, (shard, offset, len(line)))
     ordered = [rid for rid in dict.fromkeys(order or ()) if rid in found]
     placed = set(ordered)
     ordered += [rid for rid in found if rid not in placed]
-    with open(output, "ab") as f:
-        for rid in ordered:
-            f.write(found[rid])
-        f.flush()
-        os.fsync(f.fileno())
+    handles = {shard: open(shard, "rb") for shard in shards}
+    try:
+        with open(output, "ab") as f:
+            for rid in ordered:
+                shard, offset, length = found[rid]
+                src = handles[shard]
+                src.seek(offset)
+                f.write(src.read(length))
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        for h in handles.values():
+            h.close()
     for shard in shards:
         os.remove(shard)
     return len(ordered)

@@ -187,7 +187,10 @@ class SlotEngine:
     def busy(self) -> bool:
         return bool(self.queue) or any(h is not None for h in self._holder)
 
-    def run(self) -> Iterator[tuple[object, object]]:
+    def run(self, followups: bool = False) -> Iterator[tuple[object, object]]:
+        """Yields ``(tag, result)`` per finished request. ``followups``: the caller submits new requests while
+        iterating (a conversation's next turn): with the queue empty the compiled loop still hands back once
+        ``refill_at`` more slots are free, instead of running until every slot is done."""
         self._begin()
         if not self._started:
             self._empty()
@@ -207,7 +210,12 @@ class SlotEngine:
                 for s, r in zip(free, admitted):
                     self._holder[s] = (r[2],)
                 st.prompt_passes += 1
-            threshold = min(self.refill_at, len(self.queue)) if self.queue else self.num_slots + 1
+            if self.queue:     # every free slot was filled: hand back once refill_at of them (or the queue) free up
+                threshold = min(self.refill_at, len(self.queue))
+            elif followups:    # counted from the slots free now, else a free slot would return at once, forever
+                threshold = len(free) - take + self.refill_at
+            else:              # nothing left to admit: run until every slot is done
+                threshold = self.num_slots + 1
             steps, busy = self._run(threshold)
             live = self._live()
             st.syncs += 1

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dspark_jax.config import next_bucket
 from dspark_jax.decode.calibrate import resolve_temperatures
 from dspark_jax.decode.output import GenerationOutput
 from dspark_jax.decode.prompts import check_request_ids, encode_prompts, pad_batch
@@ -72,6 +73,33 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
       ``stats['_round_confidence_logits']`` the raw logits (what calibration fits), ``stats['_round_outcome']``
       the per-position accepted flags.
     """
+    rows = encode_prompts(prompts, getattr(target, "tokenizer", None), target.config.vocab_size)
+    req = check_request_ids(request_ids, len(rows))
+    ids, lengths = pad_batch(rows)
+    if max_slots is not None and (not isinstance(max_slots, (int, np.integer)) or max_slots < 1):
+        raise ValueError(f"max_slots must be a positive int, got {max_slots!r}")
+    batch = ids.shape[0] if max_slots is None else min(int(max_slots), len(rows))
+    settings, sched_sps, conf_temps = _spec_setup(
+        target, draft, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        threshold=threshold, scheduler=scheduler, stop_token_ids=stop_token_ids, calibration=calibration,
+        ragged_verify=ragged_verify, batch=batch, prompt_width=ids.shape[1])
+    if max_slots is not None:
+        return _generate_slots(target, draft, rows, req, settings, seed, batch, refill_at, sched_sps, conf_temps,
+                               prompts)
+    t_graph, t_state = split_static(target)
+    d_graph, d_state = split_static(draft)
+    t0 = time.perf_counter()
+    res = _spec_jit(t_graph, t_state, d_graph, d_state, jnp.asarray(ids), jnp.asarray(lengths),
+                    jax.random.key(seed), jnp.asarray(req), sched_sps, conf_temps, settings=settings)
+    res = jax.device_get(res)
+    seconds = time.perf_counter() - t0
+    return _to_output(res, settings, seconds, target, prompts)
+
+
+def _spec_setup(target, draft, *, max_new_tokens, temperature, top_k, top_p, threshold, scheduler, stop_token_ids,
+                calibration, ragged_verify, batch: int, prompt_width: int):
+    """Validated arguments of :func:`speculative_generate` -> (SpecSettings, SPS table, STS temperatures) for a
+    batch of ``batch`` rows (static loop) or slots, prompts padded to ``prompt_width``."""
     if scheduler is not None and not isinstance(scheduler, (PrefixScheduler, ZeroOverheadScheduler)):
         raise ValueError(f"scheduler must be None, a PrefixScheduler or a ZeroOverheadScheduler "
                          f"(dspark_jax.decode.scheduler), got {type(scheduler).__name__}")
@@ -94,16 +122,10 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
         raise ValueError(f"calibration has {len(temps)} temperatures but the draft proposes "
                          f"{drafts_per_round(draft.config)} positions per round")
     sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
-    rows = encode_prompts(prompts, getattr(target, "tokenizer", None), target.config.vocab_size)
     stops = tuple(target.config.eos_token_ids if stop_token_ids is None else (int(t) for t in stop_token_ids))
-    req = check_request_ids(request_ids, len(rows))
-    ids, lengths = pad_batch(rows)
-    if max_slots is not None and (not isinstance(max_slots, (int, np.integer)) or max_slots < 1):
-        raise ValueError(f"max_slots must be a positive int, got {max_slots!r}")
-    batch = ids.shape[0] if max_slots is None else min(int(max_slots), len(rows))
     if scheduler is not None:
         check_sps(scheduler.sps, rows=batch)
-    capacity = ids.shape[1] + int(max_new_tokens) + drafts_per_round(draft.config) + 2
+    capacity = int(prompt_width) + int(max_new_tokens) + drafts_per_round(draft.config) + 2
     can_flatten = hasattr(target, "forward_flat")
     if ragged_verify and not can_flatten:
         raise ValueError(f"ragged_verify=True but {type(target).__name__} has no forward_flat")
@@ -119,17 +141,22 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
     if draft.config.has_confidence:
         conf_temps = jnp.asarray(temps if temps is not None else (1.0,) * drafts_per_round(draft.config),
                                  jnp.float32)
-    if max_slots is not None:
-        return _generate_slots(target, draft, rows, req, settings, seed, batch, refill_at, sched_sps, conf_temps,
-                               prompts)
-    t_graph, t_state = split_static(target)
-    d_graph, d_state = split_static(draft)
-    t0 = time.perf_counter()
-    res = _spec_jit(t_graph, t_state, d_graph, d_state, jnp.asarray(ids), jnp.asarray(lengths),
-                    jax.random.key(seed), jnp.asarray(req), sched_sps, conf_temps, settings=settings)
-    res = jax.device_get(res)
-    seconds = time.perf_counter() - t0
-    return _to_output(res, settings, seconds, target, prompts)
+    return settings, sched_sps, conf_temps
+
+
+def spec_slot_engine(target, draft, *, num_slots: int, max_prompt_len: int, max_new_tokens: int,
+                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, threshold: float = 0.0,
+                     scheduler=None, stop_token_ids: Sequence[int] | None = None, seed: int = 0, calibration=None,
+                     ragged_verify: bool | None = None, refill_at: int | None = None) -> SpecSlotEngine:
+    """A :class:`~dspark_jax.decode.spec_slots.SpecSlotEngine` with :func:`speculative_generate`'s arguments,
+    for jobs that feed requests as they go (``engine.submit`` while iterating ``engine.run(followups=True)``);
+    the threshold / scheduler see the ``num_slots`` slots as their batch."""
+    settings, sched_sps, conf_temps = _spec_setup(
+        target, draft, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        threshold=threshold, scheduler=scheduler, stop_token_ids=stop_token_ids, calibration=calibration,
+        ragged_verify=ragged_verify, batch=num_slots, prompt_width=next_bucket(max_prompt_len))
+    return SpecSlotEngine(target, draft, settings, num_slots=num_slots, max_prompt_len=max_prompt_len, seed=seed,
+                          refill_at=refill_at, sched_sps=sched_sps, conf_temps=conf_temps)
 
 
 def _generate_slots(target, draft, rows, req, settings, seed, num_slots, refill_at, sched_sps, conf_temps,

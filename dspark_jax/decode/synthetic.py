@@ -5,11 +5,16 @@ target (and, optionally, a draft for speculative decoding, which is lossless) ru
 conversations. Per conversation, messages are walked in order as DeepSpec does: system messages are kept,
 input assistant messages are dropped, and after each user message the history is rendered with the chat
 template (generation prompt, ``enable_thinking=False``) and the target generates the assistant turn, which
-is appended before the next user turn. Conversations of a batch advance turn by turn together.
+is appended before the next user turn. Turns are requests to a slot engine (continuous batching,
+decode/slots.py): a finished turn's slot takes the next request at once, a conversation's next turn is
+submitted as soon as its previous one is done, and a conversation's record is written as soon as it is done.
+Each turn samples with a key of the seed, the conversation id and the turn index, so records do not depend on
+the batching, the number of processes or a resume.
 
 The output is JSONL in the training format ``{"id", "conversations", "status": "success"}`` (other input keys
-are kept). It is resumable and crash-safe: each finished record is one ``write`` + ``flush`` of a whole line;
-on start, ids already in the output are skipped and a trailing partial line (a crash mid-write) is cut away.
+are kept), in input order. It is resumable and crash-safe: each finished record is one ``write`` + ``flush`` of a
+whole line (to a shard, folded into the output at the end); on start, shards left behind are folded in, ids
+already in the output are skipped and a trailing partial line (a crash mid-write) is cut away.
 A conversation that fails is written as ``{"id", ..., "status": "error", "error": "..."}`` and the run goes
 on (the training reader drops non-success records). Input records without an id get a stable one: a hash
 of their content.
@@ -17,6 +22,7 @@ of their content.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -260,6 +266,9 @@ def read_conversations(path: str | os.PathLike) -> tuple[list[Conversation], int
 
 @dataclasses.dataclass
 class GenSettings:
+    """``batch_size``: the number of slots (requests decoding at once); ``refill_at``: the engine hands back to
+    refill once this many slots are free (None: its default, ``max(1, batch_size // 8)``)."""
+
     max_new_tokens: int = 4096
     temperature: float = 0.7
     top_k: int = 20
@@ -268,6 +277,7 @@ class GenSettings:
     seed: int = 0
     batch_size: int = 8
     max_prompt_tokens: int | None = None
+    refill_at: int | None = None
 
 
 @dataclasses.dataclass
@@ -278,13 +288,12 @@ class RunReport:
     success: int = 0
     errors: int = 0
     new_tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0           # wall time of generation (host work between decode calls included)
+    compile_seconds: float = 0.0   # of which tracing and compiling (JAX's compile events)
     truncated_bytes: int = 0
     bad_lines: int = 0
-    # calls whose compiled shape (batch, prompt bucket) had run before: throughput without compilation
-    steady_tokens: int = 0
-    steady_seconds: float = 0.0
-    shapes: set = dataclasses.field(default_factory=set, repr=False)
+    engines: int = 0               # slot engines built (one per prompt-length bucket reached)
+    slot_utilisation: float = 0.0  # busy / all slot-steps over the engines
 
     @property
     def tokens_per_s(self) -> float:
@@ -292,36 +301,21 @@ class RunReport:
 
     @property
     def steady_tokens_per_s(self) -> float | None:
-        return self.steady_tokens / self.steady_seconds if self.steady_seconds > 0 else None
-
-    def add_call(self, shape, tokens: int, seconds: float) -> None:
-        self.new_tokens += tokens
-        self.seconds += seconds
-        if shape in self.shapes:
-            self.steady_tokens += tokens
-            self.steady_seconds += seconds
-        self.shapes.add(shape)
+        """Throughput without compilation: tokens over the generation time less the compile time."""
+        steady = self.seconds - self.compile_seconds
+        return self.new_tokens / steady if self.new_tokens and steady > 0 else None
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "shapes"}
-        return {**d, "tokens_per_s": self.tokens_per_s, "steady_tokens_per_s": self.steady_tokens_per_s}
+        return {**dataclasses.asdict(self), "tokens_per_s": self.tokens_per_s,
+                "steady_tokens_per_s": self.steady_tokens_per_s}
 
 
-def generate_padded(target, draft, prompts: list[list[int]], batch_size: int, settings: GenSettings,
-                    stop_ids: tuple[int, ...], seed: int):
-    """Runs ``prompts`` (at most ``batch_size``) padded to ``batch_size`` rows (repeating the last prompt, so the
-    compiled shape repeats); returns (GenerationOutput, number of real rows)."""
-    import dspark_jax as dj
-
-    real = len(prompts)
-    if not 0 < real <= batch_size:
-        raise ValueError(f"need 1..{batch_size} prompts, got {real}")
-    rows = list(prompts) + [prompts[-1]] * (batch_size - real)
-    kw = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
-              top_p=settings.top_p, stop_token_ids=stop_ids, seed=seed)
-    if draft is None:
-        return dj.generate(target, rows, **kw), real
-    return dj.speculative_generate(target, draft, rows, threshold=settings.threshold, **kw), real
+def request_id(conversation_id: str, turn: int) -> int:
+    """The sampling id of a conversation's ``turn``-th assistant turn: a hash into ``[0, 2**31)`` of the
+    conversation id and the turn index alone, so (with the seed) a record is the same whatever the batching, the
+    process count or a resume."""
+    digest = hashlib.sha256(f"{conversation_id}\x00{turn}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def _decode(tokenizer, ids: list[int], stop_ids: tuple[int, ...]) -> tuple[str, str]:
@@ -331,66 +325,192 @@ def _decode(tokenizer, ids: list[int], stop_ids: tuple[int, ...]) -> tuple[str, 
     return tokenizer.decode(ids, skip_special_tokens=True), finish
 
 
-def regenerate_batch(target, draft, convs: list[Conversation], settings: GenSettings, stop_ids: tuple[int, ...],
-                     seed: int, report: RunReport) -> None:
-    """Regenerates every assistant turn of ``convs`` (at most ``batch_size``) in place, turn index by turn index.
-    A conversation that fails gets ``.error``; the others go on."""
-    tok = target.tokenizer
-    limit = settings.max_prompt_tokens
-    if limit is None:
-        limit = target.config.max_position_embeddings - settings.max_new_tokens
-    live = [c for c in convs if c.error is None]
-    turn = 0
-    while True:
-        live = [c for c in live if c.error is None and c.next_user_turn()]
-        if not live:
-            return
-        ready, prompts = [], []
-        for c in live:
-            try:
-                ids = render_chat(tok, c.history)
-            except Exception as e:  # jinja errors, template raise_exception, ...
-                c.error = f"turn {turn}: chat template failed: {type(e).__name__}: {e}"
-                continue
-            if len(ids) > limit:
-                c.error = (f"turn {turn}: prompt has {len(ids)} tokens, over the limit of {limit} "
-                           f"(max_position_embeddings - max_new_tokens, or --max-prompt-tokens)")
-                continue
-            ready.append(c)
-            prompts.append(ids)
-        if ready:
-            _generate_turn(target, draft, ready, prompts, settings, stop_ids, seed + turn, turn, report)
-        turn += 1
+def prompt_limit(target, settings: GenSettings) -> int:
+    """The longest rendered history a turn may have: ``max_prompt_tokens`` or the positions left for it."""
+    if settings.max_prompt_tokens is not None:
+        return settings.max_prompt_tokens
+    return target.config.max_position_embeddings - settings.max_new_tokens
 
 
-def _generate_turn(target, draft, ready, prompts, settings, stop_ids, seed, turn, report) -> None:
+def next_request(c: Conversation, tokenizer, limit: int, vocab_size: int) -> list[int] | None:
+    """The prompt of ``c``'s next assistant turn (its history rendered with the chat template), or None when the
+    conversation is finished or failed (``c.error`` set: template error, over-long prompt, ids outside the
+    vocab)."""
+    if c.error is not None or not c.next_user_turn():
+        return None
+    turn = len(c.new_tokens)
+    try:
+        ids = render_chat(tokenizer, c.history)
+    except Exception as e:  # jinja errors, template raise_exception, ...
+        c.error = f"turn {turn}: chat template failed: {type(e).__name__}: {e}"
+        return None
+    if len(ids) > limit:
+        c.error = (f"turn {turn}: prompt has {len(ids)} tokens, over the limit of {limit} "
+                   f"(max_position_embeddings - max_new_tokens, or --max-prompt-tokens)")
+        return None
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        c.error = f"turn {turn}: prompt has token id(s) {bad[:5]} outside the target's vocab [0, {vocab_size})"
+        return None
+    return ids
+
+
+def add_turn(c: Conversation, tokens, tokenizer, stop_ids: tuple[int, ...]) -> None:
+    """Appends a generated assistant turn (new token ids, a final stop token included) to ``c``."""
+    ids = [int(t) for t in tokens]
+    text, finish = _decode(tokenizer, ids, stop_ids)
+    c.history.append({"role": "assistant", "content": text})
+    c.new_tokens.append(len(ids))
+    c.finish.append(finish)
+
+
+def engine_factory(target, draft, settings: GenSettings, stop_ids: tuple[int, ...]):
+    """``make(max_prompt_len, num_slots) -> SlotEngine``: plain, or speculative with ``draft``."""
+    from dspark_jax.decode.autoregressive import slot_engine
+    from dspark_jax.decode.speculative import spec_slot_engine
+
+    kw = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
+              top_p=settings.top_p, stop_token_ids=stop_ids, seed=settings.seed)
+
+    def make(max_prompt_len: int, num_slots: int):
+        refill_at = None if settings.refill_at is None else min(settings.refill_at, num_slots)
+        if draft is None:
+            return slot_engine(target, num_slots=num_slots, max_prompt_len=max_prompt_len, refill_at=refill_at, **kw)
+        return spec_slot_engine(target, draft, num_slots=num_slots, max_prompt_len=max_prompt_len,
+                                threshold=settings.threshold, refill_at=refill_at, **kw)
+
+    return make
+
+
+def regenerate(convs: list[Conversation], make_engine, tokenizer, *, num_slots: int, limit: int, vocab_size: int,
+               stop_ids: tuple[int, ...], report: RunReport, on_done: Callable[[Conversation], None]) -> None:
+    """Regenerates every assistant turn of ``convs`` over ``num_slots`` refilled slots, calling ``on_done(c)`` as
+    soon as conversation ``c`` is finished (or failed: ``c.error``). At most ``num_slots`` conversations are in
+    flight, each with one request at a time: a turn's prompt is rendered and submitted when the previous turn
+    is done (while the engine runs), a new conversation starts when one ends.
+
+    Engine size: a slot's cache holds the engine's prompt bucket + ``max_new_tokens``, for every slot, so the
+    bucket is the power of two of the longest prompt seen so far rather than the prompt limit (by default
+    ``max_position_embeddings - max_new_tokens``: tens of thousands of positions per slot). Prompts grow with the
+    turns; one that outgrows the engine waits, no new conversation starts, and once the engine has drained it is
+    rebuilt for the larger bucket (at most log2(limit) rebuilds, each one compile). A failing engine call fails
+    only the requests that cannot run alone: those in flight are retried one by one on a 1-slot engine."""
     from dspark_jax.config import next_bucket
 
-    def run(rows):
-        out, real = generate_padded(target, draft, rows, settings.batch_size, settings, stop_ids, seed)
-        shape = (settings.batch_size, next_bucket(max(len(r) for r in rows)))
-        report.add_call(shape, int(out.lengths[:real].sum()), out.stats["seconds"])
-        return out
+    todo = collections.deque(convs)
+    deferred: list[tuple[Conversation, list[int]]] = []   # prompts waiting for a larger engine
+    outstanding: dict[int, tuple[Conversation, list[int]]] = {}   # submitted, not yet finished
+    engine = None
+    active = 0       # conversations started and not yet done
+    busy_steps = slot_steps = 0
 
-    try:
-        out = run(prompts)
-        outs = [(c, out, i) for i, c in enumerate(ready)]
-    except Exception as batch_error:  # isolate the failing conversation(s): one at a time
-        if len(ready) == 1:
-            ready[0].error = f"turn {turn}: generation failed: {type(batch_error).__name__}: {batch_error}"
-            return
-        outs = []
-        for c, ids in zip(ready, prompts):
+    def done(c):
+        nonlocal active
+        active -= 1
+        on_done(c)
+
+    def submit(c) -> None:
+        """Renders ``c``'s next turn and queues it (or ends ``c``)."""
+        ids = next_request(c, tokenizer, limit, vocab_size)
+        if ids is None:
+            done(c)
+        elif engine is None or len(ids) > engine.max_prompt_len:
+            deferred.append((c, ids))
+        else:
+            outstanding[id(c)] = (c, ids)
+            engine.submit(request_id(c.id, len(c.new_tokens)), ids, tag=c)
+
+    def start_more() -> None:
+        nonlocal active
+        while todo and active < num_slots and not (deferred and engine is not None and engine.busy):
+            c = todo.popleft()
+            active += 1
+            submit(c)
+
+    def finished(c, result) -> None:
+        tokens = getattr(result, "tokens", result)     # a SpecResult, or the plain engine's token array
+        outstanding.pop(id(c), None)
+        report.new_tokens += len(tokens)
+        add_turn(c, tokens, tokenizer, stop_ids)
+        submit(c)
+
+    def retry_alone(bucket: int) -> None:
+        """After a failed engine call: each request in flight alone; a failure is its conversation's error."""
+        for c, ids in list(outstanding.values()):
+            outstanding.pop(id(c))
             try:
-                outs.append((c, run([ids]), 0))
+                alone = make_engine(bucket, 1)
+                alone.submit(request_id(c.id, len(c.new_tokens)), ids, tag=c)
+                (_, result), = list(alone.run())
             except Exception as e:
-                c.error = f"turn {turn}: generation failed: {type(e).__name__}: {e}"
-    for c, out, i in outs:
-        ids = out.tokens[i, :out.lengths[i]].tolist()
-        text, finish = _decode(target.tokenizer, ids, stop_ids)
-        c.history.append({"role": "assistant", "content": text})
-        c.new_tokens.append(len(ids))
-        c.finish.append(finish)
+                c.error = f"turn {len(c.new_tokens)}: generation failed: {type(e).__name__}: {e}"
+                done(c)
+                continue
+            finished(c, result)
+
+    while True:
+        start_more()
+        if deferred and (engine is None or not engine.busy):
+            queued = list(engine.queue) if engine is not None else []
+            bucket = next_bucket(max(len(ids) for _, ids in deferred + [(None, q[1]) for q in queued]))
+            if engine is not None:
+                bucket = max(bucket, engine.max_prompt_len)
+                busy_steps += engine.stats.busy_slot_steps
+                slot_steps += engine.stats.slot_steps
+            engine = make_engine(bucket, num_slots)
+            report.engines += 1
+            for rid, toks, c in queued:
+                engine.submit(rid, toks, tag=c)
+            waiting, deferred[:] = list(deferred), []
+            for c, ids in waiting:
+                outstanding[id(c)] = (c, ids)
+                engine.submit(request_id(c.id, len(c.new_tokens)), ids, tag=c)
+        if engine is None or not engine.busy:
+            break
+        results = engine.run(followups=True)
+        while True:
+            try:
+                c, result = next(results)
+            except StopIteration:
+                break
+            except Exception:   # a failed engine call (only those: errors of this loop's own code propagate)
+                bucket = engine.max_prompt_len
+                busy_steps += engine.stats.busy_slot_steps
+                slot_steps += engine.stats.slot_steps
+                engine = None   # its state is lost with the failed call: rebuilt for what comes next
+                retry_alone(bucket)
+                break
+            finished(c, result)
+            start_more()
+    if engine is not None:
+        busy_steps += engine.stats.busy_slot_steps
+        slot_steps += engine.stats.slot_steps
+    report.slot_utilisation = busy_steps / slot_steps if slot_steps else 0.0
+
+
+class _CompileTimer:
+    """Seconds JAX spends tracing, lowering and compiling while active (its compile duration events)."""
+
+    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+              "/jax/core/compile/backend_compile_duration")
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def _listen(self, event, duration, **_):
+        if event in self.EVENTS:
+            self.seconds += duration
+
+    def __enter__(self):
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc):
+        import jax
+
+        jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
 def generate_data(target, draft, input_path: str | os.PathLike, output_path: str | os.PathLike,
@@ -399,11 +519,16 @@ def generate_data(target, draft, input_path: str | os.PathLike, output_path: str
                   process_count: int = 1) -> RunReport:
     """Regenerates the assistant turns of ``input_path`` into ``output_path`` (resumable). Returns a report.
 
-    With ``process_count > 1`` (every process of a ``jax.distributed`` run calls this with its index) the
-    batches are dealt out round-robin by index -- batch ``k`` to process ``k % process_count``, with the seed
-    and rows it has on one process -- each process writes its own resumable shard
-    (:mod:`~dspark_jax.decode.jsonl_shards`) and process 0 assembles ``output_path`` in the one-process order.
-    The report then counts the records and tokens of all processes."""
+    Conversations run through a slot engine of ``settings.batch_size`` slots (:func:`regenerate`); each finished
+    record is appended at once to this process's shard ``<output>.shard-<p>-of-<P>``
+    (:mod:`~dspark_jax.decode.jsonl_shards`, also with one process), and at the end process 0 folds the shards into
+    ``output_path`` in input order, so the output does not depend on the completion order. A run that stops
+    early leaves its shard; the next run folds it in first and skips those ids.
+
+    With ``process_count > 1`` (every process of a ``jax.distributed`` run calls this with its index) process
+    ``p`` takes conversations ``p, p + P, ...`` of those left to do. A turn samples with its own key (the seed and
+    :func:`request_id`), so records are the same for any process count. The report then counts the records and
+    tokens of all processes."""
     from dspark_jax import distributed
     from dspark_jax.decode.jsonl_shards import fold_shards, shard_path
 
@@ -413,12 +538,14 @@ def generate_data(target, draft, input_path: str | os.PathLike, output_path: str
                          "in the target directory")
     if settings.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {settings.batch_size}")
+    if settings.refill_at is not None and settings.refill_at < 1:
+        raise ValueError(f"refill_at must be >= 1, got {settings.refill_at}")
     check_writable(output_path)
     convs, dups = read_conversations(input_path)
     truncated = 0
-    if main:  # cut a crash's partial line, take in the shards an interrupted multi-process run left
+    if main:  # cut a crash's partial line, take in the shards an interrupted run left
         truncated = scan_output(output_path).truncated_bytes
-        fold_shards(output_path)
+        fold_shards(output_path, order=[c.id for c in convs])
     if process_count > 1:
         distributed.barrier("dspark_jax.generate_data.scanned")
     scan = scan_output(output_path, repair=False)
@@ -436,30 +563,37 @@ def generate_data(target, draft, input_path: str | os.PathLike, output_path: str
         log(f"[generate-data] resuming: {report.skipped} of {len(convs)} ids already in {output_path} "
             f"({scan.success} success, {scan.errors} error)")
     stop_ids = resolve_stop_ids(target, target_dir)
-    # never pad a small run up to the full batch size; the compiled shape still repeats across batches
-    settings = dataclasses.replace(settings, batch_size=max(1, min(settings.batch_size, len(pending))))
-    starts = list(range(0, len(pending), settings.batch_size))[process_index::process_count]
-    bar = _progress(sum(min(settings.batch_size, len(pending) - b) for b in starts), progress)
-    path = output_path if process_count == 1 else shard_path(output_path, process_index, process_count)
-    with RecordWriter(path) as writer:
-        for b in starts:
-            batch = pending[b:b + settings.batch_size]
-            regenerate_batch(target, draft, batch, settings, stop_ids, settings.seed + 1_000_003 * b, report)
-            for c in batch:
-                writer.write(c.result())
-                if c.error is None:
-                    report.success += 1
-                else:
-                    report.errors += 1
+    mine = pending[process_index::process_count]
+    # never more slots than conversations: a small run does not pay for idle slots
+    slots = max(1, min(settings.batch_size, len(mine)))
+    bar = _progress(len(mine), progress)
+
+    with RecordWriter(shard_path(output_path, process_index, process_count)) as writer:
+        def on_done(c: Conversation) -> None:
+            writer.write(c.result())
+            if c.error is None:
+                report.success += 1
+            else:
+                report.errors += 1
             if bar is not None:
-                bar.update(len(batch))
-                bar.set_postfix(tok_s=f"{report.tokens_per_s:.1f}", errors=report.errors)
+                bar.update(1)
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(tok_s=f"{report.new_tokens / max(elapsed, 1e-9):.1f}", errors=report.errors)
+
+        t0 = time.perf_counter()
+        with _CompileTimer() as timer:
+            regenerate(mine, engine_factory(target, draft, settings, stop_ids), target.tokenizer, num_slots=slots,
+                       limit=prompt_limit(target, settings), vocab_size=target.config.vocab_size,
+                       stop_ids=stop_ids, report=report, on_done=on_done)
+        report.seconds = time.perf_counter() - t0
+        report.compile_seconds = timer.seconds
     if bar is not None:
         bar.close()
     if process_count > 1:
         distributed.barrier("dspark_jax.generate_data.shards_written")
-        if main:
-            fold_shards(output_path, order=[c.id for c in pending])
+    if main:
+        fold_shards(output_path, order=[c.id for c in pending])
+    if process_count > 1:
         _sum_over_processes(report)
         distributed.barrier("dspark_jax.generate_data.assembled")
     return report
@@ -470,8 +604,8 @@ def _sum_over_processes(report: RunReport) -> None:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    for fields, dtype in ((("success", "errors", "new_tokens", "steady_tokens"), np.int32),
-                          (("seconds", "steady_seconds"), np.float32)):
+    for fields, dtype in ((("success", "errors", "new_tokens"), np.int32),
+                          (("seconds", "compile_seconds"), np.float32)):
         mine = np.asarray([getattr(report, f) for f in fields], dtype)
         every = np.asarray(multihost_utils.process_allgather(mine))
         for f, total in zip(fields, every.sum(axis=0)):
@@ -505,7 +639,7 @@ def cmd_generate_data(args) -> int:
     draft = dj.load_draft(args.draft) if args.draft else None
     settings = GenSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
-                           max_prompt_tokens=args.max_prompt_tokens)
+                           max_prompt_tokens=args.max_prompt_tokens, refill_at=args.refill_at)
     import jax
 
     t0 = time.perf_counter()
@@ -520,10 +654,12 @@ def cmd_generate_data(args) -> int:
         return 0
     mode = "speculative" if draft is not None else "plain"
     steady = report.steady_tokens_per_s
-    steady = f"; {steady:.1f} tokens/s on already-compiled shapes" if steady is not None else ""
+    steady = f"; {steady:.1f} tokens/s without the {report.compile_seconds:.1f}s of compilation" \
+        if steady is not None else ""
     print(f"[generate-data] {report.total} conversations: {report.success} success, {report.errors} error, "
           f"{report.skipped} already done; {report.new_tokens} new tokens in {report.seconds:.2f}s of {mode} "
-          f"generation ({report.tokens_per_s:.1f} tokens/s, compilation included{steady}), {wall:.1f}s wall")
+          f"generation ({report.tokens_per_s:.1f} tokens/s, compilation included{steady}; slot utilisation "
+          f"{report.slot_utilisation:.0%}), {wall:.1f}s wall")
     print(f"[generate-data] wrote {args.output}")
     return 0
 
@@ -537,7 +673,13 @@ def add_generate_data_parser(sub) -> None:
     p.add_argument("--input", required=True, help="JSONL: {'id'?, 'conversations': [...]} (or 'turns') per line")
     p.add_argument("--output", required=True, help="output JSONL (appended to; ids already there are skipped)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--batch-size", type=int, default=8, help="conversations per batch (default 8)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="slots: requests decoding at once (default 8); a finished turn's slot takes the next "
+                        "request at once (continuous batching), a conversation's next turn joins when its "
+                        "previous one is done")
+    p.add_argument("--refill-at", type=int, default=None,
+                   help="hand back to the host to refill once this many slots are free (default batch-size // 8, "
+                        "at least 1)")
     p.add_argument("--max-new-tokens", type=int, default=4096, help="per assistant turn (default 4096, spec §3.1)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longer rendered histories are errors (default max_position_embeddings - max_new_tokens)")
@@ -551,5 +693,6 @@ def add_generate_data_parser(sub) -> None:
 
 
 __all__ = ["render_chat", "resolve_stop_ids", "stable_id", "scan_output", "RecordWriter", "check_writable",
-           "Conversation", "source_messages", "read_conversations", "GenSettings", "RunReport",
-           "generate_padded", "regenerate_batch", "generate_data", "cmd_generate_data", "add_generate_data_parser"]
+           "Conversation", "source_messages", "read_conversations", "GenSettings", "RunReport", "request_id",
+           "prompt_limit", "next_request", "add_turn", "engine_factory", "regenerate", "generate_data",
+           "cmd_generate_data", "add_generate_data_parser"]

@@ -90,14 +90,15 @@ def test_second_token_follows_the_target_distribution_with_refills(target):
 
 def test_requests_submitted_while_running_join_the_queue(target, prompts):
     """A multi-turn job: each finished request submits its follow-up (prompt + output + a new user token) while
-    the engine runs; every turn equals generating that turn's prompt directly."""
+    the engine runs (``followups``: the loop hands back as slots free up even with an empty queue); every turn
+    equals generating that turn's prompt directly."""
     kw = dict(max_new_tokens=6, temperature=1.0, seed=4)
     engine = PlainSlotEngine(target, num_slots=3, max_prompt_len=64, max_new_tokens=6,
                              sampling=SamplingConfig(1.0), stop_ids=(EOS,), seed=4, refill_at=1)
     for i, p in enumerate(prompts[:5]):
         engine.submit(100 * i, p, tag=(i, 0, p))
     turns = {}
-    for (i, turn, prompt), toks in engine.run():
+    for (i, turn, prompt), toks in engine.run(followups=True):
         turns[i, turn] = (prompt, toks.tolist())
         if turn < 2:
             follow = prompt + toks.tolist() + [10 + turn]

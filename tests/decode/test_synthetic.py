@@ -3,6 +3,7 @@ records, stable ids, crash-safe resume, speculative == plain at temperature 0, u
 
 import json
 
+import numpy as np
 import pytest
 
 import dspark_jax as dj
@@ -67,6 +68,20 @@ def _read(path):
         return [json.loads(line) for line in f]
 
 
+def _static_turn_by_turn(target, records, stops, max_new=6):
+    """Greedy regeneration as generate-data did before slot engines: turn t of every live conversation in one
+    static batch. Returns {id: regenerated messages}."""
+    convs = [S.Conversation(str(r.get("id", S.stable_id(r))), r, S.source_messages(r)) for r in records]
+    live = convs
+    while live := [c for c in live if c.next_user_turn()]:
+        prompts = [S.render_chat(target.tokenizer, c.history) for c in live]
+        out = dj.generate(target, prompts, max_new_tokens=max_new, temperature=0.0, stop_token_ids=stops)
+        for c, ids in zip(live, out.token_lists()):
+            ids = ids[:-1] if ids[-1] in stops else ids
+            c.history.append({"role": "assistant", "content": target.tokenizer.decode(ids, skip_special_tokens=True)})
+    return {c.id: c.history for c in convs}
+
+
 @pytest.fixture(scope="module")
 def full_run(model_dirs, tmp_path_factory):
     tdir, _ = model_dirs
@@ -99,15 +114,11 @@ def test_output_format_multi_turn_and_errors(full_run, model_dirs, capsys):
     assert "invalid JSON" in recs[5]["error"] and recs[5]["status"] == "error"
     assert "over the limit of 120" in by_id["long"]["error"]
 
-    # the second turn was generated from the regenerated history (greedy: reproducible from it)
+    # at T=0 every record equals the old path's: the conversations of a batch advancing turn by turn together,
+    # each turn one static dj.generate batch
     target = dj.load_target(model_dirs[0])
-    stops = S.resolve_stop_ids(target, model_dirs[0])
-    prompt = S.render_chat(target.tokenizer, a["conversations"][:4])
-    settings = S.GenSettings(max_new_tokens=6, temperature=0.0, batch_size=2)
-    gen, _ = S.generate_padded(target, None, [prompt], 2, settings, stops, seed=0)
-    ids = gen.tokens[0, :gen.lengths[0]].tolist()
-    text = target.tokenizer.decode(ids[:-1] if ids[-1] in stops else ids, skip_special_tokens=True)
-    assert a["conversations"][4]["content"] == text
+    assert {r["id"]: r["conversations"] for r in ok} == _static_turn_by_turn(target, [A, B, C, F],
+                                                                              S.resolve_stop_ids(target))
 
     # the training reader accepts the output and drops the error records
     from dspark_jax.train import data as TD
@@ -133,9 +144,51 @@ def test_resume_after_crash_writes_each_id_once(full_run, model_dirs, tmp_path, 
     ids = [r["id"] for r in recs]
     assert len(ids) == len(set(ids)) == 8 and set(ids) == {r["id"] for r in _read(out)}
     assert {r["id"]: r["status"] for r in recs} == {r["id"]: r["status"] for r in _read(out)}
+    assert resumed == b"".join(lines)   # folded in input order: the uninterrupted run's very bytes
     # a third run has nothing left to do
     assert cli.main(["generate-data", "--target", tdir, "--input", inp, "--output", str(crashed)] + ARGS) == 0
     assert "8 of 8 ids already" in capsys.readouterr().out and crashed.read_bytes() == resumed
+
+    # killed mid-run: records go to the process's shard as conversations finish (any order); the rerun takes in
+    # its whole lines, drops the partial one and generates the rest: the same records
+    from dspark_jax.decode.jsonl_shards import shard_path
+
+    killed = tmp_path / "killed.jsonl"
+    with open(shard_path(killed, 0, 1), "wb") as f:
+        f.write(lines[6] + lines[1] + lines[4] + lines[2][:25])
+    assert cli.main(["generate-data", "--target", tdir, "--input", inp, "--output", str(killed)] + ARGS) == 0
+    assert "resuming: 3 of 8 ids already" in capsys.readouterr().out
+    assert sorted(killed.read_bytes().splitlines()) == sorted(b"".join(lines).splitlines())
+    assert not list(tmp_path.glob("killed.jsonl.shard-*"))
+
+
+def test_a_failing_generation_fails_only_its_conversation(full_run, model_dirs, tmp_path, monkeypatch):
+    """An engine call that raises: the requests in flight are retried alone; the one that fails again becomes an
+    error record, the others (and the conversations after it) are generated as in a run without the failure."""
+    from dspark_jax.decode.slots import PlainSlotEngine
+
+    inp, out = full_run
+    bad = S.request_id("f", 0)
+    insert = PlainSlotEngine._insert
+
+    def failing(self, ids, lengths, slot_idx, req):
+        if bad in np.asarray(req).tolist():
+            raise RuntimeError("device fault")
+        return insert(self, ids, lengths, slot_idx, req)
+
+    monkeypatch.setattr(PlainSlotEngine, "_insert", failing)
+    tdir, _ = model_dirs
+    target = dj.load_target(tdir)
+    settings = S.GenSettings(max_new_tokens=6, temperature=0.0, batch_size=2, max_prompt_tokens=120)
+    path = tmp_path / "o.jsonl"
+    report = S.generate_data(target, None, _write_input(tmp_path / "in.jsonl", [F, B, C]), path, settings,
+                             target_dir=tdir, progress=False, log=lambda _: None)
+    recs = {r["id"]: r for r in _read(path)}
+    assert (report.success, report.errors) == (2, 1)
+    assert recs["f"]["error"] == "turn 0: generation failed: RuntimeError: device fault"
+    want = {r["id"]: r for r in _read(out)}
+    for rid in (S.stable_id(B), S.stable_id(C)):
+        assert recs[rid] == want[rid]
 
 
 def test_speculative_equals_plain_at_temperature_zero(model_dirs, tmp_path, capsys):
