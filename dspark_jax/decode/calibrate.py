@@ -315,41 +315,42 @@ def rounds_to_samples(rounds: dict[str, np.ndarray]):
 def record_rounds(target, draft, prompts: list[list[int]], *, max_new_tokens: int = 256, temperature: float = 1.0,
                   top_k: int = 0, top_p: float = 1.0, batch_size: int = 8, seed: int = 0,
                   stop_token_ids: Sequence[int] | None = None, progress: bool = False) -> dict[str, np.ndarray]:
-    """Runs full-block speculative decoding (threshold 0, no scheduler, raw confidences) over ``prompts`` and
-    returns the per-round arrays of :func:`rounds_to_samples` plus ``prompt_index [N]``."""
-    import dspark_jax as dj
+    """Runs full-block speculative decoding (threshold 0, no scheduler, raw confidences) over ``prompts`` through
+    a slot engine of ``batch_size`` slots (continuous batching; prompt ``i`` samples with request id ``i``) and
+    returns the per-round arrays of :func:`rounds_to_samples` plus ``prompt_index [N]``, in prompt order."""
+    from dspark_jax.decode.speculative import spec_slot_engine
     from dspark_jax.eval.metrics import accepted_drafts_from_outcome
 
     if not draft.config.has_confidence:
         raise ValueError("calibration needs a draft with a confidence head")
     if not prompts:
         raise ValueError("no prompts to calibrate on")
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # similar lengths batch together
-    parts: dict[str, list[np.ndarray]] = {}
+    engine = spec_slot_engine(target, draft, num_slots=max(1, min(batch_size, len(prompts))),
+                              max_prompt_len=max(len(p) for p in prompts), max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_k=top_k, top_p=top_p, threshold=0.0, scheduler=None,
+                              stop_token_ids=stop_token_ids, seed=seed, calibration=False)
+    for i, p in enumerate(prompts):
+        engine.submit(i, p, tag=i)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prompts), desc="calibrate", unit="prompt", file=sys.stderr)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        rows = [prompts[i] for i in idx]
-        rows += [rows[-1]] * (batch_size - len(rows))     # a fixed batch shape compiles once
-        out = dj.speculative_generate(target, draft, rows, max_new_tokens=max_new_tokens, temperature=temperature,
-                                      top_k=top_k, top_p=top_p, threshold=0.0, scheduler=None,
-                                      stop_token_ids=stop_token_ids, seed=seed + idx[0], calibration=False)
-        n = len(idx)
-        outcome = out.stats["_round_outcome"][:n]
-        for key, val in (("prompt_index", np.asarray(idx, np.int64)),
-                         ("confidence_logits", out.stats["_round_confidence_logits"][:n]),
-                         ("outcome", outcome), ("proposal_lengths", out.proposal_lengths[:n]),
-                         ("accept_lengths", out.accept_lengths[:n]),
-                         ("accepted_drafts", accepted_drafts_from_outcome(outcome))):
-            parts.setdefault(key, []).append(np.asarray(val))
+    results = {}
+    for i, res in engine.run():
+        results[i] = res
         if bar is not None:
-            bar.update(n)
+            bar.update(1)
     if bar is not None:
         bar.close()
+    parts: dict[str, list[np.ndarray]] = {}
+    for i in range(len(prompts)):
+        res = results[i]
+        for key, val in (("prompt_index", np.asarray([i], np.int64)), ("confidence_logits", res.conf_logits[None]),
+                         ("outcome", res.outcome[None]), ("proposal_lengths", res.proposed[None]),
+                         ("accept_lengths", res.accept[None]),
+                         ("accepted_drafts", accepted_drafts_from_outcome(res.outcome[None]))):
+            parts.setdefault(key, []).append(np.asarray(val))
     return _stack(parts)
 
 
@@ -483,7 +484,8 @@ def add_calibrate_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0, the paper's)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="slots: prompts decoding at once, a finished one's slot taking the next (default 8)")
     p.add_argument("--holdout", type=float, default=0.5,
                    help="share of prompts held out to report ECE/AUC after fitting (default 0.5)")
     p.add_argument("--seed", type=int, default=980406)

@@ -488,31 +488,6 @@ def regenerate(convs: list[Conversation], make_engine, tokenizer, *, num_slots: 
     report.slot_utilisation = busy_steps / slot_steps if slot_steps else 0.0
 
 
-class _CompileTimer:
-    """Seconds JAX spends tracing, lowering and compiling while active (its compile duration events)."""
-
-    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-              "/jax/core/compile/backend_compile_duration")
-
-    def __init__(self):
-        self.seconds = 0.0
-
-    def _listen(self, event, duration, **_):
-        if event in self.EVENTS:
-            self.seconds += duration
-
-    def __enter__(self):
-        import jax
-
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-        return self
-
-    def __exit__(self, *exc):
-        import jax
-
-        jax.monitoring.unregister_event_duration_listener(self._listen)
-
-
 def generate_data(target, draft, input_path: str | os.PathLike, output_path: str | os.PathLike,
                   settings: GenSettings, *, target_dir: str | os.PathLike | None = None, progress: bool = True,
                   log: Callable[[str], None] = print, process_index: int = 0,
@@ -530,6 +505,7 @@ def generate_data(target, draft, input_path: str | os.PathLike, output_path: str
     :func:`request_id`), so records are the same for any process count. The report then counts the records and
     tokens of all processes."""
     from dspark_jax import distributed
+    from dspark_jax.decode.compile_timer import CompileTimer
     from dspark_jax.decode.jsonl_shards import fold_shards, shard_path
 
     main = process_index == 0
@@ -581,7 +557,7 @@ def generate_data(target, draft, input_path: str | os.PathLike, output_path: str
                 bar.set_postfix(tok_s=f"{report.new_tokens / max(elapsed, 1e-9):.1f}", errors=report.errors)
 
         t0 = time.perf_counter()
-        with _CompileTimer() as timer:
+        with CompileTimer() as timer:
             regenerate(mine, engine_factory(target, draft, settings, stop_ids), target.tokenizer, num_slots=slots,
                        limit=prompt_limit(target, settings), vocab_size=target.config.vocab_size,
                        stop_ids=stop_ids, report=report, on_done=on_done)

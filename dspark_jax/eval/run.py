@@ -1,10 +1,12 @@
 """``dspark eval``: acceptance metrics (spec §4.7) and speculative-vs-plain throughput on DeepSpec prompt sets.
 
-Per dataset, prompts (spec §4.8) are run in batches through ``dj.speculative_generate`` and, on the same
-prompts with the same seed and sampling settings, through plain ``dj.generate``; both are timed. The first
-batch of each compiled shape (batch size, prompt-length bucket) is run twice and timed on the second run, so
-compilation is excluded from tokens/s and reported separately. Rounds are aggregated as sums over all
-rounds of the dataset (:mod:`dspark_jax.eval.metrics`), never as means of batch means.
+Per dataset, prompts (spec §4.8) are run through a speculative slot engine (``dj.speculative_generate``'s loop,
+continuous batching over ``batch_size`` slots: a finished prompt's slot takes the next one, the threshold or
+scheduler sees the live slots as its batch) and, on the same prompts with the same seed, request ids and
+sampling settings, through a plain one (``dj.generate``'s); both are timed. JAX's compile time during each run
+is measured and subtracted (``warmup``, default) so tokens/s exclude compilation, which is reported
+separately. Rounds are aggregated as sums over all rounds of the dataset (:mod:`dspark_jax.eval.metrics`),
+never as means of batch means.
 
 Writes ``results.json`` (settings, per-dataset metrics and raw counts), ``results.md`` (Markdown tables) and
 ``rounds/<dataset>.npz`` (per-sample round arrays: accept_lengths, proposal_lengths, accepted_drafts and the
@@ -23,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from dspark_jax.eval import datasets as D
-from dspark_jax.eval.metrics import RoundCounts, accepted_drafts_from_outcome, output_counts, summarize
+from dspark_jax.eval.metrics import RoundCounts, accepted_drafts_from_outcome, round_counts, summarize
 
 
 @dataclasses.dataclass
@@ -45,15 +47,6 @@ def drafts_per_round(draft) -> int:
     return cfg.ttt_length if cfg.is_eagle3 else cfg.block_size
 
 
-def _batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
-    """Sample indices per batch; with batch_size > 1 prompts are grouped by length (fewer compiled shapes, less
-    padding). Batch size 1 keeps the dataset order (DeepSpec's per-sample loop)."""
-    order = list(range(len(prompts)))
-    if batch_size > 1:
-        order.sort(key=lambda i: len(prompts[i]))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 @dataclasses.dataclass
 class _DatasetRun:
     counts: RoundCounts
@@ -66,75 +59,77 @@ class _DatasetRun:
     greedy_match: int = 0
     prompt_tokens: int = 0
     rounds: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
-    batch_ids: list[int] = dataclasses.field(default_factory=list)  # which batch each rounds entry came from
+    batch_ids: list[int] = dataclasses.field(default_factory=list)  # which sample each rounds entry came from
+
+
+def _run_engine(engine, prompts: list[list[int]], indices: list[int], warmup: bool, on_done):
+    """Every prompt ``indices[i]`` through ``engine`` (request id = its index in the dataset). Returns ({index:
+    result}, seconds, compile seconds); with ``warmup`` the seconds exclude compilation."""
+    from dspark_jax.decode.compile_timer import CompileTimer
+
+    for i in indices:
+        engine.submit(i, prompts[i], tag=i)
+    results = {}
+    t0 = time.perf_counter()
+    with CompileTimer() as timer:
+        for i, res in engine.run():
+            results[i] = res
+            if on_done is not None:
+                on_done(1)
+    seconds = time.perf_counter() - t0
+    return results, (seconds - timer.seconds if warmup else seconds), timer.seconds
 
 
 def evaluate_dataset(target, draft, name: str, prompts: list[list[int]], settings: EvalSettings,
-                     stop_ids: tuple[int, ...], compiled: set, on_batch: Callable[[int], None] | None = None,
+                     stop_ids: tuple[int, ...], on_done: Callable[[int], None] | None = None,
                      process_index: int = 0, process_count: int = 1) -> _DatasetRun:
-    """Runs one dataset's prompts (token ids) speculatively and plainly; returns the accumulated run. On
-    several processes this one runs batches ``process_index::process_count`` (its rounds are keyed by batch
-    index, ``run.rounds_by_batch``, for :func:`merge_runs`)."""
-    import dspark_jax as dj
-    from dspark_jax.config import next_bucket
+    """Runs one dataset's prompts (token ids) speculatively and plainly, each through a slot engine of
+    ``batch_size`` slots (continuous batching: a finished prompt's slot takes the next one; the threshold or
+    scheduler sees the live slots as its batch); returns the accumulated run. Prompt ``i`` samples with request
+    id ``i`` and the seed in both modes, so its tokens do not depend on the batching. On several processes this
+    one runs prompts ``process_index::process_count`` (its rounds are keyed by sample index, for
+    :func:`merge_runs`). ``on_done(n)`` counts finished generations (speculative and plain)."""
+    from dspark_jax.decode.autoregressive import slot_engine
+    from dspark_jax.decode.speculative import spec_slot_engine
 
     k = drafts_per_round(draft)
     run = _DatasetRun(counts=RoundCounts(k))
-    b = max(1, min(settings.batch_size, len(prompts)))
-    kw = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
-              top_p=settings.top_p, stop_token_ids=stop_ids)
-    batches = list(enumerate(_batches(prompts, b)))[process_index::process_count]
-    for j, idx in batches:
-        real = len(idx)
-        rows = [prompts[i] for i in idx] + [prompts[idx[-1]]] * (b - real)  # pad: the compiled shape repeats
-        seed = settings.seed + idx[0]
-
-        def spec():
-            return dj.speculative_generate(target, draft, rows, threshold=settings.threshold,
-                                           scheduler=settings.scheduler, seed=seed, **kw)
-
-        def plain():
-            return dj.generate(target, rows, seed=seed, **kw)
-
-        shape = (b, next_bucket(max(len(r) for r in rows)))
-        first_s = first_p = None
-        if settings.warmup and shape not in compiled:
-            first_s, first_p = spec(), plain()
-        s_out, p_out = spec(), plain()
-        if first_s is not None:
-            run.compile_seconds += max(0.0, first_s.stats["seconds"] - s_out.stats["seconds"])
-            run.compile_seconds += max(0.0, first_p.stats["seconds"] - p_out.stats["seconds"])
-        compiled.add(shape)
-
-        run.counts = run.counts + output_counts(s_out, k, rows=real)
-        run.spec_tokens += int(s_out.lengths[:real].sum())
-        run.plain_tokens += int(p_out.lengths[:real].sum())
-        run.spec_seconds += s_out.stats["seconds"]
-        run.plain_seconds += p_out.stats["seconds"]
-        run.prompt_tokens += sum(len(prompts[i]) for i in idx)
+    mine = list(range(len(prompts)))[process_index::process_count]
+    if not mine:
+        return run
+    # the dataset's longest prompt sizes the caches on every process: same shapes whatever the process count
+    kw = dict(num_slots=max(1, min(settings.batch_size, len(mine))), max_prompt_len=max(len(p) for p in prompts),
+              max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
+              top_p=settings.top_p, stop_token_ids=stop_ids, seed=settings.seed)
+    spec, run.spec_seconds, c_spec = _run_engine(
+        spec_slot_engine(target, draft, threshold=settings.threshold, scheduler=settings.scheduler, **kw),
+        prompts, mine, settings.warmup, on_done)
+    plain, run.plain_seconds, c_plain = _run_engine(slot_engine(target, **kw), prompts, mine, settings.warmup,
+                                                    on_done)
+    run.compile_seconds = c_spec + c_plain
+    for i in mine:
+        s, p = spec[i], plain[i]
+        run.counts = run.counts + round_counts(s.accept[None], s.proposed[None],
+                                               accepted_drafts_from_outcome(s.outcome[None]), max_positions=k,
+                                               samples=1)
+        run.spec_tokens += len(s.tokens)
+        run.plain_tokens += len(p)
+        run.prompt_tokens += len(prompts[i])
         if settings.temperature == 0:
-            run.greedy_rows += real
-            run.greedy_match += sum(a == p for a, p in zip(s_out.token_lists()[:real], p_out.token_lists()[:real]))
-        _keep_rounds(run, s_out, idx)
-        run.batch_ids.append(j)
-        if on_batch is not None:
-            on_batch(real)
+            run.greedy_rows += 1
+            run.greedy_match += s.tokens.tolist() == p.tolist()
+        _keep_rounds(run, s, i)
     return run
 
 
-def _keep_rounds(run: _DatasetRun, out, idx: list[int]) -> None:
-    real = len(idx)
-    outcome = out.stats.get("_round_outcome")
-    conf = out.stats.get("_round_confidence")
-    arrays = {"sample_index": np.asarray(idx, np.int64),
-              "accept_lengths": out.accept_lengths[:real], "proposal_lengths": out.proposal_lengths[:real],
-              "new_tokens": np.asarray(out.lengths[:real])}
-    if outcome is not None:
-        arrays["accepted_drafts"] = accepted_drafts_from_outcome(outcome)[:real]
-    if conf is not None:
-        arrays["confidence"] = np.asarray(conf)[:real]
+def _keep_rounds(run: _DatasetRun, res, i: int) -> None:
+    """Sample ``i``'s round arrays (``[1, rounds, ...]``), keyed by its index."""
+    arrays = {"sample_index": np.asarray([i], np.int64), "accept_lengths": res.accept[None],
+              "proposal_lengths": res.proposed[None], "new_tokens": np.asarray([len(res.tokens)]),
+              "accepted_drafts": accepted_drafts_from_outcome(res.outcome[None]), "confidence": res.conf[None]}
     for key, val in arrays.items():
         run.rounds.setdefault(key, []).append(val)
+    run.batch_ids.append(i)
 
 
 def _stack_rounds(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
@@ -155,7 +150,7 @@ _RUN_SUMS = ("spec_tokens", "spec_seconds", "plain_tokens", "plain_seconds", "co
 
 
 def _write_part(run: _DatasetRun, prefix: str) -> None:
-    """One process's share of a dataset: sums + counts as JSON, round arrays keyed ``<array>/<batch index>``."""
+    """One process's share of a dataset: sums + counts as JSON, round arrays keyed ``<array>/<sample index>``."""
     with open(prefix + ".json", "w", encoding="utf-8") as f:
         json.dump({"counts": run.counts.to_dict(), "batch_ids": run.batch_ids,
                    **{k: getattr(run, k) for k in _RUN_SUMS}}, f)
@@ -165,7 +160,7 @@ def _write_part(run: _DatasetRun, prefix: str) -> None:
 
 def merge_runs(prefixes: list[str], max_positions: int) -> _DatasetRun:
     """The run of all processes from their parts: counts, tokens and seconds summed (so tokens/s is per
-    process), round arrays in batch order -- what one process running every batch would hold."""
+    process), round arrays in sample order -- what one process running every prompt would hold."""
     run = _DatasetRun(counts=RoundCounts(max_positions))
     by_batch: dict[int, dict[str, np.ndarray]] = {}
     for prefix in prefixes:
@@ -228,7 +223,7 @@ def evaluate(target, draft, data_dir: str | os.PathLike, datasets: str | list[st
     (what ``results.json`` holds); with ``rounds_dir`` also writes ``<dataset>.npz`` round arrays there.
 
     With ``process_count > 1`` (every process of a ``jax.distributed`` run calls this with its index) each
-    process runs every ``process_count``-th batch of each dataset, writes its part to ``rounds_dir`` (required
+    process runs every ``process_count``-th prompt of each dataset, writes its part to ``rounds_dir`` (required
     then, on a file system all processes share), and process 0 merges the parts: its results are the run's
     (tokens/s per process), the others' have no dataset rows."""
     import jax
@@ -264,8 +259,9 @@ def evaluate(target, draft, data_dir: str | os.PathLike, datasets: str | list[st
     if progress and total:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc="eval", unit="prompt", file=sys.stderr)
-    rows, compiled = [], set()
+        # each prompt runs twice, speculative then plain
+        bar = tqdm(total=2 * total, desc="eval", unit="generation", file=sys.stderr)
+    rows = []
     t0 = time.perf_counter()
     for name in names:
         prompts = loaded[name]
@@ -274,8 +270,8 @@ def evaluate(target, draft, data_dir: str | os.PathLike, datasets: str | list[st
             continue
         if bar is not None:
             bar.set_postfix(dataset=name)
-        run = evaluate_dataset(target, draft, name, prompts, settings, stop_ids, compiled,
-                               on_batch=bar.update if bar is not None else None, process_index=process_index,
+        run = evaluate_dataset(target, draft, name, prompts, settings, stop_ids,
+                               on_done=bar.update if bar is not None else None, process_index=process_index,
                                process_count=process_count)
         if process_count > 1:
             run = _gather_run(run, name, rounds_dir, process_index, process_count, drafts_per_round(draft))
@@ -415,7 +411,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="default 1.0 (the paper's setting)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--batch-size", type=int, default=1, help="prompts per batch (default 1, as DeepSpec)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="slots: prompts decoding at once, a finished one's slot taking the next (default 1, as "
+                        "DeepSpec)")
     p.add_argument("--max-new-tokens", type=int, default=2048)
     p.add_argument("--threshold", type=float, default=0.0, help="confidence threshold theta (0 = full blocks)")
     p.add_argument("--sps", default=None, help="schedule proposal lengths with this SPS profile (`dspark profile` "
@@ -428,7 +426,7 @@ def add_eval_parser(sub) -> None:
                    help="draft dtype (default: the checkpoint's)")
     p.add_argument("--out", default="eval_results", help="results directory (default ./eval_results)")
     p.add_argument("--no-warmup", action="store_true",
-                   help="do not run the first batch of each shape twice (tokens/s then include compilation)")
+                   help="do not subtract the compile time from the timings (tokens/s then include compilation)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
