@@ -63,7 +63,7 @@ def pair_dirs(tmp_path_factory):
 
 
 # Prompts of 257..512 tokens once chat-templated with the tiny tokenizer, like the real gsm8k prompts of the
-# test below: with batch size 3 every batch of every test has the same compiled shape (3, 512).
+# test below: with 3 slots every engine of every test has the same compiled shape (3 slots, 512-token prompts).
 GSM = ["What is two plus two? " * 16, "Three times three? " * 24,
        "Half of ten? " * 24 + "\nPlease reason step by step, and put your final answer within \\boxed{}.",
        "Twelve minus five? " * 16]
@@ -230,7 +230,7 @@ def test_eval_cli_end_to_end(pair_dirs, data_dir, tmp_path, capsys):
     assert res["settings"]["temperature"] == 1.0 and res["settings"]["drafts_per_round"] == BLOCK
     rows = {r["dataset"]: r for r in res["datasets"]}
     assert set(rows) == {"gsm8k", "mt-bench"}                     # alpaca is empty: no row
-    assert rows["gsm8k"]["samples"] == 4 and rows["mt-bench"]["samples"] == 3   # gsm8k: 2 batches
+    assert rows["gsm8k"]["samples"] == 4 and rows["mt-bench"]["samples"] == 3
     for name, r in rows.items():
         for key in ("tau", "mean_proposal", "propose", "verify_rate", "accept_rate", "conditional_accept_rate",
                     "speculative", "plain", "speedup", "compile_seconds", "counts", "rounds"):
@@ -303,7 +303,7 @@ def test_eval_cli_with_prefix_scheduler(pair_dirs, data_dir, tmp_path):
 
 @pytest.mark.multiprocess
 def test_eval_on_two_processes_reports_what_one_reports(pair_dirs, data_dir, multiprocess, tmp_path):
-    """2 real processes (loopback coordinator) share out each dataset's batches; process 0 merges their parts
+    """2 real processes (loopback coordinator) share out each dataset's prompts; process 0 merges their parts
     into one report whose counts and round arrays are the 1-process run's (tokens/s are per process)."""
     tdir, ddir, _ = pair_dirs
     args = ["eval", "--target", tdir, "--draft", ddir, "--data-dir", data_dir, "--datasets", "gsm8k",
