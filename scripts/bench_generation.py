@@ -4,10 +4,12 @@ The target is a random Qwen3 geometry made a greedy cycle (``dspark_jax.testing.
 compute unchanged), so each request's output length is set exactly by its prompt's last token: lengths are drawn
 log-normal and clipped to [--min-len, --max-len]. Both modes decode the same requests with the same number of rows
 at once: "static" runs ``dj.generate`` on consecutive chunks of ``slots`` requests (what a batch job does without
-refills: a chunk lasts as long as its longest request), "continuous" runs ``dj.generate(max_slots=slots)``.
+refills: a chunk lasts as long as its longest request), "continuous" runs ``dj.generate(max_slots=slots)`` with the
+default ``refill_at`` and with ``refill_at=1, shrink=True`` (the drain policy: the live rows packed into half the
+slots each time half are free once the queue is empty).
 Speculative rows use a DSpark draft whose Markov head holds the target's bigram table (``make_oracle_draft``: every
 draft accepted, an upper bound on tau) with ``--draft oracle``, a random draft (tau ~ 1: the loop's cost) with
-``--draft random``. Each configuration runs once to compile and once timed. Reports tokens/s, slot utilisation
+``--draft random``. Each configuration runs once to compile and once timed (static and the policies interleaved). Reports tokens/s, slot utilisation
 (slot-steps that advanced a live request; a request's first token comes from its prompt pass in both modes) and
 the ratio, and checks that both modes produce the same tokens.
 
@@ -56,9 +58,9 @@ def run_static(target, draft, prompts, slots, kw):
     return tokens, time.perf_counter() - t0, busy / slot_steps
 
 
-def run_continuous(target, draft, prompts, slots, refill_at, kw):
+def run_continuous(target, draft, prompts, slots, refill_at, shrink, kw):
     t0 = time.perf_counter()
-    out = _generate(target, draft, prompts, max_slots=slots, refill_at=refill_at, **kw)
+    out = _generate(target, draft, prompts, max_slots=slots, refill_at=refill_at, shrink=shrink, **kw)
     return out.token_lists(), time.perf_counter() - t0, out.stats
 
 
@@ -109,27 +111,32 @@ def main(argv=None):
     rows = []
     for name, draft in loops:
         for slots in (int(s) for s in args.slots.split(",")):
-            refill = args.refill_at or max(1, slots // 8)
-            run_static(target, draft, prompts, slots, kw)                                   # compile
+            # continuous policies: the default refill, and refill_at=1 with the drain policy (shrink)
+            policies = [(args.refill_at or max(1, slots // 8), False), (1, True)]
+            for refill, shrink in policies:                                                  # compile
+                run_continuous(target, draft, prompts, slots, refill, shrink, kw)
+            run_static(target, draft, prompts, slots, kw)
+            # timed, interleaved: static, then each policy
             s_tokens, s_sec, s_util = run_static(target, draft, prompts, slots, kw)
-            run_continuous(target, draft, prompts, slots, refill, kw)                       # compile
-            c_tokens, c_sec, c_stats = run_continuous(target, draft, prompts, slots, refill, kw)
             assert [len(t) for t in s_tokens] == lengths.tolist(), "static lengths differ from the design"
-            assert c_tokens == s_tokens, "continuous batching changed the tokens"
-            row = {"loop": name, "slots": slots, "refill_at": refill,
+            row = {"loop": name, "slots": slots,
                    "static": {"seconds": s_sec, "tokens_per_s": useful / s_sec, "utilisation": s_util},
-                   "continuous": {"seconds": c_sec, "tokens_per_s": useful / c_sec,
-                                  "utilisation": c_stats["slot_utilisation"], "prompt_passes": c_stats["prompt_passes"],
-                                  "syncs": c_stats["syncs"]}}
-            if draft is not None:
-                row["tau"] = c_stats["tau"]
-            row["speedup"] = row["continuous"]["tokens_per_s"] / row["static"]["tokens_per_s"]
+                   "continuous": []}
+            for refill, shrink in policies:
+                c_tokens, c_sec, c_stats = run_continuous(target, draft, prompts, slots, refill, shrink, kw)
+                assert c_tokens == s_tokens, "continuous batching changed the tokens"
+                c = {"refill_at": refill, "shrink": shrink, "seconds": c_sec, "tokens_per_s": useful / c_sec,
+                     "utilisation": c_stats["slot_utilisation"], "prompt_passes": c_stats["prompt_passes"],
+                     "syncs": c_stats["syncs"], "speedup": s_sec / c_sec}
+                if draft is not None:
+                    c["tau"] = c_stats["tau"]
+                row["continuous"].append(c)
+                tau = f", tau {c['tau']:.2f}" if draft is not None else ""
+                print(f"{name}, {slots} slots{tau}: static {row['static']['tokens_per_s']:.0f} tok/s, utilisation "
+                      f"{s_util:.1%} | continuous (refill at {refill}{', shrink' if shrink else ''}) "
+                      f"{c['tokens_per_s']:.0f} tok/s, utilisation {c['utilisation']:.1%}, {c['prompt_passes']} "
+                      f"prompt passes | {c['speedup']:.2f}x", flush=True)
             rows.append(row)
-            tau = f", tau {row['tau']:.2f}" if draft is not None else ""
-            print(f"{name}, {slots} slots{tau}: static {row['static']['tokens_per_s']:.0f} tok/s, utilisation "
-                  f"{s_util:.1%} | continuous (refill at {refill}) {row['continuous']['tokens_per_s']:.0f} tok/s, "
-                  f"utilisation {row['continuous']['utilisation']:.1%}, {c_stats['prompt_passes']} prompt passes | "
-                  f"{row['speedup']:.2f}x", flush=True)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"args": vars(args), "lengths": lengths.tolist(), "rows": rows}, f, indent=2)

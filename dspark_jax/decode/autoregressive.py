@@ -27,7 +27,7 @@ from dspark_jax.nn.static_graph import split_static
 def generate(target, prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, stop_token_ids: Sequence[int] | None = None, seed: int = 0,
              max_slots: int | None = None, refill_at: int | None = None,
-             request_ids: Sequence[int] | None = None) -> GenerationOutput:
+             request_ids: Sequence[int] | None = None, shrink: bool = False) -> GenerationOutput:
     """Generates up to ``max_new_tokens`` per prompt with the target alone.
 
     Args:
@@ -44,6 +44,8 @@ def generate(target, prompts, max_new_tokens: int = 256, temperature: float = 0.
         ``max(1, max_slots // 8)``).
       request_ids: one int per prompt, folded into its sampling key (default: its index). A stable id (e.g. of
         a dataset record) makes a sampled output reproducible however the prompts are batched or resumed.
+      shrink: with ``max_slots``: once the queue is empty, pack the live rows into half as many slots each time
+        half are free (decode/slots.py's drain policy; same tokens, one compile per halving).
     Returns:
       :class:`GenerationOutput` (tokens ``[B, max_new_tokens]`` padded with -1, lengths, stats).
     """
@@ -51,7 +53,7 @@ def generate(target, prompts, max_new_tokens: int = 256, temperature: float = 0.
     req = check_request_ids(request_ids, len(rows))
     if max_slots is not None:
         return _generate_slots(target, prompts, rows, max_new_tokens, sampling, stops, seed, max_slots, refill_at,
-                               req)
+                               req, shrink)
     ids, lengths = pad_batch(rows)
     capacity = ids.shape[1] + int(max_new_tokens)
     graphdef, state = split_static(target)
@@ -86,7 +88,7 @@ def generate_stream(target, prompts, max_new_tokens: int = 256, temperature: flo
 
 def slot_engine(target, *, num_slots: int, max_prompt_len: int, max_new_tokens: int, temperature: float = 0.0,
                 top_k: int = 0, top_p: float = 1.0, stop_token_ids: Sequence[int] | None = None, seed: int = 0,
-                refill_at: int | None = None) -> PlainSlotEngine:
+                refill_at: int | None = None, shrink: bool = False) -> PlainSlotEngine:
     """A :class:`~dspark_jax.decode.slots.PlainSlotEngine` with :func:`generate`'s arguments, for jobs that feed
     requests as they go (``engine.submit`` while iterating ``engine.run(followups=True)``); each request's
     tokens equal :func:`generate`'s for the same seed and request id."""
@@ -96,7 +98,8 @@ def slot_engine(target, *, num_slots: int, max_prompt_len: int, max_new_tokens: 
     return PlainSlotEngine(target, num_slots=num_slots, max_prompt_len=max_prompt_len,
                            max_new_tokens=int(max_new_tokens), sampling=SamplingConfig(float(temperature), int(top_k),
                                                                                        float(top_p)),
-                           stop_ids=stops, seed=seed, refill_at=refill_at, flat_decode=_decodes_flat(target))
+                           stop_ids=stops, seed=seed, refill_at=refill_at, flat_decode=_decodes_flat(target),
+                           shrink=shrink)
 
 
 def _requests(target, prompts, max_new_tokens, temperature, top_k, top_p, stop_token_ids):
@@ -117,13 +120,15 @@ def _texts(target, prompts, tokens, n_new):
     return None
 
 
-def _generate_slots(target, prompts, rows, max_new_tokens, sampling, stops, seed, max_slots, refill_at, req):
+def _generate_slots(target, prompts, rows, max_new_tokens, sampling, stops, seed, max_slots, refill_at, req,
+                    shrink):
     stats = SlotStats()
     tokens = np.full((len(rows), int(max_new_tokens)), -1, np.int32)
     n_new = np.zeros(len(rows), np.int64)
     for i, toks in stream_generate(target, rows, max_new_tokens=int(max_new_tokens), sampling=sampling,
                                    stop_ids=stops, seed=seed, max_slots=max_slots, refill_at=refill_at,
-                                   flat_decode=_decodes_flat(target), stats=stats, request_ids=req):
+                                   flat_decode=_decodes_flat(target), stats=stats, request_ids=req,
+                                   shrink=shrink):
         tokens[i, :len(toks)] = toks
         n_new[i] = len(toks)
     total = int(n_new.sum())

@@ -120,6 +120,12 @@ def _run(graphdef, state, slots: Slots, refill_at, max_steps, *, sampling, stop_
     return slots, steps, made
 
 
+@jax.jit
+def take_rows(tree, idx):
+    """Rows ``idx`` of every leaf of ``tree`` (batch axis 0)."""
+    return jax.tree.map(lambda x: x[idx], tree)
+
+
 @dataclasses.dataclass
 class SlotStats:
     """What a run of the engine did: decode steps (speculative: rounds), slot-steps (steps x slots), busy
@@ -154,15 +160,22 @@ class SlotEngine:
     ``refill_at``: the compiled loop hands back to the host once this many slots are free (default
     ``max(1, num_slots // 8)``); fewer when fewer requests are queued. ``stats`` accumulates over runs.
 
-    A subclass holds the device state and provides ``_begin()`` (at the start of each run), ``_empty()``, ``_insert(ids, lengths, slot_idx, req_ids)``,
-    ``_run(refill_at) -> (steps, busy slot-steps)``, ``_live() -> [S] bool`` and ``_harvest(slots) -> results``."""
+    ``shrink`` (the drain policy): once the queue is empty (and no follow-ups are expected), the live requests
+    are packed into half as many slots each time half of the slots are free, so the last, longest requests do not
+    step a full batch of finished slots (one compile per halving; the full size is restored for the next run).
 
-    def __init__(self, *, num_slots: int, max_prompt_len: int, max_new_tokens: int, refill_at: int | None = None):
+    A subclass holds the device state and provides ``_begin()`` (at the start of each run), ``_empty()``,
+    ``_insert(ids, lengths, slot_idx, req_ids)``, ``_run(refill_at) -> (steps, busy slot-steps)``,
+    ``_live() -> [S] bool``, ``_harvest(slots) -> results`` and ``_take(idx)`` (keep slots ``idx``, in order)."""
+
+    def __init__(self, *, num_slots: int, max_prompt_len: int, max_new_tokens: int, refill_at: int | None = None,
+                 shrink: bool = False):
         for name, v in (("num_slots", num_slots), ("max_prompt_len", max_prompt_len),
                         ("max_new_tokens", max_new_tokens)):
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        self.num_slots = int(num_slots)
+        self.num_slots = self.full_slots = int(num_slots)
+        self.shrink = bool(shrink)
         self.refill_at = max(1, self.num_slots // 8) if refill_at is None else int(refill_at)
         if self.refill_at < 1:
             raise ValueError(f"refill_at must be >= 1, got {refill_at}")
@@ -214,6 +227,11 @@ class SlotEngine:
                 threshold = min(self.refill_at, len(self.queue))
             elif followups:    # counted from the slots free now, else a free slot would return at once, forever
                 threshold = len(free) - take + self.refill_at
+            elif self.shrink and self.num_slots > 1:   # drain: pack the live requests into fewer slots
+                live_slots = [s for s in range(self.num_slots) if self._holder[s] is not None]
+                if len(live_slots) <= self.num_slots // 2:
+                    self._pack(live_slots)
+                threshold = self.num_slots - self.num_slots // 2 if self.num_slots > 1 else 2
             else:              # nothing left to admit: run until every slot is done
                 threshold = self.num_slots + 1
             steps, busy = self._run(threshold)
@@ -230,6 +248,19 @@ class SlotEngine:
                     st.seconds = time.perf_counter() - t0
                     yield tag, result   # the caller may submit() here
         st.seconds = time.perf_counter() - t0
+        if self.num_slots != self.full_slots:    # the next run starts from empty slots of the full size
+            self.num_slots = self.full_slots
+            self._holder = [None] * self.num_slots
+            self._started = False
+
+    def _pack(self, live_slots: list[int]) -> None:
+        """Moves the live requests into the first slots of a state of ``next_bucket(len(live_slots))`` slots."""
+        size = next_bucket(max(1, len(live_slots)), minimum=1)
+        spare = [s for s in range(self.num_slots) if self._holder[s] is None]
+        idx = live_slots + spare[:size - len(live_slots)]
+        self._take(np.asarray(idx, np.int32))
+        self._holder = [self._holder[s] for s in live_slots] + [None] * (size - len(live_slots))
+        self.num_slots = size
 
 
 class PlainSlotEngine(SlotEngine):
@@ -238,9 +269,9 @@ class PlainSlotEngine(SlotEngine):
 
     def __init__(self, target, *, num_slots: int, max_prompt_len: int, max_new_tokens: int,
                  sampling: SamplingConfig, stop_ids: tuple[int, ...], seed: int = 0, refill_at: int | None = None,
-                 flat_decode: bool = False):
+                 flat_decode: bool = False, shrink: bool = False):
         super().__init__(num_slots=num_slots, max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
-                         refill_at=refill_at)
+                         refill_at=refill_at, shrink=shrink)
         self.capacity = self.prompt_bucket + self.max_new
         self.target, self.sampling, self.stop_ids, self.flat_decode = target, sampling, tuple(stop_ids), flat_decode
         self.key = jax.random.key(seed)
@@ -267,6 +298,9 @@ class PlainSlotEngine(SlotEngine):
     def _live(self):
         return self._host[0]
 
+    def _take(self, idx):
+        self._slots = take_rows(self._slots, jnp.asarray(idx))
+
     def _harvest(self, done):
         count = self._host[1]
         out = np.asarray(jax.device_get(self._slots.out[jnp.asarray(bucketed_indices(done))]))
@@ -276,7 +310,7 @@ class PlainSlotEngine(SlotEngine):
 def stream_generate(target, rows: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: SamplingConfig,
                     stop_ids: tuple[int, ...], seed: int, max_slots: int, refill_at: int | None = None,
                     flat_decode: bool = False, stats: SlotStats | None = None,
-                    request_ids: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+                    request_ids: Sequence[int] | None = None, shrink: bool = False) -> Iterator[tuple[int, np.ndarray]]:
     """Yields ``(i, tokens)`` for request ``i`` of ``rows`` (validated token-id lists) as soon as it finishes;
     ``tokens`` holds its new tokens (a stop token included). At most ``max_slots`` rows decode at once;
     ``request_ids`` (default ``0..n-1``) key the sampling. ``stats`` is filled in as it runs."""
@@ -288,7 +322,7 @@ def stream_generate(target, rows: Sequence[Sequence[int]], *, max_new_tokens: in
     ids_of = check_request_ids(request_ids, n)
     engine = PlainSlotEngine(target, num_slots=min(int(max_slots), n), max_prompt_len=max(len(r) for r in rows),
                              max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids, seed=seed,
-                             refill_at=refill_at, flat_decode=flat_decode)
+                             refill_at=refill_at, flat_decode=flat_decode, shrink=shrink)
     if stats is not None:
         engine.stats = stats
     for i, r in enumerate(rows):
@@ -296,4 +330,4 @@ def stream_generate(target, rows: Sequence[Sequence[int]], *, max_new_tokens: in
     yield from engine.run()
 
 
-__all__ = ["Slots", "SlotStats", "SlotEngine", "PlainSlotEngine", "bucketed_indices", "stream_generate"]
+__all__ = ["Slots", "SlotStats", "SlotEngine", "PlainSlotEngine", "bucketed_indices", "take_rows", "stream_generate"]

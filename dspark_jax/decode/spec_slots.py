@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dspark_jax.decode.sampling import request_keys
-from dspark_jax.decode.slots import SlotEngine, bucketed_indices
+from dspark_jax.decode.slots import SlotEngine, bucketed_indices, take_rows
 from dspark_jax.decode.spec_loop import (SpecSettings, draft_context_len, drafts_per_round, head_for_loop, init_rows,
                                          loop_state, spec_round)
 from dspark_jax.nn.static_graph import split_static
@@ -108,9 +108,9 @@ class SpecSlotEngine(SlotEngine):
     ``sched_sps`` / ``conf_temps`` as ``speculative_generate`` passes them to its loop."""
 
     def __init__(self, target, draft, settings: SpecSettings, *, num_slots: int, max_prompt_len: int, seed: int = 0,
-                 refill_at: int | None = None, sched_sps=None, conf_temps=None):
+                 refill_at: int | None = None, sched_sps=None, conf_temps=None, shrink: bool = False):
         super().__init__(num_slots=num_slots, max_prompt_len=max_prompt_len, max_new_tokens=settings.max_new_tokens,
-                         refill_at=refill_at)
+                         refill_at=refill_at, shrink=shrink)
         need = self.prompt_bucket + self.max_new + drafts_per_round(draft.config) + 2
         if min(settings.target_capacity, settings.draft_capacity) < need:
             raise ValueError(f"cache capacities {settings.target_capacity} / {settings.draft_capacity} are below the "
@@ -138,6 +138,13 @@ class SpecSlotEngine(SlotEngine):
 
     def _live(self):
         return ~self._done
+
+    def _take(self, idx):
+        rows = {k: v for k, v in self._state.items() if k not in ("rnd", "sched")}
+        sched = self._state["sched"]
+        if sched:          # the zero-overhead scheduler's ring buffers: [delay, S, ...]
+            sched = jax.tree.map(lambda x: x[:, idx], sched)
+        self._state = dict(take_rows(rows, jnp.asarray(idx)), rnd=self._state["rnd"], sched=sched)
 
     def _harvest(self, done):
         got = jax.device_get(_gather(*self._g[2:], self._state, jnp.asarray(bucketed_indices(done))))

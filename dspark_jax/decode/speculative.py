@@ -31,7 +31,8 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
                          top_k: int = 0, top_p: float = 1.0, threshold: float = 0.0, scheduler=None,
                          stop_token_ids: Sequence[int] | None = None, seed: int = 0,
                          calibration=None, ragged_verify: bool | None = None, max_slots: int | None = None,
-                         refill_at: int | None = None, request_ids: Sequence[int] | None = None) -> GenerationOutput:
+                         refill_at: int | None = None, request_ids: Sequence[int] | None = None,
+                         shrink: bool = False) -> GenerationOutput:
     """Speculative decoding with a DSpark / DFlash / Eagle3 draft; lossless w.r.t. the (warped) target distribution.
 
     Args:
@@ -65,6 +66,8 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
         ``max(1, max_slots // 8)``).
       request_ids: one int per prompt, folded into its sampling key (default: its index): each prompt's tokens
         depend on the seed and its id only, whatever else is batched with it (and with or without ``max_slots``).
+      shrink: with ``max_slots``: once the queue is empty, pack the live rows into half as many slots each time
+        half are free (decode/slots.py's drain policy; one compile per halving).
     Returns:
       :class:`GenerationOutput` with tokens ``[B, max_new_tokens]`` (-1 padded), lengths, accept_lengths
       ``[B, rounds]`` (m+1 per round; m for a terminal stop round; 0 where a row had no round),
@@ -85,7 +88,7 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
         ragged_verify=ragged_verify, batch=batch, prompt_width=ids.shape[1])
     if max_slots is not None:
         return _generate_slots(target, draft, rows, req, settings, seed, batch, refill_at, sched_sps, conf_temps,
-                               prompts)
+                               prompts, shrink)
     t_graph, t_state = split_static(target)
     d_graph, d_state = split_static(draft)
     t0 = time.perf_counter()
@@ -147,7 +150,8 @@ def _spec_setup(target, draft, *, max_new_tokens, temperature, top_k, top_p, thr
 def spec_slot_engine(target, draft, *, num_slots: int, max_prompt_len: int, max_new_tokens: int,
                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, threshold: float = 0.0,
                      scheduler=None, stop_token_ids: Sequence[int] | None = None, seed: int = 0, calibration=None,
-                     ragged_verify: bool | None = None, refill_at: int | None = None) -> SpecSlotEngine:
+                     ragged_verify: bool | None = None, refill_at: int | None = None,
+                     shrink: bool = False) -> SpecSlotEngine:
     """A :class:`~dspark_jax.decode.spec_slots.SpecSlotEngine` with :func:`speculative_generate`'s arguments,
     for jobs that feed requests as they go (``engine.submit`` while iterating ``engine.run(followups=True)``);
     the threshold / scheduler see the ``num_slots`` slots as their batch."""
@@ -156,14 +160,15 @@ def spec_slot_engine(target, draft, *, num_slots: int, max_prompt_len: int, max_
         threshold=threshold, scheduler=scheduler, stop_token_ids=stop_token_ids, calibration=calibration,
         ragged_verify=ragged_verify, batch=num_slots, prompt_width=next_bucket(max_prompt_len))
     return SpecSlotEngine(target, draft, settings, num_slots=num_slots, max_prompt_len=max_prompt_len, seed=seed,
-                          refill_at=refill_at, sched_sps=sched_sps, conf_temps=conf_temps)
+                          refill_at=refill_at, sched_sps=sched_sps, conf_temps=conf_temps, shrink=shrink)
 
 
 def _generate_slots(target, draft, rows, req, settings, seed, num_slots, refill_at, sched_sps, conf_temps,
-                    prompts) -> GenerationOutput:
+                    prompts, shrink) -> GenerationOutput:
     """The prompts as a queue over ``num_slots`` refilled slots; the results laid out as the static loop's."""
     engine = SpecSlotEngine(target, draft, settings, num_slots=num_slots, max_prompt_len=max(len(r) for r in rows),
-                            seed=seed, refill_at=refill_at, sched_sps=sched_sps, conf_temps=conf_temps)
+                            seed=seed, refill_at=refill_at, sched_sps=sched_sps, conf_temps=conf_temps,
+                            shrink=shrink)
     for i, r in enumerate(rows):
         engine.submit(int(req[i]), r, tag=i)
     results = dict(engine.run())
