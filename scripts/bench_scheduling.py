@@ -40,8 +40,10 @@ def demo_pair(demo_dir: str, n: int):
 
     target = dj.load_target(os.path.join(demo_dir, "target"))
     draft = dj.load_draft(os.path.join(demo_dir, "drafts", "dspark", "draft"), target=target)
-    texts = load_prompts(os.path.join(demo_dir, "eval_data"), "heldout", max_samples=n)
-    prompts = [chat_prompt_ids(target.tokenizer, t) for t in texts]
+    texts = load_prompts(os.path.join(demo_dir, "eval_data"), "heldout", max_samples=1000)
+    # held-out prompts of <= 64 tokens: few prompt buckets, so each loop compiles once or twice per batch size
+    prompts = [p for p in (chat_prompt_ids(target.tokenizer, t) for t in texts) if len(p) <= 64]
+    prompts = (prompts * (n // len(prompts) + 1))[:n]        # repeated to fill the largest batch
     return target, draft, prompts, None   # stop at the target's eos
 
 

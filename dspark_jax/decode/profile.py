@@ -173,22 +173,6 @@ def profile_target(target, token_counts: Sequence[int], *, context: int = 128, w
     }
 
 
-def _median_seconds(fn, warmup: int, repeats: int) -> tuple[float, list[float], float]:
-    import jax
-
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    compile_s = time.perf_counter() - t0
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times, compile_s
-
-
 def spread_lengths(batch: int, tokens: int, block_size: int) -> np.ndarray:
     """Per-row proposal lengths ``[batch]`` whose round verifies ``tokens`` tokens (anchors included), spread
     evenly over the rows (each in ``0..block_size``)."""
@@ -268,25 +252,37 @@ def profile_rounds(target, draft, batch: int, *, context: int = 128, warmup: int
 
     c0 = init(graphs[0], graphs[1], graphs[2], graphs[3], ids)
 
-    def timed(lengths, branch, plain=False):
-        args = (jnp.asarray(lengths, jnp.int32), jnp.int32(branch))
-        med, times, comp = _median_seconds(
-            lambda: run(graphs[0], graphs[1], graphs[2], graphs[3], c0, *args, plain=plain), warmup, repeats)
-        return med / rounds, [t / rounds for t in times], comp
-
-    measured = []
-    for i, cap in enumerate(buckets):
-        sec, all_s, comp = timed(spread_lengths(batch, cap, bs), i)
-        measured.append({"branch": "ragged", "tokens": cap, "seconds": sec, "seconds_all": all_s,
-                         "compile_seconds": comp})
-        if log is not None:
-            log(f"[profile] batch {batch}: round, ragged bucket {cap}: {1e3 * sec:.2f} ms")
-    sec, all_s, comp = timed(np.full((batch,), bs), len(buckets))
-    padded = {"branch": "padded", "tokens": full, "seconds": sec, "seconds_all": all_s, "compile_seconds": comp}
+    # every branch is compiled first, then timed round-robin (repeat i of each branch back to back), so a burst of
+    # load on a shared machine hits all branches alike instead of one
+    branches = [(spread_lengths(batch, cap, bs), i, False) for i, cap in enumerate(buckets)]
+    branches += [(np.full((batch,), bs), len(buckets), False), (np.zeros((batch,)), 0, True)]
+    calls = [functools.partial(run, *graphs, c0, jnp.asarray(ln, jnp.int32), jnp.int32(br), plain=pl)
+             for ln, br, pl in branches]
+    compile_s = []
+    for fn in calls:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        compile_s.append(time.perf_counter() - t0)
+    for _ in range(warmup):
+        for fn in calls:
+            jax.block_until_ready(fn())
+    times = [[] for _ in calls]
+    for _ in range(repeats):
+        for k, fn in enumerate(calls):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[k].append((time.perf_counter() - t0) / rounds)
+    med = [statistics.median(t) for t in times]
+    measured = [{"branch": "ragged", "tokens": cap, "seconds": med[i], "seconds_all": times[i],
+                 "compile_seconds": compile_s[i]} for i, cap in enumerate(buckets)]
+    padded = {"branch": "padded", "tokens": full, "seconds": med[-2], "seconds_all": times[-2],
+              "compile_seconds": compile_s[-2]}
     measured.append(padded)
-    plain_s, plain_all, _ = timed(np.zeros((batch,)), 0, plain=True)
+    plain_s, plain_all = med[-1], times[-1]
     if log is not None:
-        log(f"[profile] batch {batch}: round, padded: {1e3 * sec:.2f} ms; plain step {1e3 * plain_s:.2f} ms")
+        log(f"[profile] batch {batch}: rounds " + ", ".join(f"{m['branch']} {m['tokens']}: {1e3 * m['seconds']:.2f}"
+                                                            for m in measured)
+            + f" ms; plain step {1e3 * plain_s:.2f} ms")
     plan = []
     for m in measured[:-1]:                                   # ragged buckets, smallest first, while they win
         if m["seconds"] >= padded["seconds"]:
