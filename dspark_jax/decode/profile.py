@@ -173,6 +173,144 @@ def profile_target(target, token_counts: Sequence[int], *, context: int = 128, w
     }
 
 
+def spread_lengths(batch: int, tokens: int, block_size: int) -> np.ndarray:
+    """Per-row proposal lengths ``[batch]`` whose round verifies ``tokens`` tokens (anchors included), spread
+    evenly over the rows (each in ``0..block_size``)."""
+    drafts = int(tokens) - batch
+    if drafts < 0 or drafts > batch * block_size:
+        raise ValueError(f"{tokens} verified tokens do not fit {batch} rows of 1..{block_size + 1}")
+    return (drafts // batch + (np.arange(batch) < drafts % batch)).astype(np.int32)
+
+
+def profile_rounds(target, draft, batch: int, *, context: int = 128, warmup: int = 2, repeats: int = 5,
+                   rounds: int = 8, temperature: float = 0.0, seed: int = 0, log=None) -> dict[str, Any]:
+    """Round profile of the engine that will run (issue 32): the static loop's own round code
+    (decode/spec_loop.py) for ``batch`` rows on a ``context``-token KV cache, timed over ``rounds`` rounds per call
+    (median of ``repeats`` calls, per round):
+
+    - a draft-verify round (proposal, scheduler, verify, rejection sampling, commit) for each verify branch: every
+      ragged bucket ``cap`` (lengths forced so the round verifies ``cap`` tokens) and the padded ``[B, Bs+1]``
+      forward (full blocks);
+    - a plain decoding step of the same loop (no proposal).
+
+    The verify plan keeps the ragged buckets, smallest first, while they beat the padded forward; above them the
+    padded forward runs, so no round verifies slower than padded at the same lengths. ``sps_table`` (rounds per
+    second by verified tokens B, anchors included) is the lower convex hull of the plan's step times (see
+    :func:`sps_table`); ``plain_sps`` is plain steps per second. Returns the JSON-ready profile."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from dspark_jax.decode.ragged import ragged_buckets
+    from dspark_jax.decode.sampling import SamplingConfig, request_keys
+    from dspark_jax.decode.scheduler import SchedulePolicy
+    from dspark_jax.decode.spec_loop import (SpecSettings, draft_verify_round, drafts_per_round, head_for_loop,
+                                             init_rows, loop_state, plain_round)
+    from dspark_jax.nn.static_graph import split_static
+
+    if draft.config.is_eagle3:
+        raise ValueError("a round profile needs a DSpark / DFlash draft (the schedulers need a confidence head)")
+    if batch < 1 or context < 1 or rounds < 1 or warmup < 0 or repeats < 1:
+        raise ValueError("batch, context, rounds and repeats must be >= 1 and warmup >= 0")
+    bs = drafts_per_round(draft.config)
+    width = bs + 1
+    full = batch * width
+    max_new = rounds * width + width + 2                 # no row finishes within a timed call
+    capacity = context + max_new + width + 2
+    if capacity > target.config.max_position_embeddings:
+        raise ValueError(f"context {context} + {max_new} round tokens exceed the target's max_position_embeddings")
+    can_flatten = hasattr(target, "forward_flat")
+    buckets = ragged_buckets(batch, width) if can_flatten else ()
+    settings = SpecSettings(max_new, SamplingConfig(float(temperature)), (), 0.0, capacity, capacity,
+                            SchedulePolicy("prefix", switch=True), buckets, True)
+    graphs = (*split_static(target), *split_static(draft))
+    rng = np.random.default_rng(seed)
+    ids = jnp.asarray(rng.integers(0, target.config.vocab_size, (batch, context)), jnp.int32)
+    sched_args = (jnp.ones((full + 1,), jnp.float32), jnp.float32(1.0))
+    conf_temps = jnp.ones((bs,), jnp.float32) if draft.config.has_confidence else None
+
+    @functools.partial(jax.jit, static_argnames=("t_graph", "d_graph"))
+    def init(t_graph, t_state, d_graph, d_state, ids):
+        tgt, drf = t_graph.merge(t_state), d_graph.merge(d_state)
+        keys = request_keys(jax.random.key(seed), jnp.arange(batch, dtype=jnp.int32))
+        rows = init_rows(tgt, drf, ids, jnp.full((batch,), context, jnp.int32), keys, settings)
+        return loop_state(rows, settings, bs)
+
+    @functools.partial(jax.jit, static_argnames=("t_graph", "d_graph", "plain"))
+    def run(t_graph, t_state, d_graph, d_state, c, lengths, branch, *, plain):
+        tgt, drf = t_graph.merge(t_state), d_graph.merge(d_state)
+        head_hv = head_for_loop(drf)
+
+        def body(_, c):
+            if plain:
+                return plain_round(tgt, drf, c, settings)
+            return draft_verify_round(tgt, drf, c, settings, sched_args, conf_temps, head_hv,
+                                      forced_lengths=lengths, verify_branch=branch)
+
+        return jax.lax.fori_loop(0, rounds, body, c)
+
+    c0 = init(graphs[0], graphs[1], graphs[2], graphs[3], ids)
+
+    # every branch is compiled first, then timed round-robin (repeat i of each branch back to back), so a burst of
+    # load on a shared machine hits all branches alike instead of one
+    branches = [(spread_lengths(batch, cap, bs), i, False) for i, cap in enumerate(buckets)]
+    branches += [(np.full((batch,), bs), len(buckets), False), (np.zeros((batch,)), 0, True)]
+    calls = [functools.partial(run, *graphs, c0, jnp.asarray(ln, jnp.int32), jnp.int32(br), plain=pl)
+             for ln, br, pl in branches]
+    compile_s = []
+    for fn in calls:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        compile_s.append(time.perf_counter() - t0)
+    for _ in range(warmup):
+        for fn in calls:
+            jax.block_until_ready(fn())
+    times = [[] for _ in calls]
+    for _ in range(repeats):
+        for k, fn in enumerate(calls):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[k].append((time.perf_counter() - t0) / rounds)
+    med = [statistics.median(t) for t in times]
+    measured = [{"branch": "ragged", "tokens": cap, "seconds": med[i], "seconds_all": times[i],
+                 "compile_seconds": compile_s[i]} for i, cap in enumerate(buckets)]
+    padded = {"branch": "padded", "tokens": full, "seconds": med[-2], "seconds_all": times[-2],
+              "compile_seconds": compile_s[-2]}
+    measured.append(padded)
+    plain_s, plain_all = med[-1], times[-1]
+    if log is not None:
+        log(f"[profile] batch {batch}: rounds " + ", ".join(f"{m['branch']} {m['tokens']}: {1e3 * m['seconds']:.2f}"
+                                                            for m in measured)
+            + f" ms; plain step {1e3 * plain_s:.2f} ms")
+    plan = []
+    for m in measured[:-1]:                                   # ragged buckets, smallest first, while they win
+        if m["seconds"] >= padded["seconds"]:
+            break
+        plan.append(m)
+    points = [{"tokens": m["tokens"], "seconds": m["seconds"]} for m in plan]
+    if not plan or plan[-1]["tokens"] < full:
+        points.append({"tokens": full, "seconds": padded["seconds"]})
+    caps = [p["tokens"] for p in points]
+    step = [points[int(np.searchsorted(caps, b))]["seconds"] for b in range(1, full + 1)]
+    cfg = target.config
+    return {
+        "format": "dspark-round-v1",
+        "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+        "model": {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+                  "vocab_size": cfg.vocab_size, "dtype": str(getattr(target, "dtype", ""))},
+        "batch": batch, "block_size": bs, "context": context, "rounds_per_call": rounds, "warmup": warmup,
+        "repeats": repeats, "temperature": float(temperature),
+        "step": "one round of the decode loop (proposal, scheduler, verify of B tokens, commit) per verify branch; "
+                "plain: one plain decoding step of the same loop",
+        "measured": measured,
+        "plain_seconds": plain_s, "plain_seconds_all": plain_all, "plain_sps": 1.0 / plain_s,
+        "verify_buckets": [m["tokens"] for m in plan],
+        "sps_table": sps_table(points, bmax=full, shape="convex"),
+        "sps_table_raw": [1.0 / step[0]] + [1.0 / t for t in step],
+    }
+
+
 def save_profile(profile: dict[str, Any], path: str, plot: bool = True, log=print) -> tuple[str, str | None]:
     """Writes the JSON and, when matplotlib is importable, a PNG beside it (same stem)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
@@ -196,13 +334,13 @@ def plot_profile(profile: dict[str, Any], path: str, log=print) -> str | None:
     m = profile["measured"]
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
     b = [p["tokens"] for p in m]
-    ax[0].plot(b, [p["sps"] for p in m], "o", label="measured")
+    ax[0].plot(b, [1.0 / p["seconds"] for p in m], "o", label="measured")
     ax[0].plot(range(1, len(profile["sps_table"])), profile["sps_table"][1:], "-", lw=1, label="table (convex)")
     ax[0].set_xscale("log")
     ax[0].set_xlabel("verified tokens per step B")
     ax[0].set_ylabel("steps / s")
     ax[0].legend()
-    ax[1].plot(b, [p["tokens"] * p["sps"] for p in m], "o-")
+    ax[1].plot(b, [p["tokens"] / p["seconds"] for p in m], "o-")
     ax[1].set_xscale("log")
     ax[1].set_xlabel("verified tokens per step B")
     ax[1].set_ylabel("verified tokens / s")
@@ -215,7 +353,8 @@ def plot_profile(profile: dict[str, Any], path: str, log=print) -> str | None:
 
 
 def cmd_profile(args) -> int:
-    """Measures the target's verify steps/second SPS(B) for a range of verified-token counts B."""
+    """Measures what the schedulers need: with --draft, whole decode rounds of the engine (--batch rows) per
+    verified-token count and the plain step; without, the target's verify steps/second SPS(B) alone."""
     import dspark_jax as dj
 
     if args.tokens:
@@ -227,8 +366,13 @@ def cmd_profile(args) -> int:
         counts = default_token_counts(args.max_tokens)
     target = dj.load_target(args.target, dtype=args.dtype)
     try:
-        prof = profile_target(target, counts, context=args.context, warmup=args.warmup, repeats=args.repeats,
-                              seed=args.seed, progress=not args.no_progress, log=print)
+        if args.draft:
+            draft = dj.load_draft(args.draft, target=target)
+            prof = profile_rounds(target, draft, args.batch, context=args.context, warmup=args.warmup,
+                                  repeats=args.repeats, temperature=args.temperature, seed=args.seed, log=print)
+        else:
+            prof = profile_target(target, counts, context=args.context, warmup=args.warmup, repeats=args.repeats,
+                                  seed=args.seed, progress=not args.no_progress, log=print)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     import jax
@@ -237,6 +381,15 @@ def cmd_profile(args) -> int:
         return 0
     prof["target"] = os.path.abspath(args.target)
     path, png = save_profile(prof, args.out, plot=not args.no_plot)
+    if args.draft:
+        prof["draft"] = os.path.abspath(args.draft)
+        print("| round | verified tokens | ms |\n|---|---:|---:|")
+        for p in prof["measured"]:
+            print(f"| {p['branch']} | {p['tokens']} | {1e3 * p['seconds']:.2f} |")
+        print(f"| plain step | {args.batch} | {1e3 * prof['plain_seconds']:.2f} |")
+        print(f"[profile] verify plan: ragged buckets {prof['verify_buckets']}, padded above; wrote {path}"
+              + (f" and {png}" if png else "") + f"; use it with PrefixScheduler.from_profile({path!r})")
+        return 0
     print("| B | ms/step | steps/s | tokens/s |\n|---:|---:|---:|---:|")
     for p in prof["measured"]:
         print(f"| {p['tokens']} | {1e3 * p['seconds']:.2f} | {p['sps']:.1f} | {p['tokens'] * p['sps']:.0f} |")
@@ -249,6 +402,11 @@ def add_profile_parser(sub) -> None:
     p = sub.add_parser("profile", help="measure the target's verify steps/second SPS(B) (scheduler input)",
                        description=cmd_profile.__doc__)
     p.add_argument("--target", required=True, help="HF target directory")
+    p.add_argument("--draft", default=None, help="draft directory: profile whole rounds of the decode loop for "
+                                                  "--batch rows (verify branches + plain step; what the schedulers "
+                                                  "use). Without it: the target's forward alone (older table)")
+    p.add_argument("--batch", type=int, default=8, help="rows of the engine (with --draft; default 8)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling of the profiled rounds (with --draft)")
     p.add_argument("--tokens", default=None, help="comma-separated B values (default: 1,2,3,4,6,8,... up to "
                                                    "--max-tokens)")
     p.add_argument("--max-tokens", type=int, default=512, help="largest B when --tokens is not given (default 512)")
@@ -263,5 +421,5 @@ def add_profile_parser(sub) -> None:
     p.set_defaults(func=cmd_profile)
 
 
-__all__ = ["default_token_counts", "measure_sps", "sps_table", "profile_target", "save_profile", "plot_profile",
-           "cmd_profile", "add_profile_parser"]
+__all__ = ["default_token_counts", "measure_sps", "sps_table", "profile_target", "profile_rounds", "spread_lengths",
+           "save_profile", "plot_profile", "cmd_profile", "add_profile_parser"]

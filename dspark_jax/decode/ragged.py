@@ -58,16 +58,20 @@ def flat_layout(counts: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]
 
 
 def verify_forward(target, seq: jax.Array, counts: jax.Array, cache: KVCache, tap_layer_ids: Sequence[int],
-                   buckets: Sequence[int]):
+                   buckets: Sequence[int], *, padded_fallback: bool = False, branch: jax.Array | None = None):
     """Target logits and taps for the first ``counts[b]`` tokens of each row of ``seq [B, W]`` (row ``b``'s
     token ``i`` sits at position ``cache.lengths[b] + i``), computed on the smallest bucket that holds them.
 
     Returns ``(logits [B, W, V], taps [B, W, Lt*H] or None, cache)``; the cache has the verified tokens' keys
-    written and its lengths unchanged (the caller commits). ``buckets`` must end with ``B * W``.
+    written and its lengths unchanged (the caller commits). ``buckets`` must end with ``B * W`` unless
+    ``padded_fallback``: then a round whose tokens exceed the largest bucket runs the padded ``[B, W]`` forward
+    (a profile keeps only the buckets that beat it, so no round is slower than padded verification).
+    ``branch``: optional traced int32 that overrides the choice (index into ``buckets``, ``len(buckets)`` = the
+    padded forward); the round profile uses it to time every branch with the loop's own code.
     """
     b, w = seq.shape
-    if buckets[-1] < b * w:
-        raise ValueError(f"largest bucket {buckets[-1]} < {b}x{w} tokens")
+    if not padded_fallback and (not buckets or buckets[-1] < b * w):
+        raise ValueError(f"largest bucket {buckets[-1] if buckets else 0} < {b}x{w} tokens")
     start = cache.lengths
     vocab = target.config.vocab_size
     n_taps = len(tap_layer_ids)
@@ -87,8 +91,18 @@ def verify_forward(target, seq: jax.Array, counts: jax.Array, cache: KVCache, ta
             return logits, taps, out.cache
         return branch
 
+    def padded(c):
+        # rows that verify nothing (finished) still write one padding key past their length: never attended
+        out = target(seq, c, num_new=jnp.maximum(counts, 1), tap_layer_ids=tap_layer_ids)
+        return out.logits, out.taps, out.cache.with_lengths(start)
+
+    branches = [run(cap) for cap in buckets] + ([padded] if padded_fallback else [])
     total = jnp.sum(counts)
-    index = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), total, side="left")
-    if len(buckets) == 1:
-        return run(buckets[0])(cache)
-    return jax.lax.switch(jnp.minimum(index, len(buckets) - 1), [run(cap) for cap in buckets], cache)
+    index = jnp.searchsorted(jnp.asarray(buckets if buckets else (0,), jnp.int32), total, side="left")
+    if not buckets:
+        index = jnp.int32(0)
+    if branch is not None:
+        index = branch
+    if len(branches) == 1:
+        return branches[0](cache)
+    return jax.lax.switch(jnp.minimum(index, len(branches) - 1), branches, cache)

@@ -233,87 +233,191 @@ def _sps_tuple(sps) -> tuple[float, ...]:
     return table
 
 
+# Switch-off (plain decoding for a while): how long the first plain run lasts, the longest one (each run that
+# ends in a probe still predicting a loss doubles), the EMA weight of the newest round's predicted ratio, and
+# the hysteresis band: speculation resumes only when the smoothed ratio reaches 1 + SWITCH_MARGIN.
+SWITCH_FIRST_OFF = 8
+SWITCH_MAX_OFF = 128
+SWITCH_EMA = 0.5
+SWITCH_MARGIN = 0.05
+
+
 @dataclasses.dataclass(frozen=True)
 class SchedulePolicy:
-    """What a compiled decode loop keys on: the scheduling rule, not the SPS table (a traced argument, so a new
-    curve of the same length does not recompile). ``kind``: "prefix" (Algorithm 1) or "zos"."""
+    """What a compiled decode loop keys on: the scheduling rule, not the tables (traced arguments, so a new
+    curve of the same length does not recompile). ``kind``: "prefix" (Algorithm 1) or "zos"; ``switch``: the
+    loop may run plain decoding steps (no draft work) when the round model predicts speculation loses.
+
+    The loop's scheduler arguments are ``(sps [Bmax+1], plain_sps scalar)``: rounds per second by verified
+    tokens B and plain decoding steps per second, on the same engine.
+
+    Switch-off rule (all decisions from past rounds, so every round's lengths stay a stopping rule; see
+    docs/SCHEDULING.md): after each speculative round, ``ratio = Theta(L) / (R * plain_sps)`` of the lengths just
+    chosen (R live rows) is folded into an EMA. EMA < 1: the next ``off`` rounds are plain steps, ``off`` doubling
+    (8 .. 128) while the probe round that follows a plain run still predicts a loss. EMA >= 1 + margin: speculation
+    stays on and ``off`` resets. In between, the mode does not change (hysteresis: no flapping on noise)."""
 
     kind: str
     delay: int = 0
+    switch: bool = False
+    off_rounds: tuple[int, int] = (SWITCH_FIRST_OFF, SWITCH_MAX_OFF)    # first and longest plain run
 
     def init_state(self, batch: int, block_size: int):
-        if self.kind == "prefix":
-            return ()
-        # ring buffer of the last `delay` rounds' confidences and active masks
-        return (jnp.zeros((self.delay, batch, block_size), jnp.float32), jnp.zeros((self.delay, batch), bool))
+        inner = ()
+        if self.kind == "zos":
+            # ring buffer of the last `delay` speculative rounds' confidences and active masks
+            inner = (jnp.zeros((self.delay, batch, block_size), jnp.float32), jnp.zeros((self.delay, batch), bool))
+        return dict(inner=inner, spec_rounds=jnp.int32(0), off_left=jnp.int32(0),
+                    next_off=jnp.int32(self.off_rounds[0]), ema=jnp.float32(1.0), off_mode=jnp.bool_(False))
 
-    def __call__(self, confidences, active, state, round_index, sps):
-        """``[B, Bs]`` confidences, ``[B]`` active, state, round index, ``[Bmax+1]`` table -> (L ``[B]``, state)."""
+    def plain_now(self, state) -> jax.Array:
+        """Whether this round is a plain decoding step (decided by earlier rounds only)."""
+        return state["off_left"] > 0 if self.switch else jnp.bool_(False)
+
+    def after_plain(self, state):
+        return dict(state, off_left=state["off_left"] - 1)
+
+    def __call__(self, confidences, active, state, sched_args):
+        """``[B, Bs]`` confidences, ``[B]`` active, state, (sps, plain_sps) -> (L ``[B]``, state)."""
+        sps, plain_sps = sched_args
         sps = jnp.asarray(sps, jnp.float32)
+        n = state["spec_rounds"]
+        inner = state["inner"]
         if self.kind == "prefix":
-            return prefix_schedule(confidences, sps, active), state
-        conf_hist, act_hist = state
-        slot = round_index % self.delay            # holds round (round_index - delay) until overwritten below
-        capacity = zos_capacity(conf_hist[slot], sps, act_hist[slot])
-        zos = top_k_lengths(confidences, capacity, sps, active)
-        warm = prefix_schedule(confidences, sps, active)   # no history yet: Algorithm 1 with the break
-        lengths = jnp.where(round_index >= self.delay, zos, warm)
-        state = (conf_hist.at[slot].set(jnp.asarray(confidences, jnp.float32)),
-                 act_hist.at[slot].set(jnp.asarray(active, bool)))
+            lengths = prefix_schedule(confidences, sps, active)
+        else:
+            conf_hist, act_hist = inner
+            slot = n % self.delay              # holds speculative round (n - delay) until overwritten below
+            capacity = zos_capacity(conf_hist[slot], sps, act_hist[slot])
+            zos = top_k_lengths(confidences, capacity, sps, active)
+            warm = prefix_schedule(confidences, sps, active)   # no history yet: Algorithm 1 with the break
+            lengths = jnp.where(n >= self.delay, zos, warm)
+            inner = (conf_hist.at[slot].set(jnp.asarray(confidences, jnp.float32)),
+                     act_hist.at[slot].set(jnp.asarray(active, bool)))
+        state = dict(state, inner=inner, spec_rounds=n + 1)
+        if self.switch:
+            state = self._update_switch(confidences, lengths, active, state, sps, plain_sps)
         return lengths, state
 
+    def _update_switch(self, confidences, lengths, active, state, sps, plain_sps):
+        live = jnp.sum(jnp.asarray(active, jnp.int32))
+        theta = expected_throughput(confidences, lengths, sps, active)
+        plain = live.astype(jnp.float32) * jnp.asarray(plain_sps, jnp.float32)
+        ratio = jnp.where(live > 0, theta / jnp.maximum(plain, 1e-30), 1.0)
+        ema = SWITCH_EMA * ratio + (1.0 - SWITCH_EMA) * state["ema"]
+        go_off = (ema < 1.0) | (state["off_mode"] & (ema < 1.0 + SWITCH_MARGIN))
+        nxt = state["next_off"]
+        return dict(state, ema=ema, off_mode=go_off, off_left=jnp.where(go_off, nxt, 0),
+                    next_off=jnp.where(go_off, jnp.minimum(2 * nxt, self.off_rounds[1]), self.off_rounds[0]))
 
-@dataclasses.dataclass(frozen=True)
-class PrefixScheduler:
-    """Algorithm 1 per round on the active rows' (calibrated) confidences. Frozen and hashable.
 
-    ``sps``: steps per second by verified-token count, ``[Bmax+1]`` (see :func:`load_sps`)."""
+def _plain_sps(x) -> float | None:
+    if x is None:
+        return None
+    v = float(x)
+    if not np.isfinite(v) or v <= 0:
+        raise ValueError(f"plain_sps must be finite and > 0, got {x!r}")
+    return v
 
-    sps: tuple[float, ...]
 
-    def __post_init__(self):
+def _buckets(x) -> tuple[int, ...] | None:
+    if x is None:
+        return None
+    out = tuple(int(b) for b in x)
+    if any(b < 1 for b in out) or list(out) != sorted(set(out)):
+        raise ValueError(f"verify_buckets must be increasing positive ints, got {x!r}")
+    return out
+
+
+class _SchedulerBase:
+    """Shared by the scheduler dataclasses: table checks, the policy's arguments, construction from a profile."""
+
+    def _check(self):
         object.__setattr__(self, "sps", _sps_tuple(self.sps))
-
-    @property
-    def policy(self) -> SchedulePolicy:
-        return SchedulePolicy("prefix")
+        object.__setattr__(self, "plain_sps", _plain_sps(self.plain_sps))
+        object.__setattr__(self, "verify_buckets", _buckets(self.verify_buckets))
+        first, longest = (int(x) for x in self.off_rounds)
+        if not 1 <= first <= longest:
+            raise ValueError(f"off_rounds must be (first, longest) with 1 <= first <= longest, got {self.off_rounds}")
+        object.__setattr__(self, "off_rounds", (first, longest))
 
     def init_state(self, batch: int, block_size: int):
         return self.policy.init_state(batch, block_size)
 
-    def __call__(self, confidences, active, state, round_index):
-        """``[B, Bs]`` confidences, ``[B]`` active -> (L ``[B]`` int32, state)."""
-        return self.policy(confidences, active, state, round_index, self.sps)
+    @property
+    def sched_args(self):
+        """The traced arguments of the compiled loop: (sps ``[Bmax+1]``, plain steps per second; 0 = no switch)."""
+        return (jnp.asarray(self.sps, jnp.float32), jnp.float32(self.plain_sps or 0.0))
+
+    def __call__(self, confidences, active, state, round_index=None):
+        """``[B, Bs]`` confidences, ``[B]`` active -> (L ``[B]`` int32, state). (``round_index`` is unused: the
+        state counts the speculative rounds.)"""
+        return self.policy(confidences, active, state, self.sched_args)
+
+    @classmethod
+    def from_profile(cls, path, **kw):
+        """A scheduler from a ``dspark profile`` JSON: a round profile (``--draft``) gives the round table, the
+        plain step (switch-off on) and the verify buckets; an older forward-only table gives the table alone."""
+        prof = load_round_profile(path)
+        return cls(prof["sps"], plain_sps=prof["plain_sps"], verify_buckets=prof["verify_buckets"], **kw)
 
 
 @dataclasses.dataclass(frozen=True)
-class ZeroOverheadScheduler:
-    """ZOS: capacity from the confidences ``delay`` rounds earlier (global search), top-K current pairs.
+class PrefixScheduler(_SchedulerBase):
+    """Algorithm 1 per round on the active rows' (calibrated) confidences. Frozen and hashable.
 
-    Until ``delay`` rounds of history exist the round uses Algorithm 1 with the break (lossless)."""
+    ``sps``: rounds (or verify steps) per second by verified-token count, ``[Bmax+1]``; ``plain_sps``: plain
+    decoding steps per second on the same engine (given: the loop may switch speculation off, see
+    :class:`SchedulePolicy`); ``verify_buckets``: the verify plan of the profile (ragged buckets, padded above),
+    used when ``speculative_generate(ragged_verify=None)``. :meth:`from_profile` fills all three. ``off_rounds``:
+    the first and the longest plain run of the switch-off rule."""
+
+    sps: tuple[float, ...]
+    plain_sps: float | None = None
+    verify_buckets: tuple[int, ...] | None = None
+    off_rounds: tuple[int, int] = (SWITCH_FIRST_OFF, SWITCH_MAX_OFF)
+
+    def __post_init__(self):
+        self._check()
+
+    @property
+    def policy(self) -> SchedulePolicy:
+        return SchedulePolicy("prefix", switch=self.plain_sps is not None, off_rounds=self.off_rounds)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroOverheadScheduler(_SchedulerBase):
+    """ZOS: capacity from the confidences ``delay`` speculative rounds earlier (global search), top-K current
+    pairs. Until ``delay`` rounds of history exist the round uses Algorithm 1 with the break (lossless). Plain
+    rounds (switch-off) add no history: the capacity comes from the last speculative rounds."""
 
     sps: tuple[float, ...]
     delay: int = 2
+    plain_sps: float | None = None
+    verify_buckets: tuple[int, ...] | None = None
+    off_rounds: tuple[int, int] = (SWITCH_FIRST_OFF, SWITCH_MAX_OFF)
 
     def __post_init__(self):
-        object.__setattr__(self, "sps", _sps_tuple(self.sps))
+        self._check()
         if int(self.delay) < 1:
             raise ValueError(f"delay must be >= 1, got {self.delay}")
         object.__setattr__(self, "delay", int(self.delay))
 
     @property
     def policy(self) -> SchedulePolicy:
-        return SchedulePolicy("zos", self.delay)
-
-    def init_state(self, batch: int, block_size: int):
-        return self.policy.init_state(batch, block_size)
-
-    def __call__(self, confidences, active, state, round_index):
-        return self.policy(confidences, active, state, round_index, self.sps)
+        return SchedulePolicy("zos", self.delay, switch=self.plain_sps is not None, off_rounds=self.off_rounds)
 
 
 def load_sps(path) -> tuple[float, ...]:
-    """The ``sps`` table of a ``dspark profile`` JSON (key ``sps_table``) or a JSON list of numbers."""
+    """The ``sps`` table of a ``dspark profile`` JSON (key ``sps_table``: steps per second of the forward-only
+    profile, rounds per second of a round profile) or a JSON list of numbers."""
+    return load_round_profile(path)["sps"]
+
+
+def load_round_profile(path) -> dict:
+    """``{sps, plain_sps, verify_buckets, batch}`` of a profile JSON. A round profile (format
+    ``dspark-round-v1``) has all four; an older forward-only table (``dspark-sps-v1`` or a bare list) has
+    ``plain_sps = verify_buckets = batch = None`` (no switch-off: that table does not price the draft's work)."""
     import json
 
     with open(path, encoding="utf-8") as f:
@@ -321,7 +425,11 @@ def load_sps(path) -> tuple[float, ...]:
     table = obj.get("sps_table") if isinstance(obj, dict) else obj
     if table is None:
         raise ValueError(f"{path}: expected a JSON list or a profile with an 'sps_table' list")
-    return _sps_tuple(table)
+    out = dict(sps=_sps_tuple(table), plain_sps=None, verify_buckets=None, batch=None)
+    if isinstance(obj, dict) and obj.get("format") == "dspark-round-v1":
+        out.update(plain_sps=_plain_sps(obj["plain_sps"]), verify_buckets=_buckets(obj["verify_buckets"]),
+                   batch=int(obj["batch"]))
+    return out
 
 
 def expected_throughput(confidences, lengths, sps, active=None) -> jax.Array:
@@ -341,4 +449,4 @@ Scheduler = PrefixScheduler | ZeroOverheadScheduler
 
 __all__ = ["SchedulePolicy", "prefix_schedule", "zos_schedule", "zos_capacity", "top_k_lengths",
            "cumulative_acceptance", "check_confidences", "check_sps", "PrefixScheduler", "ZeroOverheadScheduler", "load_sps",
-           "expected_throughput", "Scheduler"]
+           "load_round_profile", "expected_throughput", "Scheduler"]

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from dspark_jax.decode.prefill import prefill as prefill_target
 from dspark_jax.decode.ragged import verify_forward
-from dspark_jax.decode.sampling import SamplingConfig, sample_rows, split_keys
+from dspark_jax.decode.sampling import SamplingConfig, sample_rows, sample_tokens, split_keys
 from dspark_jax.decode.scheduler import SchedulePolicy
 from dspark_jax.decode.verify import verify_block
 
@@ -40,6 +40,7 @@ class SpecSettings:
     draft_capacity: int
     scheduler: SchedulePolicy | None = None     # the rule; its SPS table is a traced argument of the loop
     ragged_buckets: tuple[int, ...] = ()         # () = padded [B, Bs+1] verify; else flat capacities (ragged.py)
+    padded_fallback: bool = False                # rounds over the largest bucket run the padded forward
 
 
 def drafts_per_round(cfg) -> int:
@@ -135,14 +136,68 @@ def init_rows(target, draft, ids, lengths, req_keys, settings: SpecSettings) -> 
     stats = dict(accept=jnp.zeros((batch, max_rounds), jnp.int32), proposed=jnp.zeros((batch, max_rounds), jnp.int32),
                  conf=jnp.zeros((batch, max_rounds, bs), jnp.float32),
                  conf_logits=jnp.zeros((batch, max_rounds, bs), jnp.float32),
-                 outcome=jnp.zeros((batch, max_rounds, bs), bool))
+                 outcome=jnp.zeros((batch, max_rounds, bs), bool), plain=jnp.zeros((batch, max_rounds), bool))
     return dict(t_cache=pre.cache, dstate=dstate, anchor=first, out=out, n_out=n_out,
                 done=jnp.isin(first, stop_arr) | (n_out >= max_new), keys=req_keys,
                 row_rnd=jnp.zeros((batch,), jnp.int32), stats=stats, prompt_len=lengths.astype(jnp.int32))
 
 
-def spec_round(target, draft, c: dict, settings: SpecSettings, sched_sps, conf_temps, head_hv) -> dict:
-    """One draft-verify round over every row of ``c`` (finished rows compute but change nothing)."""
+def spec_round(target, draft, c: dict, settings: SpecSettings, sched_args, conf_temps, head_hv) -> dict:
+    """One round over every row of ``c`` (finished rows compute but change nothing): a draft-verify round, or,
+    when the scheduler has switched speculation off (decided by earlier rounds), a plain decoding step."""
+    sched = settings.scheduler
+    if sched is None or not sched.switch:
+        return draft_verify_round(target, draft, c, settings, sched_args, conf_temps, head_hv)
+    return jax.lax.cond(sched.plain_now(c["sched"]),
+                        lambda c: plain_round(target, draft, c, settings),
+                        lambda c: draft_verify_round(target, draft, c, settings, sched_args, conf_temps, head_hv), c)
+
+
+def plain_round(target, draft, c: dict, settings: SpecSettings) -> dict:
+    """One plain decoding step (no proposal): the target forward over each row's anchor, a token sampled from it,
+    one token committed. The anchor's taps join the draft's pending context; when a row's pending buffer is full
+    the draft ingests it first (context only, once per Bs+1 plain steps), so the next proposal sees every
+    committed token."""
+    taps = draft.config.target_layer_ids
+    batch, out_width = c["out"].shape
+    stop_arr = jnp.asarray(settings.stop_ids if settings.stop_ids else (-2,), jnp.int32)
+    rows = jnp.arange(batch)
+    active = ~c["done"]
+    start = c["t_cache"].lengths
+    _, k_ver = split_keys(_round_keys(c["keys"], c["row_rnd"]), 2)
+    ver = target(c["anchor"][:, None], c["t_cache"], num_new=jnp.ones((batch,), jnp.int32), tap_layer_ids=taps)
+    nxt = sample_tokens(ver.logits[:, 0], k_ver, settings.sampling)
+    out = c["out"].at[rows, jnp.where(active, c["n_out"], out_width)].set(nxt, mode="drop")
+    n_out = jnp.where(active, c["n_out"] + 1, c["n_out"])
+    done = c["done"] | (active & (jnp.isin(nxt, stop_arr) | (n_out >= settings.max_new_tokens)))
+    t_cache = ver.cache.with_lengths(jnp.where(active, start + 1, start))
+    d_cache, pend, count = c["dstate"]
+
+    def ingest(args):
+        d_cache, pend, count = args
+        _, d_cache = draft.block_hidden(d_cache, pend, count, c["anchor"])
+        return d_cache, pend, jnp.zeros_like(count)
+
+    d_cache, pend, count = jax.lax.cond(jnp.any(active & (count >= pend.shape[1])), ingest, lambda a: a,
+                                        (d_cache, pend, count))
+    pend = pend.at[rows, jnp.where(active, count, pend.shape[1])].set(ver.taps[:, 0].astype(pend.dtype), mode="drop")
+    count = jnp.where(active, count + 1, count)
+    r, st = c["row_rnd"], c["stats"]
+    at = jnp.where(active, r, st["accept"].shape[1])
+
+    def rec(buf, value):
+        return buf.at[rows, at].set(value, mode="drop")
+
+    stats = dict(st, accept=rec(st["accept"], jnp.ones((batch,), jnp.int32)), plain=rec(st["plain"], True))
+    return dict(c, rnd=c["rnd"] + 1, row_rnd=r + active, t_cache=t_cache, dstate=(d_cache, pend, count),
+                anchor=jnp.where(active, nxt, c["anchor"]), out=out, n_out=n_out, done=done, stats=stats,
+                sched=settings.scheduler.after_plain(c["sched"]))
+
+
+def draft_verify_round(target, draft, c: dict, settings: SpecSettings, sched_args, conf_temps, head_hv,
+                       forced_lengths=None, verify_branch=None) -> dict:
+    """One draft-verify round. ``forced_lengths [B]`` / ``verify_branch`` (int32) replace the scheduler's lengths
+    and the verify forward's bucket choice: the round profile (decode/profile.py) times this code with them."""
     cfg = draft.config
     bs, taps = drafts_per_round(cfg), cfg.target_layer_ids
     batch, out_width = c["out"].shape
@@ -162,17 +217,20 @@ def spec_round(target, draft, c: dict, settings: SpecSettings, sched_sps, conf_t
     if sched is not None:
         # the scheduler sees only draft-side information (confidences of this round's drafts), so any L
         # it picks keeps rejection sampling lossless; finished rows do not count in its batch
-        L, sched_state = sched(conf_p, active, sched_state, c["rnd"], sched_sps)
+        L, sched_state = sched(conf_p, active, sched_state, sched_args)
         L = jnp.where(active, L, 0)
     else:
         L = _proposal_lengths(conf_p, settings.threshold, bs, batch)
+    if forced_lengths is not None:
+        L = forced_lengths
     if usable is not None:
         L = jnp.minimum(L, usable)
     seq = jnp.concatenate([c["anchor"][:, None], tokens], axis=1)
     if settings.ragged_buckets:
         # finished rows verify nothing (their results are discarded anyway)
         v_logits, v_taps, v_cache = verify_forward(target, seq, jnp.where(active, L + 1, 0), c["t_cache"],
-                                                   taps, settings.ragged_buckets)
+                                                   taps, settings.ragged_buckets,
+                                                   padded_fallback=settings.padded_fallback, branch=verify_branch)
     else:
         ver = target(seq, c["t_cache"], num_new=L + 1, tap_layer_ids=taps)
         v_logits, v_taps, v_cache = ver.logits, ver.taps, ver.cache
@@ -205,7 +263,7 @@ def spec_round(target, draft, c: dict, settings: SpecSettings, sched_sps, conf_t
 
     stats = dict(accept=rec(st["accept"], n_commit), proposed=rec(st["proposed"], L), conf=rec(st["conf"], conf_rec),
                  conf_logits=rec(st["conf_logits"], logit_rec),
-                 outcome=rec(st["outcome"], slots[:, :bs] < m_cut[:, None]))
+                 outcome=rec(st["outcome"], slots[:, :bs] < m_cut[:, None]), plain=st["plain"])
     return dict(c, rnd=c["rnd"] + 1, row_rnd=r + active, t_cache=t_cache, dstate=dstate,
                 anchor=jnp.where(active, verdict.next_token, c["anchor"]), out=out, n_out=n_out, done=done,
                 stats=stats, sched=sched_state)
@@ -222,5 +280,5 @@ def head_for_loop(draft):
     return None if draft.config.is_eagle3 else draft.decode_head()
 
 
-__all__ = ["SpecSettings", "drafts_per_round", "draft_context_len", "init_rows", "spec_round", "loop_state",
-           "head_for_loop"]
+__all__ = ["SpecSettings", "drafts_per_round", "draft_context_len", "init_rows", "spec_round", "plain_round",
+           "draft_verify_round", "loop_state", "head_for_loop"]

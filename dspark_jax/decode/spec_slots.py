@@ -27,8 +27,8 @@ from dspark_jax.nn.static_graph import split_static
 @dataclasses.dataclass
 class SpecResult:
     """One request's speculative decoding: new tokens ``[n]``; per round of the request, ``accept`` (m+1, or m on
-    a stop), ``proposed`` (L), ``conf`` / ``conf_logits`` ``[rounds, Bs]`` and ``outcome`` (accepted flags);
-    ``invariants``: target cache length, draft cache length, pending rows and prompt length at the end."""
+    a stop), ``proposed`` (L), ``conf`` / ``conf_logits`` ``[rounds, Bs]``, ``outcome`` (accepted flags), ``plain``
+    (a plain decoding step); ``invariants``: target cache length, draft cache length, pending rows and prompt length at the end."""
 
     tokens: np.ndarray
     accept: np.ndarray
@@ -37,6 +37,7 @@ class SpecResult:
     conf_logits: np.ndarray
     outcome: np.ndarray
     invariants: dict
+    plain: np.ndarray | None = None
 
 
 @functools.partial(jax.jit, static_argnames=("t_graph", "d_graph", "settings", "num_slots", "prompt_bucket"))
@@ -156,7 +157,7 @@ class SpecSlotEngine(SlotEngine):
                    "pending": int(got["pending"][j]), "prompt_len": int(got["prompt_len"][j])}
             results.append(SpecResult(tokens=np.asarray(got["out"][j, :n]), accept=st["accept"],
                                       proposed=st["proposed"], conf=st["conf"], conf_logits=st["conf_logits"],
-                                      outcome=st["outcome"], invariants=inv))
+                                      outcome=st["outcome"], invariants=inv, plain=st["plain"]))
         return results
 
 

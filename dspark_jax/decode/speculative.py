@@ -55,9 +55,12 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
         draft directory holding one (see :mod:`dspark_jax.decode.calibrate`).
       ragged_verify: True = the target verifies a flattened batch of exactly the ``sum(L + 1)`` chosen tokens,
         padded only up to the next static bucket (:mod:`dspark_jax.decode.ragged`), so verification costs what
-        the threshold / scheduler chose instead of ``B * (Bs+1)`` tokens; False = the padded forward. None
-        (default) = ragged when proposal lengths vary (a threshold or a scheduler), the batch has more than one
-        row (at batch 1 the bucket switch costs more than it saves: measured on CPU) and the target supports it.
+        the threshold / scheduler chose instead of ``B * (Bs+1)`` tokens; False = the padded forward. A sequence
+        of bucket sizes = a verify plan (what a round profile measured to beat the padded forward): each round
+        runs the smallest of them that holds its tokens, and the padded forward above the largest (``()`` =
+        always padded). None (default) = the scheduler's ``verify_buckets`` when it came from a round profile;
+        else ragged when proposal lengths vary (a threshold or a scheduler), the batch has more than one row (at
+        batch 1 the bucket switch costs more than it saves: measured on CPU) and the target supports it.
         Same output either way.
       max_slots: None = all prompts in one static batch; an int = at most that many rows decode at once and the
         prompts form a queue: a finished row's slot takes the next prompt (continuous batching,
@@ -129,17 +132,12 @@ def _spec_setup(target, draft, *, max_new_tokens, temperature, top_k, top_p, thr
     if scheduler is not None:
         check_sps(scheduler.sps, rows=batch)
     capacity = int(prompt_width) + int(max_new_tokens) + drafts_per_round(draft.config) + 2
-    can_flatten = hasattr(target, "forward_flat")
-    if ragged_verify and not can_flatten:
-        raise ValueError(f"ragged_verify=True but {type(target).__name__} has no forward_flat")
-    if ragged_verify is None:
-        # one row verifies at most Bs+1 tokens: too few for packing to save more than the switch costs
-        ragged_verify = can_flatten and (scheduler is not None or threshold > 0) and batch > 1
-    buckets = ragged_buckets(batch, drafts_per_round(draft.config) + 1) if ragged_verify else ()
+    buckets, padded_fallback = _verify_plan(target, ragged_verify, scheduler, threshold, batch,
+                                            drafts_per_round(draft.config) + 1)
     settings = SpecSettings(int(max_new_tokens), sampling, stops, float(threshold), capacity, capacity,
-                            scheduler.policy if scheduler is not None else None, buckets)
+                            scheduler.policy if scheduler is not None else None, buckets, padded_fallback)
     # traced, not static: a new SPS curve or new temperatures do not recompile (z / 1.0 == z exactly)
-    sched_sps = jnp.asarray(scheduler.sps, jnp.float32) if scheduler is not None else None
+    sched_sps = scheduler.sched_args if scheduler is not None else None
     conf_temps = None
     if draft.config.has_confidence:
         conf_temps = jnp.asarray(temps if temps is not None else (1.0,) * drafts_per_round(draft.config),
@@ -177,7 +175,7 @@ def _generate_slots(target, draft, rows, req, settings, seed, num_slots, refill_
     out = np.full((n, settings.max_new_tokens + bs + 1), -1, np.int32)
     stats = dict(accept=np.zeros((n, rounds), np.int32), proposed=np.zeros((n, rounds), np.int32),
                  conf=np.zeros((n, rounds, bs), np.float32), conf_logits=np.zeros((n, rounds, bs), np.float32),
-                 outcome=np.zeros((n, rounds, bs), bool))
+                 outcome=np.zeros((n, rounds, bs), bool), plain=np.zeros((n, rounds), bool))
     inv = {k: np.zeros(n, np.int32) for k in ("target_len", "draft_len", "pending", "prompt_len")}
     for i in range(n):
         r = results[i]
@@ -195,6 +193,30 @@ def _generate_slots(target, draft, rows, req, settings, seed, num_slots, refill_
     output.stats.update(slots=num_slots, slot_utilisation=st.utilisation, prompt_passes=st.prompt_passes,
                         syncs=st.syncs, rounds=st.decode_steps)
     return output
+
+
+def _verify_plan(target, ragged_verify, scheduler, threshold, batch: int, width: int):
+    """-> (ragged buckets, padded fallback) for :class:`SpecSettings` (see ``ragged_verify``)."""
+    can_flatten = hasattr(target, "forward_flat")
+    if ragged_verify is None and scheduler is not None and scheduler.verify_buckets is not None:
+        ragged_verify = scheduler.verify_buckets
+    if isinstance(ragged_verify, (tuple, list)):
+        plan = tuple(int(b) for b in ragged_verify)
+        if any(b < 1 for b in plan) or list(plan) != sorted(set(plan)):
+            raise ValueError(f"ragged_verify buckets must be increasing positive ints, got {ragged_verify!r}")
+        plan = tuple(b for b in plan if b < batch * width) + ((batch * width,) if plan and plan[-1] >= batch * width
+                                                             else ())
+        if plan and not can_flatten:
+            raise ValueError(f"ragged_verify buckets given but {type(target).__name__} has no forward_flat")
+        if not plan:
+            return (), False
+        return plan, plan[-1] < batch * width
+    if ragged_verify and not can_flatten:
+        raise ValueError(f"ragged_verify=True but {type(target).__name__} has no forward_flat")
+    if ragged_verify is None:
+        # one row verifies at most Bs+1 tokens: too few for packing to save more than the switch costs
+        ragged_verify = can_flatten and (scheduler is not None or threshold > 0) and batch > 1
+    return (ragged_buckets(batch, width) if ragged_verify else ()), False
 
 
 def _check_pair(target, draft) -> None:
@@ -252,6 +274,9 @@ def _to_output(res, settings: SpecSettings, seconds: float, target, prompts) -> 
     stats["_round_confidence"] = np.asarray(res["stats"]["conf"])[:, :rounds]
     stats["_round_confidence_logits"] = np.asarray(res["stats"]["conf_logits"])[:, :rounds]
     stats["_round_outcome"] = np.asarray(res["stats"]["outcome"])[:, :rounds]
+    # row-rounds that were plain decoding steps (speculation switched off: no draft work)
+    stats["_round_plain"] = np.asarray(res["stats"]["plain"])[:, :rounds]
+    stats["plain_rounds"] = int(stats["_round_plain"].sum())
     texts = None
     tok = getattr(target, "tokenizer", None)
     if tok is not None and any(isinstance(p, str) for p in prompts):

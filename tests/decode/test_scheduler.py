@@ -508,3 +508,146 @@ def test_profile_cli_on_a_tiny_target(plain_target, tmp_path, capsys):
     assert "| B | ms/step |" in capsys.readouterr().out
     lengths = prefix_schedule(np.full((3, 2), 0.9, np.float32), np.asarray(table))
     assert lengths.shape == (3,)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Switch-off: plain decoding steps while the round model predicts that speculation loses (issue 32)
+# ---------------------------------------------------------------------------------------------------------
+
+def test_switch_rule_backs_off_resumes_and_does_not_flap():
+    """The pure rule on synthetic rounds: predicted ratio Theta / (R * plain_sps) below 1 -> plain runs of 2, 4, 4
+    (capped); inside the hysteresis band the mode holds; at >= 1 + margin speculation resumes."""
+    from dspark_jax.decode.scheduler import SchedulePolicy
+
+    pol = SchedulePolicy("prefix", switch=True, off_rounds=(2, 4))
+    conf = jnp.full((2, 3), 0.5, jnp.float32)
+    act = jnp.ones((2,), bool)
+    sps = jnp.full((9,), 100.0, jnp.float32)          # flat: full blocks, tau = 2 * (1 + .5 + .25 + .125) = 3.75
+    theta = 3.75 * 100.0
+    state = pol.init_state(2, 3)
+
+    def spec(state, ratio):   # plain_sps such that Theta / (2 * plain_sps) == ratio
+        return pol(conf, act, state, (sps, jnp.float32(theta / (2 * ratio))))[1]
+
+    offs = []
+    for ratio in (0.5, 0.5, 0.5, 0.5):                # each probe still loses: plain runs double up to the cap
+        state = spec(state, ratio)
+        offs.append(int(state["off_left"]))
+        while bool(pol.plain_now(state)):
+            state = pol.after_plain(state)
+    assert offs == [2, 4, 4, 4]
+    state = spec(state, 1.3)                          # EMA 0.5*1.3 + 0.5*ema(~0.5) < 1: still off
+    assert int(state["off_left"]) == 4
+    state = pol.after_plain(pol.after_plain(pol.after_plain(pol.after_plain(state))))
+    state = spec(state, 1.6)                          # EMA >= 1.05: on, and the next plain run starts at 2 again
+    assert int(state["off_left"]) == 0 and int(state["next_off"]) == 2 and not bool(state["off_mode"])
+    for ratio in (1.02, 0.99, 1.02, 0.995):           # noise around 1 with EMA in [1, 1.05): stays on
+        state = spec(state, ratio)
+    assert int(state["off_left"]) == 0
+
+
+def _switch_schedulers(rows, zos=False):
+    mid = _mid_curve(rows)
+    # plain decoding predicted 10x faster than any schedule: every speculative round is followed by a plain run
+    kw = dict(plain_sps=1e5, off_rounds=(2, 4))
+    return ZeroOverheadScheduler(mid, delay=1, **kw) if zos else PrefixScheduler(mid, **kw)
+
+
+@pytest.mark.parametrize("zos", [False, True], ids=["prefix", "zos"])
+def test_greedy_equals_target_greedy_across_switches(plain_target, draft_factory, zos):
+    draft = draft_factory(plain_target, rank=4)
+    sched = _switch_schedulers(len(PROMPTS), zos)
+    ref = dj.generate(plain_target, PROMPTS, max_new_tokens=24, stop_token_ids=())
+    out = dj.speculative_generate(plain_target, draft, PROMPTS, max_new_tokens=24, stop_token_ids=(),
+                                  scheduler=sched)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    _check_round_invariants(out, 24, 4)
+    plain, had = out.stats["_round_plain"], out.accept_lengths > 0
+    assert (out.proposal_lengths[plain] == 0).all() and (out.accept_lengths[plain] == 1).all()
+    # the batch's mode per round: speculative, then plain runs of 2, 4, 4, ... (off_rounds=(2, 4))
+    mode = [bool(plain[had[:, r], r].all()) for r in range(plain.shape[1]) if had[:, r].any()]
+    want = []
+    while len(want) < len(mode):
+        want += [False] + [True] * min(2 ** (1 + sum(not m for m in want)), 4)
+    assert mode == want[:len(mode)]
+    if not zos:   # speculative rounds: the lengths are Algorithm 1 on the recorded confidences
+        for r in range(plain.shape[1]):
+            if had[:, r].any() and not plain[had[:, r], r].any():
+                want_l = prefix_schedule(out.stats["_round_confidence"][:, r], np.asarray(sched.sps), had[:, r])
+                np.testing.assert_array_equal(out.proposal_lengths[:, r], np.asarray(want_l))
+    slots = dj.speculative_generate(plain_target, draft, PROMPTS, max_new_tokens=24, stop_token_ids=(),
+                                    scheduler=sched, max_slots=2)
+    np.testing.assert_array_equal(slots.tokens, ref.tokens)
+    assert slots.stats["plain_rounds"] > 0
+
+
+def test_lossless_across_switches(bigram_target, draft_factory):
+    """Sampled, 2,000 rows x 8 tokens with speculative rounds and plain runs alternating (both directions of a
+    switch inside the window): chi-square of the first 3 tokens against the exact target distribution, and of
+    every transition (bigram target: the next token depends on the current one only) against the bigram table."""
+    from dspark_jax.testing import bigram_table
+
+    prompt, n, new = [3, 7, 1], 2000, 8
+    draft = draft_factory(bigram_target, oracle_scale=0.7)
+    sched = dataclasses_replace(_switch_schedulers(n), off_rounds=(1, 2))
+    out = dj.speculative_generate(bigram_target, draft, [prompt] * n, max_new_tokens=new, temperature=1.0,
+                                  stop_token_ids=(), seed=11, scheduler=sched)
+    plain = out.stats["_round_plain"]
+    assert plain.any() and (~plain & (out.accept_lengths > 0)).sum(axis=1).min() >= 2   # on, off, on again
+    joint = _first_tokens_distribution(bigram_target, prompt, 3, SamplingConfig(1.0))
+    assert _chi_square_pvalue(out.tokens[:, :3], joint) > ALPHA
+    probs = np.exp(bigram_table(bigram_target))
+    probs /= probs.sum(axis=1, keepdims=True)
+    seq = np.concatenate([np.full((n, 1), prompt[-1]), out.tokens], axis=1)
+    v = probs.shape[0]
+    counts = np.zeros((v, v))
+    np.add.at(counts, (seq[:, :-1].reshape(-1), seq[:, 1:].reshape(-1)), 1)
+    for a in range(v):
+        total = counts[a].sum()
+        if total < 200:
+            continue
+        expected = probs[a] * total
+        keep = expected >= 5
+        obs = np.append(counts[a, keep], counts[a, ~keep].sum())
+        exp = np.append(expected[keep], expected[~keep].sum())
+        if exp[-1] == 0:
+            obs, exp = obs[:-1], exp[:-1]
+        assert sps_stats.chisquare(obs, exp).pvalue > ALPHA / v, (a, obs, exp)
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+def test_round_profile_cli_and_scheduler_from_profile(plain_target, draft_factory, tmp_path):
+    import argparse
+    import json
+
+    from dspark_jax.decode.profile import add_profile_parser
+    from dspark_jax.decode.scheduler import load_round_profile
+
+    tdir, ddir = str(tmp_path / "t"), str(tmp_path / "d")
+    dj.save_target(plain_target, tdir)
+    dj.save_draft(draft_factory(plain_target, rank=4), ddir)
+    parser = argparse.ArgumentParser()
+    add_profile_parser(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "rounds.json"
+    args = parser.parse_args(["profile", "--target", tdir, "--draft", ddir, "--batch", "2", "--context", "6",
+                              "--warmup", "0", "--repeats", "1", "--out", str(out), "--no-plot"])
+    assert args.func(args) == 0
+    prof = json.loads(out.read_text())
+    assert prof["format"] == "dspark-round-v1" and prof["batch"] == 2
+    assert [(m["branch"], m["tokens"]) for m in prof["measured"]] == [("ragged", 2), ("ragged", 4), ("ragged", 8),
+                                                                     ("ragged", 10), ("padded", 10)]
+    assert len(prof["sps_table"]) == 11 and prof["plain_sps"] > 0
+    got = load_round_profile(str(out))
+    sched = PrefixScheduler.from_profile(str(out))
+    assert sched.plain_sps == pytest.approx(prof["plain_sps"]) and sched.policy.switch
+    assert list(sched.verify_buckets) == prof["verify_buckets"] == list(got["verify_buckets"])
+    # an older forward-only table still loads, without the plain step: no switch-off
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"format": "dspark-sps-v1", "sps_table": [1.0, 5.0, 4.0, 3.0]}))
+    legacy = PrefixScheduler.from_profile(str(old))
+    assert legacy.plain_sps is None and not legacy.policy.switch and legacy.verify_buckets is None

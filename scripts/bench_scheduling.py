@@ -1,0 +1,174 @@
+"""Confidence scheduling end to end (issue 32): tokens/s of plain decoding, full blocks, a 0.5 threshold, the prefix
+scheduler (Algorithm 1) and ZOS in the real decode loop, per batch size, with the schedulers priced by a round
+profile of the same engine (``dspark profile --draft``: whole rounds + the plain step, measured first in this run).
+
+    python scripts/bench_scheduling.py --pair demo --demo-dir demo_out      # target + DSpark draft of `dspark demo`
+    python scripts/bench_scheduling.py --pair oracle                        # deeper random target, oracle draft
+
+``oracle``: a random Qwen3 target made a greedy cycle (``make_cycle_target``: compute unchanged) and a DSpark draft
+whose Markov head holds the target's bigram table (``make_oracle_draft``, greedy: every draft is accepted) and whose
+confidence head says ``sigmoid(--oracle-confidence-logit)`` everywhere. Greedy decoding; every speculative row's
+tokens are checked against plain decoding's. Per batch: the profile, one compile run per row, then ``--repeats``
+interleaved timed runs (median tokens/s). Each run decodes all ``--prompts`` prompts in consecutive batches (as
+``dspark eval`` does); tokens/s = their new tokens / the loops' seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import dspark_jax as dj  # noqa: E402
+from dspark_jax.decode.profile import profile_rounds  # noqa: E402
+from dspark_jax.decode.scheduler import PrefixScheduler, ZeroOverheadScheduler  # noqa: E402
+
+
+def demo_pair(demo_dir: str, n: int):
+    from dspark_jax.eval.datasets import chat_prompt_ids, load_prompts
+
+    target = dj.load_target(os.path.join(demo_dir, "target"))
+    draft = dj.load_draft(os.path.join(demo_dir, "drafts", "dspark", "draft"), target=target)
+    texts = load_prompts(os.path.join(demo_dir, "eval_data"), "heldout", max_samples=1000)
+    # held-out prompts of <= 64 tokens: few prompt buckets, so each loop compiles once or twice per batch size
+    prompts = [p for p in (chat_prompt_ids(target.tokenizer, t) for t in texts) if len(p) <= 64]
+    prompts = (prompts * (n // len(prompts) + 1))[:n]        # repeated to fill the largest batch
+    return target, draft, prompts, None   # stop at the target's eos
+
+
+def oracle_pair(n: int, hidden: int, layers: int, vocab: int, block: int, conf_logit: float, prompt_len: int):
+    from dspark_jax.testing import make_cycle_target, make_oracle_draft
+
+    cfg = dj.TargetConfig(model_type="qwen3", vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                          num_key_value_heads=max(1, hidden // 128), head_dim=64, eos_token_id=0)
+    target = dj.build_target(cfg, seed=0)
+    rng = np.random.default_rng(1)
+    make_cycle_target(target, rng.permutation(vocab))
+    dcfg = dj.DraftConfig(block_size=block, mask_token_id=vocab - 1,
+                          target_layer_ids=tuple(int(i) for i in np.linspace(0, layers - 2, 3).round()),
+                          markov_rank=vocab, num_draft_layers=1, enable_confidence_head=True)
+    draft = dj.build_draft(target, dcfg, seed=3)
+    make_oracle_draft(target, draft, scale=50.0)
+    proj = draft.confidence_head.proj
+    proj.kernel[...] = jnp.zeros_like(proj.kernel[...])
+    proj.bias[...] = jnp.full_like(proj.bias[...], conf_logit)
+    prompts = [rng.integers(1, vocab - 1, prompt_len).tolist() for _ in range(n)]
+    return target, draft, prompts, ()
+
+
+def _chunks(prompts, batch):
+    return [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
+
+
+def run_batch(target, draft, prompts, batch, stops, max_new, repeats, context, log):
+    """All ``prompts`` decoded in consecutive batches of ``batch`` (as ``dspark eval`` does): tokens/s over them."""
+    t0 = time.perf_counter()
+    prof = profile_rounds(target, draft, batch, context=context, repeats=7, rounds=16)
+    log(f"  batch {batch}: profile {time.perf_counter() - t0:.0f} s: plan {prof['verify_buckets']}, plain "
+        f"{1e3 * prof['plain_seconds']:.2f} ms, rounds "
+        + ", ".join(f"{m['branch'][0]}{m['tokens']}={1e3 * m['seconds']:.2f}" for m in prof["measured"]))
+    sps, plain_sps, plan = prof["sps_table"], prof["plain_sps"], tuple(prof["verify_buckets"])
+    kw = dict(max_new_tokens=max_new, stop_token_ids=stops)
+    prefix = PrefixScheduler(sps, plain_sps=plain_sps, verify_buckets=plan)
+    zos = ZeroOverheadScheduler(sps, plain_sps=plain_sps, verify_buckets=plan)
+    rows = {
+        "plain": lambda p: dj.generate(target, p, **kw),
+        "full blocks": lambda p: dj.speculative_generate(target, draft, p, **kw),
+        "threshold 0.5": lambda p: dj.speculative_generate(target, draft, p, threshold=0.5, ragged_verify=plan, **kw),
+        "prefix": lambda p: dj.speculative_generate(target, draft, p, scheduler=prefix, **kw),
+        "ZOS": lambda p: dj.speculative_generate(target, draft, p, scheduler=zos, **kw),
+    }
+    chunks = _chunks(prompts, batch)
+
+    def run_all(fn):
+        outs = [fn(p) for p in chunks]
+        secs = sum(o.stats["seconds"] for o in outs)
+        return outs, float(sum(o.lengths.sum() for o in outs)) / secs
+
+    ref = [o.tokens for o in run_all(rows["plain"])[0]]
+    info = {}
+    for name, fn in rows.items():                     # compile, and check the tokens against plain decoding
+        outs, _ = run_all(fn)
+        assert all(np.array_equal(o.tokens, r) for o, r in zip(outs, ref)), f"{name}: tokens differ from plain"
+        row_rounds = sum(o.stats.get("row_rounds", 0) for o in outs)
+        committed = sum(float(o.lengths.sum()) for o in outs)
+        info[name] = {
+            "tau": sum(o.stats.get("tau", 1.0) * o.stats.get("row_rounds", 0) for o in outs) / row_rounds
+            if row_rounds else 1.0,
+            "drafts_per_row_round": sum(o.stats.get("mean_proposal", 0.0) * o.stats.get("row_rounds", 0)
+                                        for o in outs) / row_rounds if row_rounds else 0.0,
+            "plain_share": sum(o.stats.get("plain_rounds", 0) for o in outs) / row_rounds if row_rounds else 1.0,
+            "new_tokens": committed}
+    speeds = {name: [] for name in rows}
+    for _ in range(repeats):
+        for name, fn in rows.items():
+            speeds[name].append(run_all(fn)[1])
+    result = {"batch": batch, "profile": {k: prof[k] for k in ("measured", "plain_seconds", "verify_buckets")},
+              "rows": {}}
+    for name in rows:
+        result["rows"][name] = dict(info[name], tokens_per_s=statistics.median(speeds[name]), all=speeds[name])
+    return result
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pair", choices=["demo", "oracle"], required=True)
+    ap.add_argument("--demo-dir", default="demo_out")
+    ap.add_argument("--batches", default="1,4,8,16,32")
+    ap.add_argument("--prompts", type=int, default=64, help="prompts decoded per batch size (in batches)")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--block-size", type=int, default=4)
+    ap.add_argument("--oracle-confidence-logit", type=float, default=3.0)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--json-out")
+    args = ap.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    n = args.prompts
+    if args.pair == "demo":
+        target, draft, prompts, stops = demo_pair(args.demo_dir, n)
+    else:
+        target, draft, prompts, stops = oracle_pair(n, args.hidden, args.layers, args.vocab, args.block_size,
+                                                    args.oracle_confidence_logit, args.prompt_len)
+    context = int(np.median([len(p) for p in prompts])) + args.max_new_tokens // 2
+    print(f"{args.pair} pair: target H={target.config.hidden_size} x {target.config.num_hidden_layers} layers, "
+          f"V={target.config.vocab_size}; Bs={draft.config.block_size}; {len(prompts)} prompts; profile context "
+          f"{context}; {jax.devices()[0].device_kind}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs", flush=True)
+    results = []
+    print("| batch | row | tokens/s | x plain | tau | drafts / row-round | plain rounds |\n|---:|---|---:|---:|---:|---:|---:|")
+    for b in batches:
+        res = run_batch(target, draft, prompts, b, stops, args.max_new_tokens, args.repeats, context,
+                        log=lambda s: print(s, file=sys.stderr, flush=True))
+        results.append(res)
+        base = res["rows"]["plain"]["tokens_per_s"]
+        for name, r in res["rows"].items():
+            print(f"| {b} | {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | {r['tau']:.2f} | "
+                  f"{r['drafts_per_row_round']:.2f} | {r['plain_share']:.0%} |", flush=True)
+        best = max(base, res["rows"]["full blocks"]["tokens_per_s"])
+        res["prefix_vs_best_baseline"] = res["rows"]["prefix"]["tokens_per_s"] / best
+        res["zos_vs_best_baseline"] = res["rows"]["ZOS"]["tokens_per_s"] / best
+        print(f"|  | prefix / max(plain, full) = {res['prefix_vs_best_baseline']:.3f}, ZOS: "
+              f"{res['zos_vs_best_baseline']:.3f} | | | | | |", flush=True)
+    if args.json_out:
+        with open(args.json_out, "w", encoding="utf-8") as f:
+            json.dump({"pair": args.pair, "args": vars(args), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
