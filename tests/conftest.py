@@ -165,3 +165,14 @@ class ProcessLauncher:
 def multiprocess(tmp_path_factory):
     """A :class:`ProcessLauncher` whose processes share this session's compilation cache."""
     return ProcessLauncher(str(tmp_path_factory.mktemp("multiprocess_jax_cache")))
+
+
+# ---- per-test timings, written as they happen (DSPARK_TEST_TIMINGS=path): survives a run that is killed -----
+_TIMINGS = os.environ.get("DSPARK_TEST_TIMINGS")
+
+
+def pytest_runtest_logreport(report):
+    # under xdist the controller sees every worker's reports: write there only, once per phase
+    if _TIMINGS and "PYTEST_XDIST_WORKER" not in os.environ:
+        with open(_TIMINGS, "a", encoding="utf-8") as f:
+            f.write(f"{report.duration:.2f}\t{report.when}\t{report.nodeid}\n")

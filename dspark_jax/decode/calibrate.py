@@ -48,7 +48,6 @@ def _ece_many(preds: np.ndarray, label: np.ndarray, bins: int) -> np.ndarray:
         return np.zeros(g)
     b = np.minimum((preds * bins).astype(np.int64), bins - 1)
     flat = (b + bins * np.arange(g)[:, None]).reshape(-1)
-    count = np.bincount(flat, minlength=g * bins).reshape(g, bins)
     psum = np.bincount(flat, weights=preds.reshape(-1), minlength=g * bins).reshape(g, bins)
     lsum = np.bincount(flat, weights=np.broadcast_to(label, preds.shape).reshape(-1),
                        minlength=g * bins).reshape(g, bins)
