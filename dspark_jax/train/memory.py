@@ -6,13 +6,12 @@ each array's per-device share follows from its ``logical_axes`` and the run's :c
 requested mesh shape (the same rule the real run places arrays by; no devices are needed, so a v5e-64 job can
 be sized on a laptop).
 
-Activations are an analytic estimate of the peak of one micro-step with the current XLA code paths (stated per
-term in :func:`activation_terms`): the target's forward keeps only its outputs (taps, last hidden) plus one
-layer's temporaries; the draft keeps every layer's residuals for the backward pass, including the
-``[heads, block tokens, context + block tokens]`` fp32 attention scores of the reference attention. That last
-term dominates at DeepSpec's shapes (S=4096, N=512, Bs=7): a fused (flash) attention kernel or rematerialised
-draft layers remove most of it. XLA's own figure for a compiled step (``compiled.memory_analysis()``) is the
-ground truth on a real device.
+Activations are an analytic estimate of the peak of one micro-step (stated per term in
+:func:`activation_terms`) for the code path the run takes (:func:`kernel_path`: Pallas flash block attention and
+the fused vocab loss on TPU / GPU, the XLA reference on CPU) and the draft layers' ``optim.remat`` policy. On CPU
+the test ``tests/train/test_memory_estimate.py`` holds it to XLA's own figure for the compiled step
+(``compiled.memory_analysis()``) within 15%; on a real TPU / GPU that figure is the ground truth. The report also
+gives the step's matmul FLOPs per device (:func:`step_flops`) and the step time they imply at the chip's peak.
 """
 
 from __future__ import annotations

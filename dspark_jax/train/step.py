@@ -51,6 +51,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dspark_jax.drafts.dspark import REMAT_POLICIES
 from dspark_jax.train.anchors import sample_anchors
 from dspark_jax.train.eagle3_loss import eagle3_loss
 from dspark_jax.train.loss import dspark_loss
@@ -237,7 +238,6 @@ def make_train_step(target: nnx.Module, draft: nnx.Module, optimizer: optax.Grad
     target_graphdef = None if target is None else nnx.split(target)[0]
     taps_ids = tuple(cfg.target_layer_ids)
     n_anchors = int(num_anchors or cfg.num_anchors)
-    from dspark_jax.drafts.dspark import REMAT_POLICIES
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r} is not one of {tuple(REMAT_POLICIES)}")
     materialize = vocab_chunk is None
