@@ -73,6 +73,12 @@ def draft_attention(attn, q, k_blk, v_blk, k_ctx, v_ctx, mask, ctx_cache=None, c
       beyond the row's length (the next round's writes overwrite them), so the caller needs ``block_start + Q <=
       cap``.
     """
+    if ctx_cache is None and isinstance(mask, kernels.DSparkBlockMask) and \
+            resolve_impl(attn.attention_impl, "dspark_block_attention")[0] == "xla":
+        # the two key parts where they lie: no [ctx ; block] copy forward, no pad/slice of it backward
+        o = kernels.dspark_block_attention_split(q, k_ctx, v_ctx, k_blk, v_blk, mask.anchors, mask.block_keep,
+                                                 attn.scale, block_size=mask.block_size)
+        return attn.o_proj(o.reshape(*o.shape[:2], attn.num_heads * attn.head_dim)), (k_ctx, v_ctx)
     if ctx_cache is None:
         k = jnp.concatenate([k_ctx, k_blk.astype(k_ctx.dtype)], axis=1)
         v = jnp.concatenate([v_ctx, v_blk.astype(v_ctx.dtype)], axis=1)

@@ -110,19 +110,23 @@ class DSparkDraft(DraftBase):
         self.check_tap_width(taps)
         return self.hidden_norm(self.fc(taps.astype(self.dtype)))
 
-    def backbone(self, block_h, block_pos, ctx, ctx_pos, mask, cache: KVCache | None = None, ctx_count=None):
+    def backbone(self, block_h, block_pos, ctx, ctx_pos, mask, cache: KVCache | None = None, ctx_count=None,
+                 remat: str = "none"):
         """Runs the layers; returns (post-norm block hidden ``[B,Q,H]``, updated context cache or None).
 
         Without a cache, ``mask`` covers ``[ctx ; block]`` keys (training). With one (inference), ``mask`` is unused:
         the first ``ctx_count [B]`` rows of ``ctx`` extend the cache and the block sees the whole extended context.
+        ``remat``: what the backward pass recomputes of each layer (:data:`REMAT_POLICIES`; training only).
         """
         block_rope, ctx_rope = self.rope(block_pos), self.rope(ctx_pos)
         h = block_h
         keys, values = [], []
         start = None if cache is None else cache.lengths + ctx_count.astype(jnp.int32)
+        call = _layer_call(remat)
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            h, (k, v) = layer(h, block_rope, ctx, ctx_rope, mask, kv, None if cache is None else cache.lengths, start)
+            h, (k, v) = call(layer, h, block_rope, ctx, ctx_rope, mask, kv, None if cache is None else cache.lengths,
+                             start)
             keys.append(k)
             values.append(v)
         new_cache = None if cache is None else KVCache(tuple(keys), tuple(values), start)
@@ -139,13 +143,14 @@ class DSparkDraft(DraftBase):
 
     # ---- training --------------------------------------------------------------------------
     def train_forward(self, input_ids, loss_mask, target_hidden, target_last_hidden, anchors, block_keep, *,
-                      materialize_logits: bool = True) -> DraftTrainOutput:
+                      materialize_logits: bool = True, remat: str = "none") -> DraftTrainOutput:
         """Teacher-forced forward over N anchored blocks per sequence (spec §3.3).
 
         Args:
           input_ids, loss_mask: ``[B, S]``; target_hidden: ``[B, S, Lt*H]`` taps; target_last_hidden ``[B, S, H]``.
           anchors: ``[B, N]`` ascending anchor positions (dummies 0); block_keep: ``[B, N]`` bool.
           materialize_logits: also return ``[B,N,Bs,V]`` draft/target logits (a chunked loss does not need them).
+          remat: rematerialisation of the draft layers in the backward pass (:data:`REMAT_POLICIES`).
         """
         cfg = self.config
         bs, mask_id = cfg.block_size, cfg.mask_token_id
@@ -166,7 +171,7 @@ class DSparkDraft(DraftBase):
         ctx_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         mask = kernels.DSparkBlockMask(anchors, keep, ns)   # spec §1.5 mask, structured: Pallas kernel can skip tiles
         ctx = self.fuse_context(target_hidden)
-        out, _ = self.backbone(self.embed(block_ids.reshape(b, n * ns)), block_pos, ctx, ctx_pos, mask)
+        out, _ = self.backbone(self.embed(block_ids.reshape(b, n * ns)), block_pos, ctx, ctx_pos, mask, remat=remat)
         # bonus-anchor slot 0 predicts the anchor itself (known): the drafting slots, and so the labels
         # x_{a+1} .. x_{a+Bs}, are the same as anchor-first's
         out = out.reshape(b, n, ns, -1)[:, :, ns - bs:]
@@ -262,6 +267,26 @@ class DSparkDraft(DraftBase):
         toks, logits, prevs = jnp.moveaxis(toks, 0, 1), jnp.moveaxis(logits, 0, 1), jnp.moveaxis(prevs, 0, 1)
         return Proposal(tokens=toks, logits=logits, confidence_logits=self.confidence(out, prevs),
                         block_hidden=out, cache=cache)
+
+
+REMAT_POLICIES: dict[str, str] = {
+    "none": "every layer's activations are kept for the backward pass (fastest, most memory)",
+    "dots": "each layer keeps its projection / MLP matmul outputs; attention scores, softmax and elementwise "
+            "temporaries are recomputed (the [heads, queries, keys] arrays are never kept)",
+    "layers": "each layer keeps only its input (the block hidden state); the whole layer is recomputed",
+}
+"""Rematerialisation policies of the draft layers in training (``optim.remat``), cheapest memory last."""
+
+
+def _layer_call(remat: str):
+    """``(layer, *args) -> layer(*args)``, under ``nnx.remat`` with the policy named ``remat``."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r} is not one of {tuple(REMAT_POLICIES)}")
+    call = lambda layer, *args: layer(*args)  # noqa: E731
+    if remat == "none":
+        return call
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
+    return nnx.remat(call, policy=policy)
 
 
 def _check_shape(name: str, x, want: tuple) -> None:

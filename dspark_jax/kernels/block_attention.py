@@ -64,14 +64,63 @@ def dspark_block_attention_reference(q, k, v, anchors, block_keep, scale, *, blo
     return attention_reference(q, k, v, mask, scale)
 
 
+def dspark_block_attention_split(q, k_ctx, v_ctx, k_blk, v_blk, anchors, block_keep, scale, *, block_size: int):
+    """The XLA path without the masked tiles of the dense reference: the same attention as
+    :func:`dspark_block_attention_reference` over ``[k_ctx ; k_blk]``, computed as one softmax in two parts.
+
+    The dense form scores every query against all ``N*Bs`` block keys, of which a query sees only its own block's
+    ``Bs``: that is ``(N-1)/N`` of the block part of the scores, ~half of all attention work at N=64, S=512. Here
+    the context part is ``[.., N*Bs, S]`` (masked by anchor) and the block part ``[.., N, Bs, Bs]`` (batched per
+    block); the two share one max and one normaliser, and the keys are never concatenated.
+
+    Args: q ``[B, N*Bs, nh, hd]``; k_ctx, v_ctx ``[B, S, nkv, hd]``; k_blk, v_blk ``[B, N*Bs, nkv, hd]`` (in query
+    order); anchors, block_keep ``[B, N]``. Returns ``[B, N*Bs, nh, hd]`` in q's dtype (0 for dropped blocks).
+    """
+    from dspark_jax.kernels.attention import queries_as_rows, rows_as_heads
+
+    b, nq, nh, hd = q.shape
+    s, nkv = k_ctx.shape[1], k_ctx.shape[2]
+    n, g, bs = anchors.shape[1], nh // nkv, block_size
+    if n * bs != nq or k_blk.shape[1] != nq:
+        raise ValueError(f"anchors {anchors.shape} x block_size {bs} do not cover {nq} queries / {k_blk.shape} keys")
+    f32, neg = jnp.float32, jnp.finfo(jnp.float32).min
+    k_blk, v_blk = k_blk.astype(k_ctx.dtype), v_blk.astype(v_ctx.dtype)
+    # context part, rows = (query, group) per kv head: [B, nkv, N*Bs*g, S]
+    qm = queries_as_rows(q, nkv)
+    s_ctx = jnp.einsum("bnmd,btnd->bnmt", qm, k_ctx, preferred_element_type=f32) * scale
+    q_anchor = jnp.repeat(jnp.where(block_keep.astype(bool), anchors.astype(jnp.int32), 0), bs * g, axis=1)
+    vis = (jnp.arange(s, dtype=jnp.int32)[None, None, :] < q_anchor[:, :, None])[:, None]     # [B, 1, rows, S]
+    s_ctx = jnp.where(vis, s_ctx, neg)
+    # block part: [B, nkv, N, Bs*g, Bs], each block's rows against its own keys
+    qb = qm.reshape(b, nkv, n, bs * g, hd)
+    kb = k_blk.reshape(b, n, bs, nkv, hd)
+    vb = v_blk.reshape(b, n, bs, nkv, hd)
+    s_blk = jnp.einsum("bnkmd,bktnd->bnkmt", qb, kb, preferred_element_type=f32) * scale
+    keep = block_keep.astype(bool)[:, None, :, None, None]                                   # [B, 1, N, 1, 1]
+    s_blk = jnp.where(keep, s_blk, neg)
+    m_blk = jnp.max(s_blk, axis=-1).reshape(b, nkv, n * bs * g)
+    m = jnp.maximum(jnp.max(s_ctx, axis=-1), m_blk)                                          # [B, nkv, rows]
+    p_ctx = jnp.where(vis, jnp.exp(s_ctx - m[..., None]), 0.0)
+    p_blk = jnp.where(keep, jnp.exp(s_blk - m.reshape(b, nkv, n, bs * g)[..., None]), 0.0)
+    denom = jnp.sum(p_ctx, axis=-1) + jnp.sum(p_blk, axis=-1).reshape(b, nkv, n * bs * g)
+    out = jnp.einsum("bnmt,btnd->bnmd", p_ctx.astype(v_ctx.dtype), v_ctx, preferred_element_type=f32)
+    out = out + jnp.einsum("bnkmt,bktnd->bnkmd", p_blk.astype(v_blk.dtype), vb,
+                           preferred_element_type=f32).reshape(b, nkv, n * bs * g, hd)
+    out = out / jnp.where(denom > 0, denom, 1.0)[..., None]
+    return rows_as_heads(out, nq).astype(q.dtype)
+
+
 def dspark_block_attention(q, k, v, anchors, block_keep, scale, *, block_size: int, impl: str = "auto",
                            block_q: int | None = None, block_k: int | None = None):
-    """Dispatches by ``impl`` (see :mod:`dspark_jax.kernels._dispatch`); same contract as
-    :func:`dspark_block_attention_reference`. ``block_q``/``block_k`` override the Pallas tile sizes (queries /
+    """Dispatches by ``impl`` (see :mod:`dspark_jax.kernels._dispatch`; XLA: :func:`dspark_block_attention_split`);
+    same contract as :func:`dspark_block_attention_reference`. ``block_q``/``block_k`` override the Pallas tile sizes (queries /
     keys per tile)."""
     kind, target = _dispatch.resolve(impl, "dspark_block_attention")
     if kind == "xla":
-        return dspark_block_attention_reference(q, k, v, anchors, block_keep, scale, block_size=block_size)
+        _check(q, k, v, anchors, block_keep, block_size)
+        c = k.shape[1] - q.shape[1]
+        return dspark_block_attention_split(q, k[:, :c], v[:, :c], k[:, c:], v[:, c:], anchors, block_keep, scale,
+                                            block_size=block_size)
     _check(q, k, v, anchors, block_keep, block_size)
     from dspark_jax.kernels import block_attention_pallas
     return block_attention_pallas.block_attention_pallas(q, k, v, anchors.astype(jnp.int32), block_keep.astype(bool),

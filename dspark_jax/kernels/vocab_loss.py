@@ -128,13 +128,20 @@ def vocab_loss(draft_hidden, target_hidden, markov_u, lm_head, markov_w2, target
                softcap: float | None = None):
     """(CE, L1) per row without materialising ``[..., V]``; ``impl`` as in ``kernels/_dispatch.py``.
 
-    ``chunk`` is the vocab chunk of the XLA scan; ``row_tile`` / ``vocab_tile`` the Pallas tiles (None: per
+    ``chunk`` is the vocab chunk of the XLA scan (a chunk covering the vocab runs the one-pass
+    :func:`~dspark_jax.kernels.vocab_loss_dense.vocab_loss_dense` instead); ``row_tile`` / ``vocab_tile`` the Pallas tiles (None: per
     backend defaults, clipped to the problem). Same contract as :func:`vocab_loss_reference` (``softcap``
     included).
     """
     if (markov_u is None) != (markov_w2 is None):
         raise ValueError("markov_u and markov_w2 come together (both None without a Markov head)")
     kind, target = resolve(impl, "vocab_loss")
+    if kind == "xla" and chunk >= lm_head.shape[0]:
+        # one chunk is the whole vocab: the scan would only recompute the logits (three times each)
+        from dspark_jax.kernels.vocab_loss_dense import vocab_loss_dense
+
+        return vocab_loss_dense(draft_hidden, target_hidden, markov_u, lm_head, markov_w2, target_ids,
+                                softcap=softcap)
     if kind == "xla":
         from dspark_jax.train.loss import slot_ce_l1_chunked  # the loss module imports this one
 

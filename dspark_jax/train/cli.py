@@ -52,7 +52,7 @@ def cmd_train(args) -> int:
 
         n = args.num_devices or jax.device_count()
         try:
-            report = estimate_memory(cfg, n)
+            report = estimate_memory(cfg, n, device=args.device)
         except ConfigError as e:
             raise SystemExit(f"error: {e}") from None
         print(f"[dry-run] {args.config}: {cfg.draft.kind} draft, target {cfg.target.path or cfg.target.arch}, "

@@ -137,6 +137,9 @@ class OptimSection:
     vocab_chunk: reduce the loss over the vocabulary in chunks of this many rows (no [.., V] logits);
       0 = materialise the logits.
     peak_tflops: the device's peak dense TFLOP/s for the MFU estimate (None: a table of known devices).
+    remat: what the backward pass recomputes of each DSpark / DFlash draft layer: ``none`` (keep everything),
+      ``dots`` (keep the matmul outputs, recompute attention scores and elementwise temporaries) or ``layers``
+      (keep only each layer's input). ``--dry-run`` counts it.
     """
 
     lr: float = 6e-4
@@ -151,6 +154,7 @@ class OptimSection:
     precision: str = "bf16"
     vocab_chunk: int = 8192
     peak_tflops: float | None = None
+    remat: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +250,7 @@ _CHOICES = {
     ("data", "mask_source"): ("auto", "span", "template"),
     ("log", "tensorboard"): ("auto", "true", "false"),
     ("mesh", "draft_sharding"): ("sharded", "replicated"),
+    ("optim", "remat"): ("none", "dots", "layers"),
 }
 _POSITIVE = {("optim", "global_batch_size"), ("optim", "epochs"), ("data", "max_length"), ("checkpoint", "every"),
              ("log", "every"), ("draft", "block_size"), ("draft", "num_draft_layers"), ("draft", "num_anchors"),

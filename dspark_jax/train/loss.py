@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from dspark_jax.drafts.config import DraftConfig
 from dspark_jax.kernels.vocab_loss import apply_softcap, vocab_loss
+from dspark_jax.kernels.vocab_loss_dense import vocab_loss_dense
 
 
 def slot_weights(eval_mask: jax.Array, config: DraftConfig) -> jax.Array:
@@ -113,16 +114,19 @@ def dspark_loss(outputs, config: DraftConfig, *, vocab_chunk: int | None = None,
       outputs: a :class:`DraftTrainOutput` from ``draft.train_forward``.
       config: the draft's config (loss weights, gamma; DFlash = CE only).
       vocab_chunk: if set, reduce over the vocab in chunks of this many rows (needs no materialised logits).
+        None: from the materialised logits when ``outputs`` has them, else from the hidden states over the whole
+        vocab in one pass (``kernels.vocab_loss_dense``: same values, a cheaper backward).
       impl: with ``vocab_chunk``, which vocab reduction (``kernels.vocab_loss``): ``xla`` = the scan below,
         ``pallas`` = the fused kernel, ``auto`` = Pallas on TPU/GPU, XLA on CPU (or ``$DSPARK_KERNEL_IMPL``).
     Returns:
       (loss scalar, metrics dict of scalars: ce, l1, bce, accept_rate@k, tau_probabilistic, weight_sum,
       conf_abs_error, conf_bias, conf_cumprod_bias).
     """
-    if vocab_chunk is None and outputs.draft_logits is None:
-        raise ValueError("outputs carry no materialised logits: pass vocab_chunk or train_forward(materialize_logits=True)")
-    if vocab_chunk is None:
+    if vocab_chunk is None and outputs.draft_logits is not None:
         ce, l1 = slot_ce_l1_reference(outputs.draft_logits, outputs.target_logits, outputs.target_ids)
+    elif vocab_chunk is None:   # whole-vocab logits from the hidden states, one pass, hand-written backward
+        ce, l1 = vocab_loss_dense(outputs.draft_hidden, outputs.target_hidden, outputs.markov_u, outputs.lm_head,
+                                  outputs.markov_w2, outputs.target_ids, softcap=outputs.softcap)
     else:
         ce, l1 = vocab_loss(outputs.draft_hidden, outputs.target_hidden, outputs.markov_u, outputs.lm_head,
                             outputs.markov_w2, outputs.target_ids, chunk=vocab_chunk, impl=impl,

@@ -6,20 +6,19 @@ each array's per-device share follows from its ``logical_axes`` and the run's :c
 requested mesh shape (the same rule the real run places arrays by; no devices are needed, so a v5e-64 job can
 be sized on a laptop).
 
-Activations are an analytic estimate of the peak of one micro-step with the current XLA code paths (stated per
-term in :func:`activation_terms`): the target's forward keeps only its outputs (taps, last hidden) plus one
-layer's temporaries; the draft keeps every layer's residuals for the backward pass, including the
-``[heads, block tokens, context + block tokens]`` fp32 attention scores of the reference attention. That last
-term dominates at DeepSpec's shapes (S=4096, N=512, Bs=7): a fused (flash) attention kernel or rematerialised
-draft layers remove most of it. XLA's own figure for a compiled step (``compiled.memory_analysis()``) is the
-ground truth on a real device.
+Activations are an analytic estimate of the peak of one micro-step (stated per term in
+:func:`activation_terms`) for the code path the run takes (:func:`kernel_path`: Pallas flash block attention and
+the fused vocab loss on TPU / GPU, the XLA reference on CPU) and the draft layers' ``optim.remat`` policy. On CPU
+the test ``tests/train/test_memory_estimate.py`` holds it to XLA's own figure for the compiled step
+(``compiled.memory_analysis()``) within 15%; on a real TPU / GPU that figure is the ground truth. The report also
+gives the step's matmul FLOPs per device (:func:`step_flops`) and the step time they imply at the chip's peak.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -76,9 +75,34 @@ def _per_device_bytes(tree, mesh: _ShapeMesh, rules: LogicalRules) -> int:
     return total
 
 
+def kernel_path(device: str | None) -> str:
+    """Which attention / vocab-loss code a run on ``device`` takes with ``impl="auto"``: ``pallas`` on TPU and
+    GPU chips, ``xla`` on CPU (or an unknown / unnamed device: the machine running the dry run)."""
+    d = (device or "").lower()
+    return "pallas" if d and d != "cpu" and d in DEVICE_MEMORY_GIB else "xla"
+
+
 def activation_terms(cfg: TrainConfig, t: TargetConfig, draft_cfg, mesh_shape: Mapping[str, int],
-                     online: bool = True) -> dict[str, int]:
-    """Analytic per-device activation bytes of one micro-step at the longest bucket (``data.max_length``)."""
+                     online: bool = True, path: str = "xla") -> dict[str, int]:
+    """Analytic per-device activation bytes of one micro-step at the longest bucket (``data.max_length``).
+
+    ``path``: ``pallas`` (flash block attention and the fused vocab loss: TPU / GPU) or ``xla`` (the reference
+    code: CPU). Terms, with ``b`` sequences per device, ``Q = N * slots`` block queries, ``S`` context, ``c``
+    compute bytes:
+
+    * draft layer residuals, per layer: the block's hidden-state, norm, projection and MLP activations
+      (``b*Q*(6H + (nh + 2 nkv) hd + 3I) * c``) and the context keys / values (``b*S*4 nkv hd * c``). ``optim.remat``
+      cuts them: ``dots`` keeps the matmul outputs only, ``layers`` only each layer's input (plus one layer's
+      residuals, rebuilt during its backward).
+    * attention: ``pallas``: the flash kernel keeps its output and row statistics only; ``xla``: three fp32
+      ``[b, nh, Q, S]`` arrays per layer (scores, probabilities and the mask as fp32) --
+      measured: XLA:CPU keeps these of every layer whatever ``remat`` says (its scheduler is not memory-aware
+      and hoists the recomputation; compiled temp bytes differ by ~3% between the policies), so the XLA path
+      ignores ``remat``; ``remat`` is counted on the ``pallas`` path, whose TPU / GPU schedulers honour it.
+    * vocab loss over the ``b*N*Bs`` labelled slots: ``pallas``: fp32 row accumulators only; ``xla`` with the
+      vocab in one chunk (or ``vocab_chunk: 0``): three fp32 ``[rows, V]`` arrays (the one-pass loss keeps
+      ``p_d``, ``p_t`` and builds the logit gradient); ``xla`` chunked: six ``[rows, chunk]`` arrays.
+    """
     o = cfg.optim
     micro = o.micro_batch_size or o.global_batch_size
     ways = mesh_shape["data"] * mesh_shape["fsdp"]
@@ -89,31 +113,77 @@ def activation_terms(cfg: TrainConfig, t: TargetConfig, draft_cfg, mesh_shape: M
     t_bytes = jnp.dtype(cfg.target.dtype).itemsize
     c_bytes = 4 if o.precision == "fp32" else 2
     lt = len(draft_cfg.target_layer_ids)
+    remat = getattr(o, "remat", "none")
     terms: dict[str, int] = {}
     # target forward, no gradient: outputs kept + one layer's temporaries (scores fp32, MLP up/gate)
     outputs = b * s * (lt + 1) * h * t_bytes
     inter = t.moe_intermediate_size * t.num_experts_per_tok if t.num_experts else t.intermediate_size
-    layer_tmp = max(b * (nh // tp or 1) * s * s * 4 * 2, b * s * (inter // tp or 1) * 3 * t_bytes) + 4 * b * s * h * t_bytes
+    scores = b * (nh // tp or 1) * s * s * 4 * 2        # the target's causal attention is the XLA reference
+    layer_tmp = max(scores, b * s * (inter // tp or 1) * 3 * t_bytes) + 4 * b * s * h * t_bytes
     terms["target features (taps + last hidden)"] = outputs
     terms["target forward temporaries (one layer)"] = layer_tmp if online else 0
-    # draft forward + backward: residuals of every layer
     a = draft_cfg.arch
+    nh_l = nh // tp or 1
     if draft_cfg.is_eagle3:
         steps = draft_cfg.ttt_length
-        q_tok, kv_tok = s, s * steps
         per_layer = b * steps * (s * (2 * h * 6 + (nh + 2 * nkv) * hd * 2 + a.intermediate_size * 3) * c_bytes
-                                 + (nh // tp or 1) * s * (s + steps) * 4 * 2)
-        layers, logit_tokens = 1, b * s * steps
+                                 + nh_l * s * (s + steps) * 4 * 2)
+        terms["draft residuals (fwd+bwd)"] = per_layer + b * s * (lt * h + h) * c_bytes
+        logit_rows = b * s * steps
     else:
-        q_tok = draft_cfg.num_anchors * draft_cfg.block_size
-        kv_tok = s + q_tok
-        per_layer = b * (q_tok * (h * 6 + (nh + 2 * nkv) * hd * 2 + a.intermediate_size * 3 // tp) * c_bytes
-                         + kv_tok * 2 * nkv * hd * c_bytes + (nh // tp or 1) * q_tok * kv_tok * 4 * 2)
-        layers, logit_tokens = draft_cfg.num_draft_layers, b * q_tok
-    terms["draft residuals (fwd+bwd)"] = per_layer * layers + b * s * (lt * h + h) * c_bytes
-    vocab = o.vocab_chunk if o.vocab_chunk else a.vocab_size
-    terms["loss logits (draft + target, fp32)"] = logit_tokens * vocab * 4 * 4
+        q_tok = draft_cfg.num_anchors * draft_cfg.num_block_slots
+        inter_l = a.intermediate_size // tp or 1
+        full = b * (q_tok * (6 * h + (nh + 2 * nkv) * hd + 3 * inter_l) + s * 4 * nkv * hd) * c_bytes
+        dots = b * (q_tok * (2 * h + (nh + 2 * nkv) * hd + 2 * inter_l) + s * 2 * nkv * hd) * c_bytes
+        layers = draft_cfg.num_draft_layers
+        # XLA:CPU hoists the recomputation of rematerialised layers (see above): it keeps everything
+        kept = {"none": full * layers, "dots": dots * layers + (full - dots),
+                "layers": b * q_tok * h * c_bytes * layers + full}[remat if path == "pallas" else "none"]
+        terms[f"draft layer residuals (remat {remat})"] = kept + b * s * (lt * h + 2 * h) * c_bytes
+        if path == "pallas":
+            attn = b * nh_l * q_tok * (hd * c_bytes + 8) * (layers if remat != "layers" else 1)
+        else:
+            attn = 3 * b * nh_l * q_tok * s * 4 * layers
+        terms[f"draft attention ({'flash kernel' if path == 'pallas' else 'XLA scores'})"] = attn
+        logit_rows = b * draft_cfg.num_anchors * draft_cfg.block_size
+    v = a.vocab_size
+    if path == "pallas" and o.vocab_chunk:
+        loss = logit_rows * (3 * h + 2 * (draft_cfg.markov_rank or 1)) * 4
+        name = "vocab loss (fused kernel accumulators)"
+    elif not o.vocab_chunk or o.vocab_chunk >= v:
+        loss, name = 3 * logit_rows * v * 4, "vocab loss (whole-vocab fp32 logits)"
+    else:
+        loss, name = 6 * logit_rows * o.vocab_chunk * 4, "vocab loss (fp32 logit chunks)"
+    terms[name] = loss
     return terms
+
+
+# Peak dense bf16 TFLOP/s per chip (vendor figures), for the dry run's expected step time.
+DEVICE_PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0, "h100": 989.0, "h200": 989.0,
+                      "a100": 312.0, "b200": 2250.0}
+
+
+def step_flops(cfg: TrainConfig, t: TargetConfig, draft_cfg, online: bool = True, path: str = "xla") -> float:
+    """Matmul FLOPs of one micro-step per sequence (forward + backward; the frozen ``lm_head`` gets no weight
+    gradient). Attention over the context counts all ``S`` keys on the ``xla`` path and half (masked tiles
+    skipped by the flash kernel) on ``pallas``. DSpark / DFlash drafts; Eagle3 counts only the target."""
+    s = cfg.data.max_length
+    h, nh, nkv, hd = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim
+    inter = t.moe_intermediate_size * t.num_experts_per_tok if t.num_experts else t.intermediate_size
+    proj = h * (nh + 2 * nkv) * hd + nh * hd * h + 3 * h * inter
+    flops = (2.0 * t.num_hidden_layers * (proj * s + 2 * s * s * nh * hd)) if online else 0.0
+    if draft_cfg.is_eagle3:
+        return flops
+    a = draft_cfg.arch
+    q = draft_cfg.num_anchors * draft_cfg.num_block_slots
+    rows = draft_cfg.num_anchors * draft_cfg.block_size
+    lt, r, v = len(draft_cfg.target_layer_ids), draft_cfg.markov_rank, a.vocab_size
+    d_proj = h * (nh + 2 * nkv) * hd + nh * hd * h + 3 * h * a.intermediate_size
+    ctx = s if path == "xla" else s / 2
+    layer = 2.0 * (d_proj * q + 2 * h * nkv * hd * s + 2 * 2 * q * ctx * nh * hd)
+    flops += 3.0 * draft_cfg.num_draft_layers * layer + 2 * 2.0 * s * lt * h * h
+    flops += 2.0 * rows * v * (3 * h + 3 * r)          # draft + target logits, Markov bias; dh, du, dW2
+    return flops
 
 
 @dataclasses.dataclass
@@ -122,6 +192,8 @@ class MemoryReport:
     num_devices: int
     rows: dict[str, int]          # name -> bytes per device
     counts: dict[str, int]        # name -> parameter count (whole model)
+    flops_per_device: float = 0.0  # matmul FLOPs of one micro-step on each device (step_flops * sequences)
+    path: str = "xla"
 
     @property
     def total(self) -> int:
@@ -139,15 +211,22 @@ class MemoryReport:
         if cap:
             verdict = "fits" if self.total / gib <= 0.9 * cap else "DOES NOT FIT (keep ~10% headroom)"
             lines.append(f"  {device} has {cap} GiB per chip: {verdict}")
+        peak = DEVICE_PEAK_TFLOPS.get((device or "").lower())
+        if peak and self.flops_per_device:
+            t = self.flops_per_device / (peak * 1e12)
+            lines.append(f"  kernels: {self.path}; {self.flops_per_device / 1e12:.2f} TFLOP per device per micro-step "
+                         f"-> {1e3 * t:.0f} ms at the {peak:.0f} TFLOP/s peak, {1e3 * t / 0.4:.0f} ms at 40% MFU")
         for k, n in self.counts.items():
             lines.append(f"  ({k}: {n / 1e6:,.1f}M parameters)")
         return "\n".join(lines)
 
 
-def estimate_memory(cfg: TrainConfig, num_devices: int, rules: LogicalRules | None = None) -> MemoryReport:
+def estimate_memory(cfg: TrainConfig, num_devices: int, rules: LogicalRules | None = None,
+                    device: str | None = None) -> MemoryReport:
     """Per-device bytes of the run described by ``cfg`` on ``num_devices`` devices (nothing is allocated).
 
-    ``rules`` place the target (default :class:`LogicalRules`); the draft follows ``cfg.mesh.draft_sharding``."""
+    ``rules`` place the target (default :class:`LogicalRules`); the draft follows ``cfg.mesh.draft_sharding``.
+    ``device`` (``v5e``, ``h100``, ``cpu``, ...) picks the kernel path that run takes (:func:`kernel_path`)."""
     import dspark_jax as dj
     from dspark_jax.config import read_config_json
     from dspark_jax.train.schedule import make_optimizer
@@ -192,11 +271,16 @@ def estimate_memory(cfg: TrainConfig, num_devices: int, rules: LogicalRules | No
                                                                                           draft_rules),
         "gradients": _per_device_bytes(params, mesh, draft_rules),
     }
-    rows.update(activation_terms(cfg, tcfg, draft.config, shape, online))
+    path = kernel_path(device)
+    rows.update(activation_terms(cfg, tcfg, draft.config, shape, online, path))
+    ways = shape["data"] * shape["fsdp"]
+    seqs = max(1, micro // ways)
+    flops = step_flops(cfg, tcfg, draft.config, online, path) * seqs / max(1, shape["tensor"])
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
     counts = {"target": count(nnx.state(target)), "draft trainable": count(params),
               "draft frozen": count(frozen)}
-    return MemoryReport(mesh_shape=shape, num_devices=num_devices, rows=rows, counts=counts)
+    return MemoryReport(mesh_shape=shape, num_devices=num_devices, rows=rows, counts=counts,
+                        flops_per_device=flops, path=path)
 
 
-__all__ = ["estimate_memory", "MemoryReport", "activation_terms", "mesh_shape_for", "DEVICE_MEMORY_GIB"]
+__all__ = ["estimate_memory", "MemoryReport", "activation_terms", "kernel_path", "step_flops", "DEVICE_PEAK_TFLOPS", "mesh_shape_for", "DEVICE_MEMORY_GIB"]

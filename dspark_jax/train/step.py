@@ -51,6 +51,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dspark_jax.drafts.dspark import REMAT_POLICIES
 from dspark_jax.train.anchors import sample_anchors
 from dspark_jax.train.eagle3_loss import eagle3_loss
 from dspark_jax.train.loss import dspark_loss
@@ -202,7 +203,8 @@ def target_features(target, input_ids, tap_layer_ids):
 def make_train_step(target: nnx.Module, draft: nnx.Module, optimizer: optax.GradientTransformation, *,
                     vocab_chunk: int | None = None, mesh: Mesh | None = None, rules: LogicalRules | None = None,
                     lr_schedule: Callable | None = None, num_anchors: int | None = None,
-                    donate: bool = True, compiler_options: Mapping[str, Any] | None = None) -> Callable:
+                    donate: bool = True, compiler_options: Mapping[str, Any] | None = None,
+                    remat: str = "none") -> Callable:
     """Builds ``step_fn(state, target_state, batch) -> (state, metrics)``, jitted.
 
     Args:
@@ -222,6 +224,8 @@ def make_train_step(target: nnx.Module, draft: nnx.Module, optimizer: optax.Grad
       num_anchors: anchors per sequence (default ``draft.config.num_anchors``; unused by Eagle3).
       donate: donate the input state's buffers to the output (halves peak state memory; the caller must not
         reuse a state it passed in).
+      remat: rematerialisation of the DSpark / DFlash draft layers (``drafts.dspark.REMAT_POLICIES``: ``none``,
+        ``dots``, ``layers``); Eagle3 ignores it.
       compiler_options: passed to ``jax.jit`` (e.g. the tests' ``{"xla_backend_optimization_level": 0,
         "xla_llvm_disable_expensive_passes": True}``, which cuts CPU compile time ~3x for tiny models).
     Returns:
@@ -234,6 +238,8 @@ def make_train_step(target: nnx.Module, draft: nnx.Module, optimizer: optax.Grad
     target_graphdef = None if target is None else nnx.split(target)[0]
     taps_ids = tuple(cfg.target_layer_ids)
     n_anchors = int(num_anchors or cfg.num_anchors)
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r} is not one of {tuple(REMAT_POLICIES)}")
     materialize = vocab_chunk is None
     feature_sharding = None if mesh is None else batch_sharding(mesh)
 
@@ -267,9 +273,9 @@ def make_train_step(target: nnx.Module, draft: nnx.Module, optimizer: optax.Grad
             anchors, keep = sample_anchors(loss_mask, n_anchors, key)
             extra["anchors_per_seq"] = jnp.mean(jnp.sum(keep, axis=1).astype(jnp.float32))
 
-            def forward(model):
+            def forward(model):  # the loss works from the hidden states (vocab_loss_dense when unchunked)
                 return model.train_forward(input_ids, loss_mask, taps, last_hidden, anchors, keep,
-                                           materialize_logits=materialize)
+                                           materialize_logits=False, remat=remat)
             loss_of = dspark_loss
 
         def loss_fn(params):

@@ -377,7 +377,7 @@ class Trainer:
         self.draft_rules = cfg.mesh.draft_rules()
         self.step_fn = make_train_step(self.target if online else None, self.draft, self.optimizer,
                                        vocab_chunk=o.vocab_chunk or None, mesh=self.mesh, rules=self.draft_rules,
-                                       lr_schedule=self.schedule,
+                                       lr_schedule=self.schedule, remat=o.remat,
                                        compiler_options=self.compiler_options)
         self.target_state = shard_target_state(nnx.split(self.target)[1], self.mesh) if online else None
         self.flops = model_flops_per_token(self.target_cfg, self.draft, online)

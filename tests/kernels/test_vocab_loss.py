@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dspark_jax.kernels.vocab_loss_dense import vocab_loss_dense
 from dspark_jax.train.loss import slot_ce_l1_chunked
 
 vl = importlib.import_module("dspark_jax.kernels.vocab_loss")  # the module: the package exports a function so named
@@ -55,6 +56,8 @@ def run(fn, x, ids, wce, wl1, argnums):
 
 
 def pallas_fn(backend):
+    if backend == "dense":     # the one-pass XLA path with a hand-written backward (kernels/vocab_loss_dense.py)
+        return vocab_loss_dense
     tr, tv = TILES[backend]
     return functools.partial(vl.vocab_loss_fused, backend=backend, row_tile=tr, vocab_tile=tv)
 
@@ -64,7 +67,7 @@ def max_err(a, b):
 
 
 @pytest.mark.parametrize("backend,markov", [("tpu-interpret", True), ("gpu-interpret", True), ("tpu-interpret", False),
-                                            ("xla", True), ("xla", False)])
+                                            ("xla", True), ("xla", False), ("dense", True), ("dense", False)])
 def test_fp32_matches_reference_forward_and_grads(backend, markov):
     x, ids, wce, wl1 = make_inputs(markov=markov)
     argnums = (0, 1, 2, 3, 4) if markov else (0, 1, 3)
@@ -80,7 +83,7 @@ def test_fp32_matches_reference_forward_and_grads(backend, markov):
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in got[3])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ("dense",))
 def test_bf16_matches_reference(backend):
     x, ids, wce, wl1 = make_inputs(lead=(1, 4, 7), hidden=48, vocab=101, rank=16, dtype=jnp.bfloat16, seed=1)
     x32 = {n: v.astype(jnp.float32) for n, v in x.items()}          # the same bf16 values, exactly
@@ -131,6 +134,9 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv("DSPARK_KERNEL_IMPL", "pallas")
     n = str(jax.make_jaxpr(lambda *a: vl.vocab_loss(*a, chunk=16))(*args)).count("pallas_call")
     assert n == 2
+    whole = vl.vocab_loss(*args, chunk=x["w"].shape[0], impl="xla")     # one chunk = the vocab: one pass
+    assert all(np.array_equal(a, b) for a, b in zip(whole, vocab_loss_dense(*args)))
+    assert max(max_err(a, b) for a, b in zip(whole, chunked)) <= 1e-5
     with pytest.raises(ValueError):
         vl.vocab_loss(*args, impl="cuda")
     with pytest.raises(ValueError):
@@ -216,7 +222,7 @@ def capped(backend):
 
 
 @pytest.mark.parametrize("backend,markov", [("tpu-interpret", True), ("gpu-interpret", True), ("xla", True),
-                                            ("xla", False), ("scan", True)])
+                                            ("xla", False), ("scan", True), ("dense", True)])
 def test_softcap_fp32_matches_reference(backend, markov):
     x, ids, wce, wl1 = make_inputs(markov=markov)
     argnums = (0, 1, 2, 3, 4) if markov else (0, 1, 3)
