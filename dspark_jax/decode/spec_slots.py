@@ -143,8 +143,8 @@ class SpecSlotEngine(SlotEngine):
     def _take(self, idx):
         rows = {k: v for k, v in self._state.items() if k not in ("rnd", "sched")}
         sched = self._state["sched"]
-        if sched:          # the zero-overhead scheduler's ring buffers: [delay, S, ...]
-            sched = jax.tree.map(lambda x: x[:, idx], sched)
+        if sched and sched["inner"]:   # the zero-overhead scheduler's ring buffers [delay, S, ...]; the rest is global
+            sched = dict(sched, inner=jax.tree.map(lambda x: x[:, idx], sched["inner"]))
         self._state = dict(take_rows(rows, jnp.asarray(idx)), rnd=self._state["rnd"], sched=sched)
 
     def _harvest(self, done):
