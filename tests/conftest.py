@@ -2,7 +2,10 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# LLVM's optimisation passes are most of the suite's compile time and the tests' programs are tiny: without them
+# the suite runs ~40% faster (test_scheduler.py + test_eagle3.py cold: 241 / 286 s -> 177 / 153 s)
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_XLA}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -75,7 +78,7 @@ class ProcessLauncher:
     """Starts ``python -m dspark_jax.cli ...`` processes that stand in for hosts: CPU, ``devices`` devices each,
     fast-compile XLA flags, one compilation cache shared by every multi-process test of the session."""
 
-    FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    FAST_XLA = FAST_XLA
 
     def __init__(self, cache_dir: str):
         self.cache_dir = cache_dir
@@ -175,4 +178,4 @@ def pytest_runtest_logreport(report):
     # under xdist the controller sees every worker's reports: write there only, once per phase
     if _TIMINGS and "PYTEST_XDIST_WORKER" not in os.environ:
         with open(_TIMINGS, "a", encoding="utf-8") as f:
-            f.write(f"{report.duration:.2f}\t{report.when}\t{report.nodeid}\n")
+            f.write(f"{report.duration:.2f}\t{report.when}\t{report.nodeid}\t{report.outcome}\n")
