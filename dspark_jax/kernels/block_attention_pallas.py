@@ -488,10 +488,9 @@ def plan(q_shape, k_shape, block_size: int, target: str, scale: float = 1.0, blo
                 ns=s_p // tk + blk_tiles, nsq=nq_p // tq)
 
 
-def query_info(anchors, block_keep, c: _Cfg, ctx_len: int, block_size: int, ctx_start=None):
-    """Per padded query: (ctx limit, own-block start, own-block end, ctx start) ``[B, Qp]`` each, on the padded
-    key axis (context padded to a whole number of key tiles, then the block keys); all 0 for dropped/padding
-    queries."""
+def query_info(anchors, block_keep, c: _Cfg, ctx_len: int, block_size: int):
+    """Per padded query: (ctx limit, own-block start, own-block end) ``[B, Qp]`` each, on the padded key axis
+    (context padded to a whole number of key tiles, then the block keys); all 0 for dropped/padding queries."""
     n = anchors.shape[1]
     nq = n * block_size
     s_p = _round_up(max(ctx_len, 1), c.tk)
@@ -501,8 +500,15 @@ def query_info(anchors, block_keep, c: _Cfg, ctx_len: int, block_size: int, ctx_
     lim = jnp.where(keepq, jnp.clip(jnp.take(anchors, blk, axis=1), 0, ctx_len), 0)
     bst = jnp.where(keepq, s_p + blk * block_size, 0)
     bend = jnp.where(keepq, s_p + jnp.minimum(blk * block_size + block_size, nq), 0)
-    lo = jnp.zeros_like(lim) if ctx_start is None else jnp.where(keepq, jnp.take(ctx_start, blk, axis=1), 0)
-    return lim, bst, bend, lo.astype(jnp.int32)
+    return lim, bst, bend
+
+
+def query_ctx_start(ctx_start, c: _Cfg, block_size: int):
+    """Per padded query: the first context key it sees ``[B, Qp]`` (packed rows; 0 for padding queries)."""
+    n = ctx_start.shape[1]
+    qi = jnp.arange(c.nqt * c.tq, dtype=jnp.int32)
+    lo = jnp.take(ctx_start.astype(jnp.int32), jnp.minimum(qi // block_size, n - 1), axis=1)
+    return jnp.where((qi < n * block_size)[None], lo, 0)
 
 
 def block_attention_pallas(q, k, v, anchors, block_keep, scale, *, block_size: int, target: str,
@@ -516,7 +522,8 @@ def block_attention_pallas(q, k, v, anchors, block_keep, scale, *, block_size: i
     nq_p, s_p = c.nqt * c.tq, _round_up(max(s, 1), c.tk)
     nb_p = c.nkt * c.tk - s_p
 
-    lim, bst, bend, lo = query_info(anchors, block_keep, c, s, block_size, ctx_start)
+    lim, bst, bend = query_info(anchors, block_keep, c, s, block_size)
+    lo = jnp.zeros_like(lim) if ctx_start is None else query_ctx_start(ctx_start, c, block_size)
     tabs = tables(lim, bst, bend, c)
     info = jnp.repeat(jnp.stack([lim, bst, bend, lo], axis=-1).astype(jnp.int32), g, axis=1)  # [B, nq_p*g, 4]
 
