@@ -8,20 +8,21 @@ neither one's target features or draft outputs move when the other's tokens chan
 conversation run alone at positions 0.. (RoPE restarts). Exact resume with packing is in test_trainer.py.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from dspark_jax.config import TargetConfig
 from dspark_jax.drafts.build import build_draft
 from dspark_jax.drafts.config import DraftConfig
 from dspark_jax.targets.qwen3 import build_target
-from dspark_jax.train.anchors import sample_anchors, segment_quotas
+from dspark_jax.train.anchors import sample_anchors
 from dspark_jax.train.data import InputPipeline, pack_rows
-from dspark_jax.train.step import init_train_state, make_train_step, target_features
-from dspark_jax.nn.segments import segment_starts
+from dspark_jax.train.loss import dspark_loss
+from dspark_jax.train.step import target_features
 
 V, MASK_ID, S = 32, 31, 16
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -80,37 +81,50 @@ def test_pack_rows_and_packed_batches():
         packed.iterator(plain.iterator().get_state())
 
 
+def largest_remainder(v, n):
+    """Reference quotas: ``floor(n * v_k / V)``, then one more for the largest remainders (earliest first)."""
+    total = max(sum(v), 1)
+    q = [min(x, n * x // total) for x in v]
+    left = min(sum(v), n) - sum(q)
+    for k in sorted(range(len(v)), key=lambda k: (-(n * v[k] % total), k)):
+        if left and q[k] < v[k]:
+            q[k], left = q[k] + 1, left - 1
+    return q
+
+
 def test_anchor_budget_per_segment():
     rng = np.random.default_rng(1)
     lm = jnp.asarray(rng.random((3, 40)) < 0.8)
-    seg = jnp.asarray(np.repeat([[1, 2, 3, 0]], 3, 0).repeat([10, 15, 12, 3], axis=1))
+    seg = np.repeat([[1, 2, 3, 0]], 3, 0).repeat([10, 15, 12, 3], axis=1)
     key = jax.random.key(7)
+    draw = jax.jit(sample_anchors, static_argnums=1, compiler_options=FAST_COMPILE)
     # one segment: exactly the unpacked draw
-    for n in (4, 64):
-        a, k = sample_anchors(lm, n, key)
-        a1, k1 = sample_anchors(lm, n, key, jnp.ones_like(seg))
-        np.testing.assert_array_equal(np.asarray(a1), np.asarray(a))
-        np.testing.assert_array_equal(np.asarray(k1), np.asarray(k))
-    valid = np.asarray(lm[:, :-1] & lm[:, 1:] & (seg[:, :-1] == seg[:, 1:]))
+    a, k = draw(lm, 4, key)
+    a1, k1 = draw(lm, 4, key, jnp.ones_like(seg))
+    np.testing.assert_array_equal(np.asarray(a1), np.asarray(a))
+    np.testing.assert_array_equal(np.asarray(k1), np.asarray(k))
+    valid = np.asarray(lm[:, :-1] & lm[:, 1:]) & (seg[:, :-1] == seg[:, 1:])
     valid = np.concatenate([valid, np.zeros((3, 1), bool)], 1)
-    for n in (5, 16, 64):
-        a, k = map(np.asarray, sample_anchors(lm, n, key, seg))
-        quota = np.asarray(segment_quotas(jnp.asarray(valid), segment_starts(seg), n))
+    for n in (5, 64):
+        a, k = map(np.asarray, draw(lm, n, key, jnp.asarray(seg)))
         for r in range(3):
             got = a[r][k[r]]
-            assert np.all(valid[r, got]) and len(set(got.tolist())) == len(got)
-            assert len(got) == min(valid[r].sum(), n) == quota[r].sum()
-            for s0 in np.flatnonzero(quota[r]):                   # each segment draws exactly its quota
-                assert np.sum(np.asarray(seg)[r, got] == np.asarray(seg)[r, s0]) == quota[r, s0]
-                assert quota[r, s0] <= valid[r][np.asarray(seg)[r] == np.asarray(seg)[r, s0]].sum()
+            assert np.all(valid[r, got]) and len(set(got.tolist())) == len(got) == min(valid[r].sum(), n)
+            per_seg = [int(valid[r][seg[r] == s].sum()) for s in (1, 2, 3, 0)]
+            drawn = [int(np.sum(seg[r, got] == s)) for s in (1, 2, 3, 0)]
+            assert drawn == largest_remainder(per_seg, n), (r, n, per_seg, drawn)
             if n >= valid[r].sum():
                 assert set(got.tolist()) == set(np.flatnonzero(valid[r]).tolist())
 
 
 def test_trivially_packed_batch_equals_unpacked(models):
-    """One conversation per row (segment 1, padding 0, positions 0..): the packed step's loss, metrics and
-    updated parameters equal the unpacked step's."""
+    """One conversation per row (segment 1, padding 0, positions 0..): the packed path (anchors, target
+    features, draft forward, loss) gives the unpacked loss and metrics, both computed in one jitted program
+    the way the train step computes them."""
+    from flax import nnx
+
     target, draft = models
+    tgraph, tstate = nnx.split(target)
     rng = np.random.default_rng(2)
     lengths = [16, 11, 9, 13]
     convs = [conversation(rng, n) for n in lengths]
@@ -118,20 +132,25 @@ def test_trivially_packed_batch_equals_unpacked(models):
     for r, c in enumerate(convs):
         plain["input_ids"][r, :lengths[r]] = c["input_ids"]
         plain["loss_mask"][r, :lengths[r]] = c["loss_mask"]
-    packed = dict(plain, segment_ids=(np.arange(S)[None] < np.asarray(lengths)[:, None]).astype(np.int32),
-                  positions=np.where(np.arange(S)[None] < np.asarray(lengths)[:, None], np.arange(S)[None], 0)
+    real = np.arange(S)[None] < np.asarray(lengths)[:, None]
+    packed = dict(plain, segment_ids=real.astype(np.int32), positions=np.where(real, np.arange(S)[None], 0)
                   .astype(np.int32))
-    opt = optax.adamw(1e-3)
-    step = make_train_step(target, draft, opt, donate=False, compiler_options=FAST_COMPILE)
-    tstate = jax.tree.map(jnp.asarray, __import__("flax").nnx.split(target)[1])
-    state = init_train_state(draft, opt, seed=3)
-    s_plain, m_plain = step(state, tstate, plain)
-    s_packed, m_packed = step(state, tstate, packed)
-    assert float(m_plain["anchors_per_seq"]) == float(m_packed["anchors_per_seq"]) == 3.0
+
+    def loss(batch):
+        seg, pos = batch.get("segment_ids"), batch.get("positions")
+        ids, lm = batch["input_ids"], batch["loss_mask"]
+        anchors, keep = sample_anchors(lm, 3, jax.random.key(5), seg)
+        taps, last = target_features(nnx.merge(tgraph, tstate), ids, draft.config.target_layer_ids, seg, pos)
+        packing = {} if seg is None else dict(segment_ids=seg, positions=pos)
+        out = draft.train_forward(ids, lm, taps, last, anchors, keep, materialize_logits=False, **packing)
+        return dspark_loss(out, draft.config, vocab_chunk=None), jnp.sum(keep)
+
+    (l_plain, m_plain), n_plain = jax.jit(loss, compiler_options=FAST_COMPILE)(plain)
+    (l_packed, m_packed), n_packed = jax.jit(loss, compiler_options=FAST_COMPILE)(packed)
+    assert int(n_plain) == int(n_packed) == 12
+    np.testing.assert_allclose(float(l_packed), float(l_plain), rtol=1e-6)
     for k in m_plain:
         np.testing.assert_allclose(float(m_packed[k]), float(m_plain[k]), rtol=1e-6, atol=1e-7, err_msg=k)
-    for a, b in zip(jax.tree.leaves(s_packed.params), jax.tree.leaves(s_plain.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
 def test_segments_are_isolated(models):
@@ -143,7 +162,7 @@ def test_segments_are_isolated(models):
     tgraph, tstate = nnx.split(target)
     taps_ids = tuple(draft.config.target_layer_ids)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def run(ids, lm, seg, pos, anchors, keep):
         taps, last = target_features(nnx.merge(tgraph, tstate), ids, taps_ids, seg, pos)
         out = draft.train_forward(ids, lm, taps, last, anchors, keep, materialize_logits=True, segment_ids=seg,
