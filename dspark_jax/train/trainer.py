@@ -366,8 +366,10 @@ class Trainer:
                 max_length=cfg.data.max_length, buckets=cfg.data.buckets, seed=o.seed, num_epochs=o.epochs,
                 lengths=self.lengths, row_positions=process_batch_rows(self.mesh, micro),
                 num_threads=cfg.data.num_threads, packing=cfg.data.packing)
-        except ValueError as e:   # packing: fewer rows than one global batch
-            raise ConfigError(f"data.packing: {e} (lower optim.global_batch_size)") from None
+        except ValueError as e:
+            if cfg.data.packing and "cannot fill" in str(e):    # fewer packed rows than one global batch
+                raise ConfigError(f"data.packing: {e} packed rows (lower optim.global_batch_size)") from None
+            raise
         rows = len(self.pipeline.samples)
         if cfg.data.packing:
             self.echo(f"[train] packing: {len(self.samples)} conversations into {rows} rows of "
