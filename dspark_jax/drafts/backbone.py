@@ -77,7 +77,7 @@ def draft_attention(attn, q, k_blk, v_blk, k_ctx, v_ctx, mask, ctx_cache=None, c
             resolve_impl(attn.attention_impl, "dspark_block_attention")[0] == "xla":
         # the two key parts where they lie: no [ctx ; block] copy forward, no pad/slice of it backward
         o = kernels.dspark_block_attention_split(q, k_ctx, v_ctx, k_blk, v_blk, mask.anchors, mask.block_keep,
-                                                 attn.scale, block_size=mask.block_size)
+                                                 attn.scale, block_size=mask.block_size, ctx_start=mask.ctx_start)
         return attn.o_proj(o.reshape(*o.shape[:2], attn.num_heads * attn.head_dim)), (k_ctx, v_ctx)
     if ctx_cache is None:
         k = jnp.concatenate([k_ctx, k_blk.astype(k_ctx.dtype)], axis=1)

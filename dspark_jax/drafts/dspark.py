@@ -23,6 +23,7 @@ from dspark_jax.drafts.heads import ConfidenceHead, MarkovHead
 from dspark_jax.nn.frozen import Frozen
 from dspark_jax.nn.linear import linear
 from dspark_jax.nn.norm import RMSNorm
+from dspark_jax.nn.segments import segment_starts
 
 
 @jax.tree_util.register_dataclass
@@ -143,7 +144,8 @@ class DSparkDraft(DraftBase):
 
     # ---- training --------------------------------------------------------------------------
     def train_forward(self, input_ids, loss_mask, target_hidden, target_last_hidden, anchors, block_keep, *,
-                      materialize_logits: bool = True, remat: str = "none") -> DraftTrainOutput:
+                      materialize_logits: bool = True, remat: str = "none", segment_ids=None,
+                      positions=None) -> DraftTrainOutput:
         """Teacher-forced forward over N anchored blocks per sequence (spec §3.3).
 
         Args:
@@ -151,6 +153,9 @@ class DSparkDraft(DraftBase):
           anchors: ``[B, N]`` ascending anchor positions (dummies 0); block_keep: ``[B, N]`` bool.
           materialize_logits: also return ``[B,N,Bs,V]`` draft/target logits (a chunked loss does not need them).
           remat: rematerialisation of the draft layers in the backward pass (:data:`REMAT_POLICIES`).
+          segment_ids, positions: ``[B, S]`` for packed rows (several conversations per row, contiguous runs of
+            equal ids; RoPE positions restarting per conversation); None = one sequence per row at ``0..S-1``.
+            A block sees only its anchor's segment and its labels stop at the segment's end.
         """
         cfg = self.config
         bs, mask_id = cfg.block_size, cfg.mask_token_id
@@ -167,9 +172,18 @@ class DSparkDraft(DraftBase):
         anchor_tok = jnp.take_along_axis(input_ids, anchors, axis=1)                       # [B, N]
         block_ids = jnp.concatenate([jnp.where(keep, anchor_tok, mask_id)[..., None],
                                      jnp.full((b, n, ns - 1), mask_id, input_ids.dtype)], axis=-1)
-        block_pos = (anchors[..., None] + jnp.arange(ns, dtype=jnp.int32)).reshape(b, n * ns)
-        ctx_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        mask = kernels.DSparkBlockMask(anchors, keep, ns)   # spec §1.5 mask, structured: Pallas kernel can skip tiles
+        if positions is None:
+            ctx_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            anchor_pos = anchors
+        else:
+            ctx_pos = positions.astype(jnp.int32)
+            anchor_pos = jnp.take_along_axis(ctx_pos, anchors, axis=1)
+        block_pos = (anchor_pos[..., None] + jnp.arange(ns, dtype=jnp.int32)).reshape(b, n * ns)
+        ctx_start = None
+        if segment_ids is not None:
+            ctx_start = jnp.take_along_axis(segment_starts(segment_ids), anchors, axis=1)
+        # spec §1.5 mask, structured: Pallas kernel can skip tiles
+        mask = kernels.DSparkBlockMask(anchors, keep, ns, ctx_start)
         ctx = self.fuse_context(target_hidden)
         out, _ = self.backbone(self.embed(block_ids.reshape(b, n * ns)), block_pos, ctx, ctx_pos, mask, remat=remat)
         # bonus-anchor slot 0 predicts the anchor itself (known): the drafting slots, and so the labels
@@ -181,7 +195,15 @@ class DSparkDraft(DraftBase):
         flat = safe.reshape(b, n * bs)
         target_ids = jnp.take_along_axis(input_ids, flat, axis=1).reshape(b, n, bs)
         lm_at = jnp.take_along_axis(loss_mask, flat, axis=1).reshape(b, n, bs).astype(bool)
-        eval_mask = jnp.cumprod((lab < s) & lm_at & keep[..., None], axis=-1).astype(jnp.float32)
+        ok = (lab < s) & lm_at & keep[..., None]
+        if segment_ids is not None:
+            # a label in the next conversation of the row is not this block's: no loss, and id 0 (as right
+            # padding would give) so that no output of the block reads the other conversation
+            seg_at = jnp.take_along_axis(segment_ids, flat, axis=1).reshape(b, n, bs)
+            same = seg_at == jnp.take_along_axis(segment_ids, anchors, axis=1)[..., None]
+            ok = ok & same
+            target_ids = jnp.where(same, target_ids, 0)
+        eval_mask = jnp.cumprod(ok, axis=-1).astype(jnp.float32)
         tgt_idx = jnp.maximum(flat - 1, 0)
         tgt_hidden = jnp.take_along_axis(target_last_hidden, tgt_idx[..., None], axis=1).reshape(b, n, bs, -1)
         tgt_hidden = jax.lax.stop_gradient(tgt_hidden.astype(self.dtype))

@@ -135,9 +135,10 @@ class Gemma4DSparkDraft(DSparkDraft):
         return softcap(super().base_logits(hidden, head_hv), self.config.arch.final_logit_softcapping)
 
     def train_forward(self, input_ids, loss_mask, target_hidden, target_last_hidden, anchors, block_keep, *,
-                      materialize_logits: bool = True, remat: str = "none"):
+                      materialize_logits: bool = True, remat: str = "none", segment_ids=None, positions=None):
         out = super().train_forward(input_ids, loss_mask, target_hidden, target_last_hidden, anchors, block_keep,
-                                    materialize_logits=materialize_logits, remat=remat)
+                                    materialize_logits=materialize_logits, remat=remat, segment_ids=segment_ids,
+                                    positions=positions)
         # the vocab-chunked loss rebuilds logits as hidden @ lm_head: it must know to apply the cap
         return dataclasses.replace(out, softcap=self.config.arch.final_logit_softcapping)
 

@@ -73,5 +73,5 @@ def attention(q, k, v, mask, scale, impl: str = "auto"):
     from dspark_jax.kernels.block_attention import DSparkBlockMask, dspark_block_attention
     if isinstance(mask, DSparkBlockMask):
         return dspark_block_attention(q, k, v, mask.anchors, mask.block_keep, scale, block_size=mask.block_size,
-                                      impl=impl)
+                                      impl=impl, ctx_start=mask.ctx_start)
     return attention_reference(q, k, v, mask, scale)

@@ -1,8 +1,9 @@
 """Training attention under the DSpark block mask (spec §1.5): the XLA reference and the dispatch.
 
 Queries are N blocks of ``Bs`` slots; keys are ``[target context (S) ; block keys (N*Bs)]``. A query of block n
-sees the context keys strictly before ``anchors[n]`` and every slot of its own block; blocks never see each
-other; a dropped block (``block_keep`` False) sees nothing and returns zeros.
+sees the context keys strictly before ``anchors[n]`` (and, in a packed row, at or after ``ctx_start[n]``, the
+start of the anchor's segment) and every slot of its own block; blocks never see each other; a dropped block
+(``block_keep`` False) sees nothing and returns zeros.
 
 Model code does not call :func:`dspark_block_attention` directly: it passes a :class:`DSparkBlockMask` as the
 ``mask`` of :func:`dspark_jax.kernels.attention`, which routes it here, so the layers stay mask-agnostic.
@@ -22,23 +23,29 @@ from dspark_jax.kernels import _dispatch
 @dataclasses.dataclass(frozen=True)
 class DSparkBlockMask:
     """The spec §1.5 mask in structured form: anchors ``[B, N]`` int, block_keep ``[B, N]`` bool, static
-    ``block_size``. ``dense(ctx_len)`` materialises the ``[B, N*Bs, S + N*Bs]`` boolean mask."""
+    ``block_size``; ctx_start ``[B, N]`` int or None (packed rows: block n sees context ``[ctx_start[n],
+    anchors[n])``; None = from 0). ``dense(ctx_len)`` materialises the ``[B, N*Bs, S + N*Bs]`` boolean mask."""
 
     anchors: jax.Array
     block_keep: jax.Array
     block_size: int = dataclasses.field(metadata=dict(static=True))
+    ctx_start: jax.Array | None = None
 
     def dense(self, ctx_len: int) -> jax.Array:
-        return block_mask(self.anchors, self.block_keep, ctx_len, self.block_size)
+        return block_mask(self.anchors, self.block_keep, ctx_len, self.block_size, self.ctx_start)
 
 
-def block_mask(anchors: jax.Array, block_keep: jax.Array, ctx_len: int, block_size: int) -> jax.Array:
-    """Dense spec §1.5 mask ``[B, N*Bs, S + N*Bs]`` (same as ``drafts.backbone.training_mask``)."""
+def block_mask(anchors: jax.Array, block_keep: jax.Array, ctx_len: int, block_size: int,
+               ctx_start: jax.Array | None = None) -> jax.Array:
+    """Dense spec §1.5 mask ``[B, N*Bs, S + N*Bs]`` (same as ``drafts.backbone.training_mask``); ``ctx_start
+    [B, N]``: the first context key each block sees (packed rows), None = 0."""
     b, n = anchors.shape
     q_block = jnp.repeat(jnp.arange(n), block_size)
     q_anchor = jnp.repeat(anchors, block_size, axis=1)
     q_keep = jnp.repeat(block_keep.astype(bool), block_size, axis=1)
     ctx = jnp.arange(ctx_len)[None, None, :] < q_anchor[:, :, None]
+    if ctx_start is not None:
+        ctx = ctx & (jnp.arange(ctx_len)[None, None, :] >= jnp.repeat(ctx_start, block_size, axis=1)[:, :, None])
     own = jnp.broadcast_to((q_block[:, None] == q_block[None, :])[None], (b, n * block_size, n * block_size))
     return jnp.concatenate([ctx, own], axis=-1) & q_keep[:, :, None]
 
@@ -55,16 +62,18 @@ def _check(q, k, v, anchors, block_keep, block_size):
         raise ValueError(f"k has {k.shape[1]} keys, fewer than the {nq} block keys")
 
 
-def dspark_block_attention_reference(q, k, v, anchors, block_keep, scale, *, block_size: int):
+def dspark_block_attention_reference(q, k, v, anchors, block_keep, scale, *, block_size: int, ctx_start=None):
     """Dense-mask reference. q ``[B, N*Bs, nh, hd]``; k, v ``[B, S + N*Bs, nkv, hd]`` (context keys first, then
-    the block keys in query order); anchors, block_keep ``[B, N]``. Returns ``[B, N*Bs, nh, hd]`` in q's dtype."""
+    the block keys in query order); anchors, block_keep (, ctx_start) ``[B, N]``. Returns ``[B, N*Bs, nh, hd]`` in
+    q's dtype."""
     from dspark_jax.kernels.attention import attention_reference
     _check(q, k, v, anchors, block_keep, block_size)
-    mask = block_mask(anchors.astype(jnp.int32), block_keep, k.shape[1] - q.shape[1], block_size)
+    mask = block_mask(anchors.astype(jnp.int32), block_keep, k.shape[1] - q.shape[1], block_size, ctx_start)
     return attention_reference(q, k, v, mask, scale)
 
 
-def dspark_block_attention_split(q, k_ctx, v_ctx, k_blk, v_blk, anchors, block_keep, scale, *, block_size: int):
+def dspark_block_attention_split(q, k_ctx, v_ctx, k_blk, v_blk, anchors, block_keep, scale, *, block_size: int,
+                                 ctx_start=None):
     """The XLA path without the masked tiles of the dense reference: the same attention as
     :func:`dspark_block_attention_reference` over ``[k_ctx ; k_blk]``, computed as one softmax in two parts.
 
@@ -74,7 +83,8 @@ def dspark_block_attention_split(q, k_ctx, v_ctx, k_blk, v_blk, anchors, block_k
     block); the two share one max and one normaliser, and the keys are never concatenated.
 
     Args: q ``[B, N*Bs, nh, hd]``; k_ctx, v_ctx ``[B, S, nkv, hd]``; k_blk, v_blk ``[B, N*Bs, nkv, hd]`` (in query
-    order); anchors, block_keep ``[B, N]``. Returns ``[B, N*Bs, nh, hd]`` in q's dtype (0 for dropped blocks).
+    order); anchors, block_keep ``[B, N]``; ctx_start ``[B, N]`` or None (packed rows: each block's first
+    visible context key). Returns ``[B, N*Bs, nh, hd]`` in q's dtype (0 for dropped blocks).
     """
     from dspark_jax.kernels.attention import queries_as_rows, rows_as_heads
 
@@ -89,7 +99,11 @@ def dspark_block_attention_split(q, k_ctx, v_ctx, k_blk, v_blk, anchors, block_k
     qm = queries_as_rows(q, nkv)
     s_ctx = jnp.einsum("bnmd,btnd->bnmt", qm, k_ctx, preferred_element_type=f32) * scale
     q_anchor = jnp.repeat(jnp.where(block_keep.astype(bool), anchors.astype(jnp.int32), 0), bs * g, axis=1)
-    vis = (jnp.arange(s, dtype=jnp.int32)[None, None, :] < q_anchor[:, :, None])[:, None]     # [B, 1, rows, S]
+    vis = jnp.arange(s, dtype=jnp.int32)[None, None, :] < q_anchor[:, :, None]
+    if ctx_start is not None:
+        q_lo = jnp.repeat(ctx_start.astype(jnp.int32), bs * g, axis=1)
+        vis = vis & (jnp.arange(s, dtype=jnp.int32)[None, None, :] >= q_lo[:, :, None])
+    vis = vis[:, None]                                                                        # [B, 1, rows, S]
     s_ctx = jnp.where(vis, s_ctx, neg)
     # block part: [B, nkv, N, Bs*g, Bs], each block's rows against its own keys
     qb = qm.reshape(b, nkv, n, bs * g, hd)
@@ -111,18 +125,19 @@ def dspark_block_attention_split(q, k_ctx, v_ctx, k_blk, v_blk, anchors, block_k
 
 
 def dspark_block_attention(q, k, v, anchors, block_keep, scale, *, block_size: int, impl: str = "auto",
-                           block_q: int | None = None, block_k: int | None = None):
+                           block_q: int | None = None, block_k: int | None = None, ctx_start=None):
     """Dispatches by ``impl`` (see :mod:`dspark_jax.kernels._dispatch`; XLA: :func:`dspark_block_attention_split`);
     same contract as :func:`dspark_block_attention_reference`. ``block_q``/``block_k`` override the Pallas tile sizes (queries /
-    keys per tile)."""
+    keys per tile). ``ctx_start``: packed rows (see :class:`DSparkBlockMask`); the Pallas kernel masks below it
+    but still visits those tiles."""
     kind, target = _dispatch.resolve(impl, "dspark_block_attention")
     if kind == "xla":
         _check(q, k, v, anchors, block_keep, block_size)
         c = k.shape[1] - q.shape[1]
         return dspark_block_attention_split(q, k[:, :c], v[:, :c], k[:, c:], v[:, c:], anchors, block_keep, scale,
-                                            block_size=block_size)
+                                            block_size=block_size, ctx_start=ctx_start)
     _check(q, k, v, anchors, block_keep, block_size)
     from dspark_jax.kernels import block_attention_pallas
     return block_attention_pallas.block_attention_pallas(q, k, v, anchors.astype(jnp.int32), block_keep.astype(bool),
                                                          scale, block_size=block_size, target=target,
-                                                         block_q=block_q, block_k=block_k)
+                                                         block_q=block_q, block_k=block_k, ctx_start=ctx_start)

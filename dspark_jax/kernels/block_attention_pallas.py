@@ -5,8 +5,9 @@ Layout (built by plain jnp around the kernels, differentiated by autodiff):
 * queries ``[B, nkv, Qp*g, hd]``: the g query heads of one KV head are interleaved with the query positions
   (row = query * g + head), so one KV tile serves all of them and repeated KV heads are never materialised;
 * keys/values ``[B, nkv, Sp + Np, hd]``: the context padded to a multiple of the key tile, then the block keys;
-* per query row ``info [B, Qp*g, 4]`` int32: (ctx limit = anchor or 0, own-block start, own-block end, 0) on the
-  padded key axis; a dropped block or a padding query has all three 0 and sees nothing.
+* per query row ``info [B, Qp*g, 4]`` int32: (ctx limit = anchor or 0, own-block start, own-block end, ctx start)
+  on the padded key axis; a dropped block or a padding query has the first three 0 and sees nothing. ctx start is
+  0 except in packed rows (the anchor's segment start): masked only, its tiles are still visited.
 
 Tile skipping: for every query tile the wrapper lists the key tiles it can see (context tiles up to the largest
 anchor in the tile, then the few tiles holding its own blocks); for every key tile, the query tiles that see it.
@@ -66,15 +67,15 @@ class _Cfg:
 # Tile math shared by both drivers (pure functions of loaded tiles).
 # ---------------------------------------------------------------------------------------------------------
 def _cols(info_ref, *idx):
-    """(ctx limit, block start, block end) columns ``[rows, 1]`` of an info ref (sliced in the ref: Triton cannot
-    slice values)."""
-    return tuple(info_ref[(*idx, pl.ds(j, 1))] for j in range(3))
+    """(ctx limit, block start, block end, ctx start) columns ``[rows, 1]`` of an info ref (sliced in the ref:
+    Triton cannot slice values)."""
+    return tuple(info_ref[(*idx, pl.ds(j, 1))] for j in range(4))
 
 
 def _mask(info, k_start, rows, tk):
     kv = k_start + jax.lax.broadcasted_iota(jnp.int32, (rows, tk), 1)
-    lim, bst, bend = info
-    return (kv < lim) | ((kv >= bst) & (kv < bend))
+    lim, bst, bend, lo = info
+    return ((kv < lim) & (kv >= lo)) | ((kv >= bst) & (kv < bend))
 
 
 def _fwd_step(q, k, v, mask, scale, m, l, acc):
@@ -502,8 +503,16 @@ def query_info(anchors, block_keep, c: _Cfg, ctx_len: int, block_size: int):
     return lim, bst, bend
 
 
+def query_ctx_start(ctx_start, c: _Cfg, block_size: int):
+    """Per padded query: the first context key it sees ``[B, Qp]`` (packed rows; 0 for padding queries)."""
+    n = ctx_start.shape[1]
+    qi = jnp.arange(c.nqt * c.tq, dtype=jnp.int32)
+    lo = jnp.take(ctx_start.astype(jnp.int32), jnp.minimum(qi // block_size, n - 1), axis=1)
+    return jnp.where((qi < n * block_size)[None], lo, 0)
+
+
 def block_attention_pallas(q, k, v, anchors, block_keep, scale, *, block_size: int, target: str,
-                           block_q: int | None = None, block_k: int | None = None):
+                           block_q: int | None = None, block_k: int | None = None, ctx_start=None):
     """Pallas DSpark block attention; see :func:`dspark_jax.kernels.block_attention.dspark_block_attention`."""
     b, nq, nh, hd = q.shape
     nkv = k.shape[2]
@@ -514,9 +523,9 @@ def block_attention_pallas(q, k, v, anchors, block_keep, scale, *, block_size: i
     nb_p = c.nkt * c.tk - s_p
 
     lim, bst, bend = query_info(anchors, block_keep, c, s, block_size)
+    lo = jnp.zeros_like(lim) if ctx_start is None else query_ctx_start(ctx_start, c, block_size)
     tabs = tables(lim, bst, bend, c)
-    zero = jnp.zeros_like(lim)  # 4 columns: Triton wants power-of-2 shapes
-    info = jnp.repeat(jnp.stack([lim, bst, bend, zero], axis=-1).astype(jnp.int32), g, axis=1)  # [B, nq_p*g, 4]
+    info = jnp.repeat(jnp.stack([lim, bst, bend, lo], axis=-1).astype(jnp.int32), g, axis=1)  # [B, nq_p*g, 4]
 
     dt = jnp.promote_types(q.dtype, k.dtype)
     qp = _pad_axis(q.astype(dt), 1, nq_p).reshape(b, nq_p, nkv, g, hd).transpose(0, 2, 1, 3, 4)

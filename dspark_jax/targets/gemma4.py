@@ -34,6 +34,7 @@ from dspark_jax.nn.attention import ragged_attend
 from dspark_jax.nn.host import HostAttachment
 from dspark_jax.nn.linear import embed, linear
 from dspark_jax.nn.rope import apply_rope, rope_cos_sin
+from dspark_jax.nn.segments import causal_segment_mask
 from dspark_jax.targets.gemma4_config import Gemma4Config
 from dspark_jax.targets.qwen3 import TargetOutput
 
@@ -391,10 +392,15 @@ class Gemma4ForCausalLM(nnx.Module):
     # ---- forward ------------------------------------------------------------------------
     def __call__(self, input_ids: jax.Array, cache: KVCache | None = None, *, num_new: jax.Array | None = None,
                  tap_layer_ids: Sequence[int] = (), logits_at: jax.Array | None = None,
-                 return_logits: bool = True) -> TargetOutput:
+                 return_logits: bool = True, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> TargetOutput:
         """Same contract as :meth:`Qwen3ForCausalLM.__call__`: ``input_ids [B, S]``; taps ``[B, S, Lt*H]``
-        (``l`` = raw output of layer ``l`` = HF ``hidden_states[l+1]``, ``-1`` = the scaled embeddings)."""
-        return self._forward(input_ids, cache, num_new, tap_layer_ids, logits_at, return_logits)
+        (``l`` = raw output of layer ``l`` = HF ``hidden_states[l+1]``, ``-1`` = the scaled embeddings);
+        ``segment_ids`` / ``positions`` for packed rows (sliding windows count within a segment)."""
+        if cache is not None and (segment_ids is not None or positions is not None):
+            raise ValueError("segment_ids / positions are for a cache-less forward over packed rows")
+        return self._forward(input_ids, cache, num_new, tap_layer_ids, logits_at, return_logits,
+                             segment_ids=segment_ids, positions=positions)
 
     def prefill(self, input_ids: jax.Array, capacity: int, *, num_new: jax.Array | None = None,
                 tap_layer_ids: Sequence[int] = (), logits_at: jax.Array | None = None,
@@ -417,7 +423,7 @@ class Gemma4ForCausalLM(nnx.Module):
         return dataclasses.replace(out, cache=KVCache.from_prompt(keys, values, capacity, lengths, self.dtype))
 
     def _forward(self, input_ids, cache, num_new, tap_layer_ids, logits_at, return_logits,
-                 keep_kv: bool = False) -> TargetOutput:
+                 keep_kv: bool = False, segment_ids=None, positions=None) -> TargetOutput:
         """The layer stack (``cache`` None: attention within the S tokens; with ``keep_kv`` the output's ``cache``
         field holds each layer's raw (keys, values))."""
         if input_ids.ndim != 2:
@@ -427,7 +433,8 @@ class Gemma4ForCausalLM(nnx.Module):
         window = self.config.sliding_window
         if cache is None:
             start = jnp.zeros((b,), jnp.int32)
-            causal = jnp.tril(jnp.ones((s, s), bool))[None]
+            causal = jnp.tril(jnp.ones((s, s), bool))[None] if segment_ids is None else \
+                causal_segment_mask(segment_ids)
             q_pos = jnp.arange(s)[None, :, None]
             kv_pos = jnp.arange(s)[None, None, :]
         else:
@@ -440,7 +447,8 @@ class Gemma4ForCausalLM(nnx.Module):
             q_pos = (start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :])[:, :, None]
             kv_pos = jnp.arange(cache.capacity)[None, None, :]
         masks = {"full_attention": causal, "sliding_attention": causal & (kv_pos > q_pos - window)}
-        positions = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
+        if positions is None:
+            positions = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
         ropes = {t: self.rope(positions, t) for t in set(self.config.layer_types)}
 
         h = self.embed(input_ids)

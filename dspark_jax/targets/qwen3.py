@@ -20,6 +20,7 @@ from dspark_jax.nn.mlp import SwiGLU
 from dspark_jax.nn.moe import MoE
 from dspark_jax.nn.norm import RMSNorm
 from dspark_jax.nn.rope import rope_cos_sin, rope_inv_freq
+from dspark_jax.nn.segments import causal_segment_mask
 
 
 @jax.tree_util.register_dataclass
@@ -149,7 +150,8 @@ class Qwen3ForCausalLM(nnx.Module):
     # ---- forward ------------------------------------------------------------------------
     def __call__(self, input_ids: jax.Array, cache: KVCache | None = None, *, num_new: jax.Array | None = None,
                  tap_layer_ids: Sequence[int] = (), logits_at: jax.Array | None = None,
-                 return_logits: bool = True) -> TargetOutput:
+                 return_logits: bool = True, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> TargetOutput:
         """Runs the target.
 
         Args:
@@ -163,13 +165,19 @@ class Qwen3ForCausalLM(nnx.Module):
             ``-1`` = the embeddings (HF ``hidden_states[0]``).
           logits_at: optional ``[B, K]`` sequence indices: logits only there (saves the ``[B,S,V]`` matmul).
           return_logits: False skips the LM head.
+          segment_ids, positions: ``[B, S]`` packed rows (no cache): attention stays within runs of equal
+            segment ids and token ``i`` sits at RoPE position ``positions[b, i]`` (restarting per sequence), so
+            each packed sequence gets the features it would get alone.
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
         b, s = input_ids.shape
         if cache is None:
-            return self._forward(input_ids, None, jnp.zeros((b,), jnp.int32), jnp.tril(jnp.ones((s, s), bool))[None],
-                                 None, tap_layer_ids, logits_at, return_logits)
+            mask = jnp.tril(jnp.ones((s, s), bool))[None] if segment_ids is None else causal_segment_mask(segment_ids)
+            return self._forward(input_ids, None, jnp.zeros((b,), jnp.int32), mask, None, tap_layer_ids, logits_at,
+                                 return_logits, positions=positions)
+        if segment_ids is not None or positions is not None:
+            raise ValueError("segment_ids / positions are for a cache-less forward over packed rows")
         if cache.batch != b:
             raise ValueError(f"cache batch {cache.batch} != input batch {b}")
         if cache.capacity < s:
@@ -206,13 +214,14 @@ class Qwen3ForCausalLM(nnx.Module):
         return dataclasses.replace(out, cache=KVCache.from_prompt(keys, values, capacity, lengths, self.dtype))
 
     def _forward(self, input_ids, cache, start, mask, new_lengths, tap_layer_ids, logits_at, return_logits,
-                 keep_kv: bool = False) -> TargetOutput:
+                 keep_kv: bool = False, positions=None) -> TargetOutput:
         """The layer stack. ``cache`` None: attention over the S new tokens only (with ``keep_kv`` the output's
         ``cache`` field holds their raw (keys, values) per layer); else keys are written at ``start`` and the
-        output cache has ``new_lengths``."""
+        output cache has ``new_lengths``. ``positions [B, S]``: RoPE positions (default ``start + i``)."""
         taps_wanted = self.check_tap_layer_ids(tap_layer_ids)
         s = input_ids.shape[1]
-        positions = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
+        if positions is None:
+            positions = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
         cos, sin = self.rope(positions)
 
         h = self.embed(input_ids)

@@ -110,6 +110,10 @@ class DataSection:
       byte-level BPE trained on the training text, saved to ``<output_dir>/target``).
     cache_dir: read target features from this offline cache instead of running the target in the step.
     buckets: padded sequence lengths (None: powers of two from 128 up to max_length).
+    packing: pack several conversations into each row of ``max_length`` tokens (DSpark / DFlash only): attention,
+      labels and the target's forward stay within a conversation, RoPE positions restart per conversation, and
+      the row's ``draft.num_anchors`` anchors are shared out over its conversations. ``optim.global_batch_size``
+      then counts packed rows. Off by default.
     """
 
     train_files: tuple[str, ...] = ()
@@ -122,6 +126,7 @@ class DataSection:
     cache_dir: str | None = None
     buckets: tuple[int, ...] | None = None
     num_threads: int = 2
+    packing: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +295,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.target.pretrain_steps and cfg.target.path is not None:
         raise ConfigError("target.pretrain_steps needs a random target (target.path: null); a checkpoint is "
                           "used as it is")
+    if cfg.data.packing and cfg.draft.kind == "eagle3":
+        raise ConfigError("data.packing is for DSpark / DFlash drafts; Eagle3's TTT attention is not segment-aware")
     try:
         cfg.distributed.check()
     except DistributedError as e:

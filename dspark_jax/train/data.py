@@ -25,6 +25,13 @@ rows its devices hold in the mesh, so the global batch is the same for 1 or N pr
 bucket length that holds the longest sequence of the whole global step, so all processes agree on the
 shape and a jitted step compiles at most ``len(buckets)`` times. The iterator state is the next step index,
 which does not depend on the process count.
+
+Packing (``packing=True``, config ``data.packing``): before sampling, the conversations are packed into rows of
+at most ``max_length`` tokens by best-fit decreasing (:func:`pack_rows`, deterministic, once per run), and the
+sampler, buckets and batch sizes above then count packed rows instead of conversations. A packed row carries
+``segment_ids`` (1, 2, ... per conversation, 0 on padding) and ``positions`` (restarting at 0 per conversation),
+which the train step uses to keep attention, labels and anchors within a conversation. Which conversations
+share a row is fixed for the run; each epoch shuffles the rows.
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ __all__ = [
     "iter_jsonl",
     "read_jsonl",
     "bucket_lengths",
+    "pack_rows",
+    "PackedRows",
     "EpochSampler",
     "InputPipeline",
     "PipelineIterator",
@@ -406,6 +415,63 @@ def bucket_lengths(max_length: int, min_bucket: int = 128) -> tuple[int, ...]:
     return tuple(out)
 
 
+def pack_rows(lengths: Sequence[int] | np.ndarray, capacity: int) -> list[np.ndarray]:
+    """Best-fit decreasing bin packing of sequences into rows of ``capacity`` tokens.
+
+    Sequences are placed longest first (ties: lower index first), each into the open row with the least room
+    that still fits it (ties: the older row), else into a new row. Deterministic. Returns one ``int64`` array of
+    sequence indices per row, ascending within a row (the order the row lays them out), rows in creation order.
+    """
+    import bisect
+
+    lengths = np.asarray(lengths, np.int64)
+    if len(lengths) and (lengths.min() < 1 or lengths.max() > capacity):
+        raise ValueError(f"sequence lengths must lie in [1, {capacity}], got [{lengths.min()}, {lengths.max()}]")
+    order = np.lexsort((np.arange(len(lengths)), -lengths))
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []        # (free tokens, row id), ascending: best fit = first that fits
+    for i in order.tolist():
+        n = int(lengths[i])
+        k = bisect.bisect_left(room, (n, -1))
+        if k < len(room):
+            free, r = room.pop(k)
+        else:
+            free, r = capacity, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if free - n > 0:
+            bisect.insort(room, (free - n, r))
+    return [np.asarray(sorted(r), np.int64) for r in rows]
+
+
+class PackedRows(Sequence):
+    """Random access to packed rows: row ``r`` concatenates the samples ``plan[r]`` (every per-token array,
+    cached target features included) and adds ``segment_ids`` int32 (1..k) and ``positions`` int32 (restarting
+    at 0 per sample). ``lengths``: tokens per row."""
+
+    def __init__(self, samples: Sequence[Mapping[str, np.ndarray]], plan: Sequence[np.ndarray],
+                 sample_lengths: np.ndarray):
+        self.samples, self.plan = samples, list(plan)
+        self.sample_lengths = np.asarray(sample_lengths, np.int64)
+        self.lengths = np.asarray([int(self.sample_lengths[p].sum()) for p in self.plan], np.int64)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, r):
+        items = [self.samples[int(i)] for i in self.plan[r]]
+        lens = [int(self.sample_lengths[int(i)]) for i in self.plan[r]]
+        out = {}
+        for key in items[0]:
+            arrays = [np.asarray(it[key]) for it in items]
+            if not all(a.ndim >= 1 and a.shape[0] == n for a, n in zip(arrays, lens)):
+                raise ValueError(f"packing concatenates per-token arrays; {key!r} is not one")
+            out[key] = np.concatenate(arrays, axis=0)
+        out["segment_ids"] = np.repeat(np.arange(1, len(lens) + 1, dtype=np.int32), lens)
+        out["positions"] = np.concatenate([np.arange(n, dtype=np.int32) for n in lens])
+        return out
+
+
 class EpochSampler:
     """Index logic of spec §3.5 (pure, world-size independent).
 
@@ -482,9 +548,12 @@ class InputPipeline:
         number of processes.
       lengths: optional ``int[N]`` sequence lengths (saves reading every sample up front).
       num_threads / prefetch: grain read threads and prefetch buffer (``num_threads=0``: no grain, no threads).
+      packing: pack the samples into rows of ``max_length`` first (:func:`pack_rows`); the batch sizes, the
+        sampler and ``len(pipeline.samples)`` then count packed rows.
 
     Batches: ``{"input_ids": int32[B, L], "loss_mask": uint8[B, L], "lengths": int32[B], ...}`` with
-    ``B = len(row_positions)`` (default ``M // process_count``) and ``L`` in ``buckets``.
+    ``B = len(row_positions)`` (default ``M // process_count``) and ``L`` in ``buckets`` (+ ``segment_ids``,
+    ``positions`` int32[B, L] when packing; 0 on padding).
     """
 
     def __init__(
@@ -503,7 +572,14 @@ class InputPipeline:
         lengths: Sequence[int] | np.ndarray | None = None,
         num_threads: int = 2,
         prefetch: int = 4,
+        packing: bool = False,
     ):
+        self.packing = bool(packing)
+        if self.packing:
+            if lengths is None:
+                lengths = [len(s["input_ids"]) for s in samples]
+            samples = PackedRows(samples, pack_rows(lengths, int(max_length)), np.asarray(lengths, np.int64))
+            lengths = samples.lengths
         self.samples = samples
         self.sampler = EpochSampler(len(samples), global_batch_size, micro_batch_size, seed)
         if process_index is None or process_count is None:
@@ -567,9 +643,24 @@ class InputPipeline:
 
     # -- iteration ----------------------------------------------------------------------------------------
 
+    def fingerprint(self) -> dict[str, int]:
+        """What a saved iterator state must match (the sampler's, plus the packing capacity when packing)."""
+        extra = {"packed_length": self.max_length} if self.packing else {}
+        return {**self.sampler.fingerprint(), **extra}
+
+    def padding_fraction(self, steps: Sequence[int] | None = None) -> float:
+        """Padding tokens / all tokens of the global batches ``steps`` (default: the first epoch)."""
+        steps = range(self.steps_per_epoch) if steps is None else steps
+        real = padded = 0
+        for k in steps:
+            rows = self.sampler.global_rows(k)
+            real += int(self.lengths[rows].sum())
+            padded += len(rows) * self.bucket_for(int(self.lengths[rows].max()))
+        return 1.0 - real / max(padded, 1)
+
     def state_at(self, step: int) -> dict[str, Any]:
         """The iterator state that resumes at global step ``step``."""
-        return {"step": int(step), **self.sampler.fingerprint()}
+        return {"step": int(step), **self.fingerprint()}
 
     def iterator(self, state: Mapping[str, Any] | None = None) -> PipelineIterator:
         it = PipelineIterator(self)
@@ -671,8 +762,10 @@ class PipelineIterator(Iterator[dict[str, np.ndarray]]):
         return self.pipeline.state_at(self._step)
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        expected = self.pipeline.sampler.fingerprint()
+        expected = self.pipeline.fingerprint()
         got = {k: state.get(k) for k in expected}
+        if "packed_length" in state and "packed_length" not in expected:
+            got["packed_length"] = state["packed_length"]      # a packed run's state does not resume unpacked
         if got != expected:
             raise ValueError(f"iterator state was taken with a different data set-up: {got} != {expected}")
         step = int(state["step"])

@@ -11,12 +11,18 @@ One call of the step function is one *micro-step* on one global batch::
 
     batch = {"input_ids": [B, S] int32, "loss_mask": [B, S]  (+ optional "attention_mask": [B, S] or
              "lengths": [B] for Eagle3; + optional cached features "target_hidden_states" [B,S,Lt*H],
-             "target_last_hidden_states" [B,S,H], which replace step 1)}
+             "target_last_hidden_states" [B,S,H], which replace step 1; + for packed rows "segment_ids" and
+             "positions" [B, S] int32, see below)}
     1. target(input_ids, tap_layer_ids=draft.config.target_layer_ids) -> taps [B,S,Lt*H], last_hidden [B,S,H]
        (the "online features" of spec §3.2, computed in the step instead of read from a cache)
     2. DSpark / DFlash: anchors from sample_anchors(loss_mask, N, fold_in(rng, step)); train_forward; dspark_loss
        Eagle3 (draft.config.is_eagle3): train_forward (TTT); eagle3_loss
     3. grads w.r.t. params only; optimizer.update (with optax.MultiSteps it accumulates and updates every k-th call)
+
+Packed rows (``data.packing``, DSpark / DFlash only): a batch with ``segment_ids`` holds several conversations
+per row. The target's causal forward, the draft's block attention and the labels stay inside a segment, RoPE
+positions are ``positions`` (restarting per conversation), and the row's ``N`` anchors are shared out over its
+segments (:func:`~dspark_jax.train.anchors.sample_anchors`). Padding is a segment of its own with no loss.
 
 The loss is normalised over the whole global batch inside the one jitted program (``sum w`` runs over every
 sequence on every device), which is spec §3.4's all-reduced ``Wsum`` per micro-step; ``optax.MultiSteps``
@@ -194,9 +200,11 @@ def shard_target_state(target_state, mesh: Mesh, rules: LogicalRules | None = No
 
 
 # ---- the step ---------------------------------------------------------------------------------------------
-def target_features(target, input_ids, tap_layer_ids):
-    """Frozen target forward -> (taps ``[B,S,Lt*H]``, last_hidden ``[B,S,H]``), both ``stop_gradient``."""
-    out = target(input_ids, tap_layer_ids=tuple(tap_layer_ids), return_logits=False)
+def target_features(target, input_ids, tap_layer_ids, segment_ids=None, positions=None):
+    """Frozen target forward -> (taps ``[B,S,Lt*H]``, last_hidden ``[B,S,H]``), both ``stop_gradient``.
+    ``segment_ids`` / ``positions`` ``[B, S]``: packed rows (attention within a segment, positions restarting)."""
+    packed = {} if segment_ids is None else dict(segment_ids=segment_ids, positions=positions)
+    out = target(input_ids, tap_layer_ids=tuple(tap_layer_ids), return_logits=False, **packed)
     return jax.lax.stop_gradient(out.taps), jax.lax.stop_gradient(out.last_hidden)
 
 
@@ -246,6 +254,11 @@ def make_train_step(target: nnx.Module, draft: nnx.Module, optimizer: optax.Grad
     def step(state: TrainState, target_state, batch):
         input_ids = batch["input_ids"].astype(jnp.int32)
         loss_mask = batch["loss_mask"]
+        segment_ids, positions = batch.get("segment_ids"), batch.get("positions")
+        if segment_ids is not None and cfg.is_eagle3:
+            raise ValueError("packed batches (segment_ids) are for DSpark / DFlash drafts, not Eagle3")
+        if segment_ids is not None and positions is None:
+            raise ValueError("a packed batch needs 'positions' with its 'segment_ids'")
         attention_mask = batch.get("attention_mask")
         if attention_mask is None and "lengths" in batch:
             # rebuilt from lengths, as DeepSpec's collator does (only Eagle3 reads it)
@@ -258,7 +271,7 @@ def make_train_step(target: nnx.Module, draft: nnx.Module, optimizer: optax.Grad
                 raise ValueError("this step was built without a target: batches must carry "
                                  f"{FEATURE_KEYS} (an offline target cache)")
             tgt = nnx.merge(target_graphdef, target_state)
-            taps, last_hidden = target_features(tgt, input_ids, taps_ids)
+            taps, last_hidden = target_features(tgt, input_ids, taps_ids, segment_ids, positions)
         if feature_sharding is not None:
             taps = jax.lax.with_sharding_constraint(taps, feature_sharding)
             last_hidden = jax.lax.with_sharding_constraint(last_hidden, feature_sharding)
@@ -270,12 +283,13 @@ def make_train_step(target: nnx.Module, draft: nnx.Module, optimizer: optax.Grad
                                            materialize_logits=materialize)
             loss_of = eagle3_loss
         else:
-            anchors, keep = sample_anchors(loss_mask, n_anchors, key)
+            anchors, keep = sample_anchors(loss_mask, n_anchors, key, segment_ids)
             extra["anchors_per_seq"] = jnp.mean(jnp.sum(keep, axis=1).astype(jnp.float32))
+            packed = {} if segment_ids is None else dict(segment_ids=segment_ids, positions=positions)
 
             def forward(model):  # the loss works from the hidden states (vocab_loss_dense when unchunked)
                 return model.train_forward(input_ids, loss_mask, taps, last_hidden, anchors, keep,
-                                           materialize_logits=False, remat=remat)
+                                           materialize_logits=False, remat=remat, **packed)
             loss_of = dspark_loss
 
         def loss_fn(params):

@@ -360,13 +360,22 @@ class Trainer:
             raise ConfigError(f"{len(self.samples)} samples cannot fill one global batch of {o.global_batch_size} "
                               "(lower optim.global_batch_size)")
         # each process loads the rows its devices hold: the global batch is the one-process batch
-        self.pipeline = InputPipeline(self.samples, global_batch_size=o.global_batch_size, micro_batch_size=micro,
-                                      max_length=cfg.data.max_length, buckets=cfg.data.buckets, seed=o.seed,
-                                      num_epochs=o.epochs, lengths=self.lengths,
-                                      row_positions=process_batch_rows(self.mesh, micro),
-                                      num_threads=cfg.data.num_threads)
+        try:
+            self.pipeline = InputPipeline(
+                self.samples, global_batch_size=o.global_batch_size, micro_batch_size=micro,
+                max_length=cfg.data.max_length, buckets=cfg.data.buckets, seed=o.seed, num_epochs=o.epochs,
+                lengths=self.lengths, row_positions=process_batch_rows(self.mesh, micro),
+                num_threads=cfg.data.num_threads, packing=cfg.data.packing)
+        except ValueError as e:
+            if cfg.data.packing and "cannot fill" in str(e):    # fewer packed rows than one global batch
+                raise ConfigError(f"data.packing: {e} packed rows (lower optim.global_batch_size)") from None
+            raise
+        rows = len(self.pipeline.samples)
+        if cfg.data.packing:
+            self.echo(f"[train] packing: {len(self.samples)} conversations into {rows} rows of "
+                      f"{cfg.data.max_length} tokens (padding {self.pipeline.padding_fraction():.1%} of the first epoch)")
         self.grad_accum = o.global_batch_size // micro
-        self.total_updates = o.epochs * (len(self.samples) // o.global_batch_size)
+        self.total_updates = o.epochs * (rows // o.global_batch_size)
         self.total_steps = self.total_updates * self.grad_accum
         if o.max_steps is not None:
             self.total_steps = min(self.total_steps, o.max_steps)
@@ -441,7 +450,8 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=min(start, self.total_steps), desc=f"train {cfg.draft.kind}",
                        unit="step", dynamic_ncols=True)
         self.echo(f"[train] {self.total_steps} micro-steps ({self.total_updates} updates x {self.grad_accum} "
-                  f"accumulation), {len(self.samples)} samples, {self.pipeline.steps_per_epoch} steps/epoch, "
+                  f"accumulation), {len(self.pipeline.samples)} {'rows' if cfg.data.packing else 'samples'}, "
+                  f"{self.pipeline.steps_per_epoch} steps/epoch, "
                   f"mesh {dict(self.mesh.shape)}")
         peak = _peak_tflops(cfg)
         n_dev = self.mesh.devices.size

@@ -5,6 +5,7 @@ on 16 embedded conversations, then a DSpark draft trained against it (the overfi
 tests reuse that pre-trained target from its HF directory:
   - exact resume after a real SIGKILL of a ``dspark train`` subprocess (parameters and loss curve identical);
   - resume onto a different mesh shape (1 device -> data=2 x fsdp=2 x tensor=2);
+  - exact resume of a packed run (data.packing);
   - training from the offline cache == training online (same batch, same loss);
   - DFlash and Eagle3 through the same loop; TensorBoard events; the dry-run memory table; bad input.
 """
@@ -197,6 +198,31 @@ def test_resume_onto_another_mesh(target_dir, data_file, tmp_path):
     lm = [x["loss"] for x in map(json.loads, (tmp_path / "moved" / "metrics.jsonl").read_text().splitlines())]
     ls = [x["loss"] for x in straight.history]
     np.testing.assert_allclose(lm, ls, rtol=1e-5)
+
+
+def test_packed_resume_is_exact(target_dir, data_file, tmp_path):
+    """data.packing: a run resumed from its step-2 checkpoint == the run that went straight to step 4
+    (bit-identical parameters and losses), and its rows really hold several conversations."""
+    import shutil
+
+    def run(out):
+        cfg = load_train_config("tiny", with_target(target_dir, out, data_file, **{
+            "data.packing": "true", "data.max_length": 256, "data.buckets": "[256]", "optim.global_batch_size": 2,
+            "optim.max_steps": 4, "optim.precision": "fp32", "checkpoint.export_draft": "false"}))
+        return Trainer(cfg, devices=one_device(), compiler_options=FAST_COMPILE)
+
+    straight_trainer = run(tmp_path / "straight")
+    rows = straight_trainer.pipeline.batch(0)["segment_ids"]
+    assert rows.max() >= 2 and len(straight_trainer.pipeline.samples) < NUM_CONVERSATIONS
+    straight = straight_trainer.run()
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    for step in ("3", "4"):                  # back to the state after step 2
+        shutil.rmtree(tmp_path / "resumed" / "checkpoints" / step)
+    resumed = run(tmp_path / "resumed").run()
+    assert resumed.steps == 4 and [h["step"] for h in resumed.history] == [3, 4]
+    for a, b in zip(draft_params(resumed.state), draft_params(straight.state)):
+        np.testing.assert_array_equal(a, b)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[2:]]
 
 
 def test_offline_cache_equals_online(target_dir, data_file, tmp_path):
