@@ -191,7 +191,8 @@ def profile_rounds(target, draft, batch: int, *, context: int = 128, warmup: int
     - a draft-verify round (proposal, scheduler, verify, rejection sampling, commit) for each verify branch: every
       ragged bucket ``cap`` (lengths forced so the round verifies ``cap`` tokens) and the padded ``[B, Bs+1]``
       forward (full blocks);
-    - a plain decoding step of the same loop (no proposal).
+    - a plain decoding step of the same loop (no proposal): a plain run of ``rounds`` steps, the draft's catch-up
+      on their context included, per step.
 
     The verify plan keeps the ragged buckets, smallest first, while they beat the padded forward; above them the
     padded forward runs, so no round verifies slower than padded at the same lengths. ``sps_table`` (rounds per
@@ -206,7 +207,7 @@ def profile_rounds(target, draft, batch: int, *, context: int = 128, warmup: int
     from dspark_jax.decode.sampling import SamplingConfig, request_keys
     from dspark_jax.decode.scheduler import SchedulePolicy
     from dspark_jax.decode.spec_loop import (SpecSettings, draft_verify_round, drafts_per_round, head_for_loop,
-                                             init_rows, loop_state, plain_round)
+                                             init_rows, loop_state, plain_run)
     from dspark_jax.nn.static_graph import split_static
 
     if draft.config.is_eagle3:
@@ -242,9 +243,10 @@ def profile_rounds(target, draft, batch: int, *, context: int = 128, warmup: int
         tgt, drf = t_graph.merge(t_state), d_graph.merge(d_state)
         head_hv = head_for_loop(drf)
 
+        if plain:         # one plain run of `rounds` steps, as the loop runs them (draft catch-up included)
+            return plain_run(tgt, drf, c, settings, jnp.int32(rounds))
+
         def body(_, c):
-            if plain:
-                return plain_round(tgt, drf, c, settings)
             return draft_verify_round(tgt, drf, c, settings, sched_args, conf_temps, head_hv,
                                       forced_lengths=lengths, verify_branch=branch)
 

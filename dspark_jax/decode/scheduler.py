@@ -233,34 +233,46 @@ def _sps_tuple(sps) -> tuple[float, ...]:
     return table
 
 
-# Switch-off (plain decoding for a while): how long the first plain run lasts, the longest one (each run that
-# ends in a probe still predicting a loss doubles), the EMA weight of the newest round's predicted ratio, and
-# the hysteresis band: speculation resumes only when the smoothed ratio reaches 1 + SWITCH_MARGIN.
+# Switch-off (plain decoding for a while): the shortest plain run (it doubles while probes keep losing) and the
+# longest, the EMA weight of the newest round's measured ratio, the hysteresis band (speculation resumes only when
+# the smoothed ratio reaches 1 + SWITCH_MARGIN), and the probe budget: a plain run lasts long enough that the probe
+# round after it, if it loses as much as the EMA says, costs at most this share of the run's time.
 SWITCH_FIRST_OFF = 8
 SWITCH_MAX_OFF = 128
-SWITCH_EMA = 0.5
+SWITCH_EMA = 0.25
 SWITCH_MARGIN = 0.05
+SWITCH_PROBE_BUDGET = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
 class SchedulePolicy:
     """What a compiled decode loop keys on: the scheduling rule, not the tables (traced arguments, so a new
     curve of the same length does not recompile). ``kind``: "prefix" (Algorithm 1) or "zos"; ``switch``: the
-    loop may run plain decoding steps (no draft work) when the round model predicts speculation loses.
+    loop may run plain decoding steps (no draft work) when speculation loses.
 
     The loop's scheduler arguments are ``(sps [Bmax+1], plain_sps scalar)``: rounds per second by verified
     tokens B and plain decoding steps per second, on the same engine.
 
-    Switch-off rule (all decisions from past rounds, so every round's lengths stay a stopping rule; see
-    docs/SCHEDULING.md): after each speculative round, ``ratio = Theta(L) / (R * plain_sps)`` of the lengths just
-    chosen (R live rows) is folded into an EMA. EMA < 1: the next ``off`` rounds are plain steps, ``off`` doubling
-    (8 .. 128) while the probe round that follows a plain run still predicts a loss. EMA >= 1 + margin: speculation
-    stays on and ``off`` resets. In between, the mode does not change (hysteresis: no flapping on noise)."""
+    Switch-off rule (every decision from finished rounds and the profile, so every round's lengths stay a
+    stopping rule; see docs/SCHEDULING.md §8):
+
+    - **Measured, not predicted:** after each speculative round, ``ratio = committed * SPS(B) / (R * plain_sps)``
+      (the tokens the round actually committed over its R live rows, at the profile's rate for its B verified
+      tokens, against R plain steps) is folded into an EMA. The confidences choose the lengths but do not decide
+      the switch: a miscalibrated head would otherwise keep a losing speculation on.
+    - EMA < 1: the next rounds are a plain run; EMA >= 1 + margin: speculation stays on. In between the mode does
+      not change (hysteresis: no flapping on noise).
+    - **Run length:** at least ``off_rounds[0]``, doubling while the probe round that ends each run still loses, and
+      long enough that a probe losing as much as the EMA says costs at most SWITCH_PROBE_BUDGET of the run
+      (``cost * (1 - EMA) / budget`` plain steps, ``cost = plain_sps / SPS(B)``: the round in plain steps); at most
+      ``off_rounds[1]``.
+    - **Never worth it:** when even a draft whose every token is accepted could not beat plain decoding on the
+      profile (``max_B B * SPS(B) < R * plain_sps``), the loop runs plain steps without probing."""
 
     kind: str
     delay: int = 0
     switch: bool = False
-    off_rounds: tuple[int, int] = (SWITCH_FIRST_OFF, SWITCH_MAX_OFF)    # first and longest plain run
+    off_rounds: tuple[int, int] = (SWITCH_FIRST_OFF, SWITCH_MAX_OFF)    # shortest and longest plain run
 
     def init_state(self, batch: int, block_size: int):
         inner = ()
@@ -270,16 +282,24 @@ class SchedulePolicy:
         return dict(inner=inner, spec_rounds=jnp.int32(0), off_left=jnp.int32(0),
                     next_off=jnp.int32(self.off_rounds[0]), ema=jnp.float32(1.0), off_mode=jnp.bool_(False))
 
-    def plain_now(self, state) -> jax.Array:
-        """Whether this round is a plain decoding step (decided by earlier rounds only)."""
-        return state["off_left"] > 0 if self.switch else jnp.bool_(False)
+    def plain_steps(self, state, sched_args, active) -> jax.Array:
+        """Plain steps to run now (int32; 0 = a speculative round), from earlier rounds and the profile only."""
+        if not self.switch:
+            return jnp.int32(0)
+        sps, plain_sps = sched_args
+        sps = jnp.asarray(sps, jnp.float32)
+        live = jnp.sum(jnp.asarray(active, jnp.int32))
+        b = jnp.arange(sps.shape[0])
+        ceiling = jnp.max(jnp.where(b >= live, b * sps, 0.0))        # every verified token committed
+        never = (live > 0) & (ceiling < live.astype(jnp.float32) * jnp.asarray(plain_sps, jnp.float32))
+        return jnp.where(never, self.off_rounds[1], jnp.minimum(state["off_left"], self.off_rounds[1]))
 
-    def after_plain(self, state):
-        return dict(state, off_left=state["off_left"] - 1)
+    def after_plain(self, state, steps=1):
+        return dict(state, off_left=jnp.maximum(state["off_left"] - steps, 0))
 
     def __call__(self, confidences, active, state, sched_args):
         """``[B, Bs]`` confidences, ``[B]`` active, state, (sps, plain_sps) -> (L ``[B]``, state)."""
-        sps, plain_sps = sched_args
+        sps, _ = sched_args
         sps = jnp.asarray(sps, jnp.float32)
         n = state["spec_rounds"]
         inner = state["inner"]
@@ -294,20 +314,29 @@ class SchedulePolicy:
             lengths = jnp.where(n >= self.delay, zos, warm)
             inner = (conf_hist.at[slot].set(jnp.asarray(confidences, jnp.float32)),
                      act_hist.at[slot].set(jnp.asarray(active, bool)))
-        state = dict(state, inner=inner, spec_rounds=n + 1)
-        if self.switch:
-            state = self._update_switch(confidences, lengths, active, state, sps, plain_sps)
-        return lengths, state
+        return lengths, dict(state, inner=inner, spec_rounds=n + 1)
 
-    def _update_switch(self, confidences, lengths, active, state, sps, plain_sps):
-        live = jnp.sum(jnp.asarray(active, jnp.int32))
-        theta = expected_throughput(confidences, lengths, sps, active)
+    def after_round(self, state, committed, lengths, active, sched_args):
+        """Folds a verified round into the switch state: ``committed [B]`` tokens per row, ``lengths [B]``,
+        ``active [B]`` (the rows that ran it), (sps, plain_sps) -> state."""
+        if not self.switch:
+            return state
+        sps, plain_sps = sched_args
+        sps = jnp.asarray(sps, jnp.float32)
+        act = jnp.asarray(active, bool)
+        live = jnp.sum(act.astype(jnp.int32))
+        b = jnp.sum(jnp.where(act, jnp.asarray(lengths, jnp.int32) + 1, 0))
+        rate = sps[jnp.clip(b, 1, sps.shape[0] - 1)]
         plain = live.astype(jnp.float32) * jnp.asarray(plain_sps, jnp.float32)
-        ratio = jnp.where(live > 0, theta / jnp.maximum(plain, 1e-30), 1.0)
+        toks = jnp.sum(jnp.where(act, jnp.asarray(committed, jnp.float32), 0.0))
+        ratio = jnp.where(live > 0, toks * rate / jnp.maximum(plain, 1e-30), 1.0)
         ema = SWITCH_EMA * ratio + (1.0 - SWITCH_EMA) * state["ema"]
         go_off = (ema < 1.0) | (state["off_mode"] & (ema < 1.0 + SWITCH_MARGIN))
+        cost = jnp.asarray(plain_sps, jnp.float32) / rate               # this round, in plain steps
+        need = jnp.ceil(jnp.clip(cost * (1.0 - ema) / SWITCH_PROBE_BUDGET, 0.0, float(self.off_rounds[1])))
         nxt = state["next_off"]
-        return dict(state, ema=ema, off_mode=go_off, off_left=jnp.where(go_off, nxt, 0),
+        run = jnp.clip(jnp.maximum(nxt, need.astype(jnp.int32)), 1, self.off_rounds[1])
+        return dict(state, ema=ema, off_mode=go_off, off_left=jnp.where(go_off, run, 0),
                     next_off=jnp.where(go_off, jnp.minimum(2 * nxt, self.off_rounds[1]), self.off_rounds[0]))
 
 

@@ -142,56 +142,69 @@ def init_rows(target, draft, ids, lengths, req_keys, settings: SpecSettings) -> 
                 row_rnd=jnp.zeros((batch,), jnp.int32), stats=stats, prompt_len=lengths.astype(jnp.int32))
 
 
-def spec_round(target, draft, c: dict, settings: SpecSettings, sched_args, conf_temps, head_hv) -> dict:
-    """One round over every row of ``c`` (finished rows compute but change nothing): a draft-verify round, or,
-    when the scheduler has switched speculation off (decided by earlier rounds), a plain decoding step."""
+def spec_round(target, draft, c: dict, settings: SpecSettings, sched_args, conf_temps, head_hv,
+               run_while=None) -> dict:
+    """One iteration of the loop over every row of ``c`` (finished rows compute but change nothing): a draft-verify
+    round, or, when the scheduler has switched speculation off (decided by earlier rounds), a run of plain decoding
+    steps (:func:`plain_run`; ``run_while(done [B]) -> bool`` may end it early, e.g. to refill slots)."""
     sched = settings.scheduler
     if sched is None or not sched.switch:
         return draft_verify_round(target, draft, c, settings, sched_args, conf_temps, head_hv)
-    return jax.lax.cond(sched.plain_now(c["sched"]),
-                        lambda c: plain_round(target, draft, c, settings),
+    steps = sched.plain_steps(c["sched"], sched_args, ~c["done"])
+    return jax.lax.cond(steps > 0,
+                        lambda c: plain_run(target, draft, c, settings, steps, run_while),
                         lambda c: draft_verify_round(target, draft, c, settings, sched_args, conf_temps, head_hv), c)
 
 
-def plain_round(target, draft, c: dict, settings: SpecSettings) -> dict:
-    """One plain decoding step (no proposal): the target forward over each row's anchor, a token sampled from it,
-    one token committed. The anchor's taps join the draft's pending context; when a row's pending buffer is full
-    the draft ingests it first (context only, once per Bs+1 plain steps), so the next proposal sees every
-    committed token."""
+def plain_run(target, draft, c: dict, settings: SpecSettings, steps, run_while=None) -> dict:
+    """``steps`` (int32, at most the policy's longest run) plain decoding steps, in one tight
+    inner loop: per step one target forward over each row's anchor, a token sampled from it, one token committed.
+    It stops early once every row is done or ``run_while(done)`` is False. The draft does no work inside the run:
+    the anchors' taps collect in a buffer ``[B, Bs+1+N, Lt*H]`` after the pending rows (N = the longest run that
+    fits) and the draft ingests them all in one context pass at the end, so the next proposal sees every committed
+    token. Per-round stats are written once, after the run. Same tokens, keys and stats as single plain steps."""
+    sched = settings.scheduler
     taps = draft.config.target_layer_ids
     batch, out_width = c["out"].shape
     stop_arr = jnp.asarray(settings.stop_ids if settings.stop_ids else (-2,), jnp.int32)
     rows = jnp.arange(batch)
-    active = ~c["done"]
-    start = c["t_cache"].lengths
-    _, k_ver = split_keys(_round_keys(c["keys"], c["row_rnd"]), 2)
-    ver = target(c["anchor"][:, None], c["t_cache"], num_new=jnp.ones((batch,), jnp.int32), tap_layer_ids=taps)
-    nxt = sample_tokens(ver.logits[:, 0], k_ver, settings.sampling)
-    out = c["out"].at[rows, jnp.where(active, c["n_out"], out_width)].set(nxt, mode="drop")
-    n_out = jnp.where(active, c["n_out"] + 1, c["n_out"])
-    done = c["done"] | (active & (jnp.isin(nxt, stop_arr) | (n_out >= settings.max_new_tokens)))
-    t_cache = ver.cache.with_lengths(jnp.where(active, start + 1, start))
     d_cache, pend, count = c["dstate"]
+    width = pend.shape[1] + min(sched.off_rounds[1], settings.max_new_tokens)
+    buf = jnp.zeros((batch, width, pend.shape[2]), pend.dtype).at[:, :pend.shape[1]].set(pend)
+    keys = c["keys"]
 
-    def ingest(args):
-        d_cache, pend, count = args
-        _, d_cache = draft.block_hidden(d_cache, pend, count, c["anchor"])
-        return d_cache, pend, jnp.zeros_like(count)
+    def cond(carry):
+        i, done = carry[0], carry[5]
+        go = (i < steps) & ~jnp.all(done)
+        return go if run_while is None else go & run_while(done)
 
-    d_cache, pend, count = jax.lax.cond(jnp.any(active & (count >= pend.shape[1])), ingest, lambda a: a,
-                                        (d_cache, pend, count))
-    pend = pend.at[rows, jnp.where(active, count, pend.shape[1])].set(ver.taps[:, 0].astype(pend.dtype), mode="drop")
-    count = jnp.where(active, count + 1, count)
-    r, st = c["row_rnd"], c["stats"]
-    at = jnp.where(active, r, st["accept"].shape[1])
+    def body(carry):
+        i, t_cache, anchor, out, n_out, done, row_rnd, buf, n_buf = carry
+        active = ~done
+        start = t_cache.lengths
+        _, k_ver = split_keys(_round_keys(keys, row_rnd), 2)
+        ver = target(anchor[:, None], t_cache, num_new=jnp.ones((batch,), jnp.int32), tap_layer_ids=taps)
+        nxt = sample_tokens(ver.logits[:, 0], k_ver, settings.sampling)
+        out = out.at[rows, jnp.where(active, n_out, out_width)].set(nxt, mode="drop")
+        n_out = jnp.where(active, n_out + 1, n_out)
+        done = done | (active & (jnp.isin(nxt, stop_arr) | (n_out >= settings.max_new_tokens)))
+        t_cache = ver.cache.with_lengths(jnp.where(active, start + 1, start))
+        buf = buf.at[rows, jnp.where(active, n_buf, width)].set(ver.taps[:, 0].astype(buf.dtype), mode="drop")
+        return (i + 1, t_cache, jnp.where(active, nxt, anchor), out, n_out, done, row_rnd + active, buf,
+                n_buf + active)
 
-    def rec(buf, value):
-        return buf.at[rows, at].set(value, mode="drop")
-
-    stats = dict(st, accept=rec(st["accept"], jnp.ones((batch,), jnp.int32)), plain=rec(st["plain"], True))
-    return dict(c, rnd=c["rnd"] + 1, row_rnd=r + active, t_cache=t_cache, dstate=(d_cache, pend, count),
-                anchor=jnp.where(active, nxt, c["anchor"]), out=out, n_out=n_out, done=done, stats=stats,
-                sched=settings.scheduler.after_plain(c["sched"]))
+    init = (jnp.int32(0), c["t_cache"], c["anchor"], c["out"], c["n_out"], c["done"], c["row_rnd"], buf, count)
+    i, t_cache, anchor, out, n_out, done, row_rnd, buf, n_buf = jax.lax.while_loop(cond, body, init)
+    # context only (the block output is unused): the draft cache then holds every committed position but the anchor
+    _, d_cache = draft.block_hidden(d_cache, buf, n_buf, anchor)
+    pend = jnp.zeros_like(pend)
+    r0, st = c["row_rnd"], c["stats"]
+    j = jnp.arange(st["accept"].shape[1])[None, :]
+    ran = (j >= r0[:, None]) & (j < row_rnd[:, None])              # the rounds each row ran in this run
+    stats = dict(st, accept=jnp.where(ran, 1, st["accept"]), plain=st["plain"] | ran)
+    return dict(c, rnd=c["rnd"] + i, row_rnd=row_rnd, t_cache=t_cache, dstate=(d_cache, pend, jnp.zeros_like(count)),
+                anchor=anchor, out=out, n_out=n_out, done=done, stats=stats,
+                sched=sched.after_plain(c["sched"], i))
 
 
 def draft_verify_round(target, draft, c: dict, settings: SpecSettings, sched_args, conf_temps, head_hv,
@@ -252,6 +265,8 @@ def draft_verify_round(target, draft, c: dict, settings: SpecSettings, sched_arg
     committed_stop = stop_in_drafts | jnp.isin(verdict.next_token, stop_arr)
     done = c["done"] | (active & (committed_stop | (n_out >= max_new)))
     t_cache = v_cache.with_lengths(jnp.where(active, start + n_commit, start))
+    if sched is not None:      # the switch-off rule learns from what this round committed (past for the next)
+        sched_state = sched.after_round(sched_state, n_commit, L, active, sched_args)
     dstate = _absorb_commit(draft, c["dstate"], d_cache_after, v_taps, committed, n_commit, active)
     r, st = c["row_rnd"], c["stats"]
     at = jnp.where(active, r, st["accept"].shape[1])                  # out of range for finished rows: dropped
@@ -280,5 +295,5 @@ def head_for_loop(draft):
     return None if draft.config.is_eagle3 else draft.decode_head()
 
 
-__all__ = ["SpecSettings", "drafts_per_round", "draft_context_len", "init_rows", "spec_round", "plain_round",
+__all__ = ["SpecSettings", "drafts_per_round", "draft_context_len", "init_rows", "spec_round", "plain_run",
            "draft_verify_round", "loop_state", "head_for_loop"]

@@ -87,8 +87,11 @@ def _run(t_graph, t_state, d_graph, d_state, state, refill_at, max_rounds, sched
 
     def body(carry):
         step, c, busy = carry
-        return (step + 1, spec_round(target, draft, c, settings, sched_sps, conf_temps, head_hv),
-                busy + jnp.sum(~c["done"]))
+        # a plain run (switch-off) is several rounds in one iteration: count rounds and row-rounds, and let it
+        # stop as soon as enough slots are free
+        nxt = spec_round(target, draft, c, settings, sched_sps, conf_temps, head_hv,
+                         run_while=lambda done: jnp.sum(done) < refill_at)
+        return step + nxt["rnd"] - c["rnd"], nxt, busy + jnp.sum(nxt["row_rnd"] - c["row_rnd"])
 
     steps, state, busy = jax.lax.while_loop(cond, body, (jnp.int32(0), state, jnp.int32(0)))
     return state, steps, busy

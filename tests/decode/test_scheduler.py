@@ -515,42 +515,83 @@ def test_profile_cli_on_a_tiny_target(plain_target, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------
 
 def test_switch_rule_backs_off_resumes_and_does_not_flap():
-    """The pure rule on synthetic rounds: predicted ratio Theta / (R * plain_sps) below 1 -> plain runs of 2, 4, 4
-    (capped); inside the hysteresis band the mode holds; at >= 1 + margin speculation resumes."""
-    from dspark_jax.decode.scheduler import SchedulePolicy
+    """The pure rule on synthetic rounds: measured ratio committed * SPS(B) / (R * plain_sps) below 1 -> plain runs
+    (the shortest doubling, lengthened by the probe budget, capped); inside the hysteresis band the mode holds; at
+    >= 1 + margin speculation resumes. The ratio is what rounds committed, not what confidences predicted."""
+    from dspark_jax.decode.scheduler import SWITCH_EMA, SchedulePolicy
 
-    pol = SchedulePolicy("prefix", switch=True, off_rounds=(2, 4))
-    conf = jnp.full((2, 3), 0.5, jnp.float32)
+    pol = SchedulePolicy("prefix", switch=True, off_rounds=(2, 64))
     act = jnp.ones((2,), bool)
-    sps = jnp.full((9,), 100.0, jnp.float32)          # flat: full blocks, tau = 2 * (1 + .5 + .25 + .125) = 3.75
-    theta = 3.75 * 100.0
+    lengths = jnp.full((2,), 3, jnp.int32)
+    sps = jnp.full((9,), 100.0, jnp.float32)           # a round verifies B = 8 tokens at 100 rounds/s
+    args = lambda plain: (sps, jnp.float32(plain))    # noqa: E731
     state = pol.init_state(2, 3)
+    assert int(pol.plain_steps(state, args(150.0), act)) == 0           # no round yet: speculate
 
-    def spec(state, ratio):   # plain_sps such that Theta / (2 * plain_sps) == ratio
-        return pol(conf, act, state, (sps, jnp.float32(theta / (2 * ratio))))[1]
+    def spec(state, committed, plain=150.0):           # ratio = committed * 100 / (2 * plain)
+        return pol.after_round(state, jnp.asarray(committed, jnp.int32), lengths, act, args(plain))
 
-    offs = []
-    for ratio in (0.5, 0.5, 0.5, 0.5):                # each probe still loses: plain runs double up to the cap
-        state = spec(state, ratio)
-        offs.append(int(state["off_left"]))
-        while bool(pol.plain_now(state)):
-            state = pol.after_plain(state)
-    assert offs == [2, 4, 4, 4]
-    state = spec(state, 1.3)                          # EMA 0.5*1.3 + 0.5*ema(~0.5) < 1: still off
-    assert int(state["off_left"]) == 4
-    state = pol.after_plain(pol.after_plain(pol.after_plain(pol.after_plain(state))))
-    state = spec(state, 1.6)                          # EMA >= 1.05: on, and the next plain run starts at 2 again
-    assert int(state["off_left"]) == 0 and int(state["next_off"]) == 2 and not bool(state["off_mode"])
-    for ratio in (1.02, 0.99, 1.02, 0.995):           # noise around 1 with EMA in [1, 1.05): stays on
-        state = spec(state, ratio)
-    assert int(state["off_left"]) == 0
+    state = spec(state, [2, 1])                        # ratio 1.0: EMA stays 1.0, on
+    assert int(pol.plain_steps(state, args(150.0), act)) == 0
+    state = spec(state, [1, 1])                        # ratio 0.667: EMA 0.917 < 1: off
+    ema = 1.0 - SWITCH_EMA / 3
+    assert float(state["ema"]) == pytest.approx(ema)
+    # the probe budget: a round costs 1.5 plain steps; losing (1 - EMA) of it is <= 2% of the run
+    assert int(pol.plain_steps(state, args(150.0), act)) == int(np.ceil(1.5 * (1 - ema) / 0.02))
+    runs = []
+    for _ in range(7):                                 # every probe loses: runs grow to the cap
+        steps = int(pol.plain_steps(state, args(150.0), act))
+        runs.append(steps)
+        state = pol.after_plain(state, steps)
+        assert int(pol.plain_steps(state, args(150.0), act)) == 0    # the run is over: a probe round
+        state = spec(state, [1, 1])
+    assert runs == sorted(runs) and runs[-1] == 64 and runs[0] >= 2
+    for _ in range(2):                                 # probes win (ratio 1.33) but the EMA has to climb first
+        state = pol.after_plain(state, int(pol.plain_steps(state, args(150.0), act)))
+        state = spec(state, [2, 2])
+        assert bool(state["off_mode"]) and int(pol.plain_steps(state, args(150.0), act)) > 0
+    state = pol.after_plain(state, int(pol.plain_steps(state, args(150.0), act)))
+    state = spec(state, [2, 2])                        # EMA >= 1.05: on, and the next plain run starts short again
+    assert int(pol.plain_steps(state, args(150.0), act)) == 0 and int(state["next_off"]) == 2
+    for ratio in (1.03, 0.97, 1.03, 0.97, 1.03):       # noise around 1 with EMA in [1, 1.05): stays on
+        state = spec(state, [2, 1], plain=150.0 / ratio)
+        assert int(pol.plain_steps(state, args(150.0), act)) == 0
+    # never worth it: even a round that commits every verified token (8 * 100 / s) is below 2 * 500 plain steps/s
+    fresh = pol.init_state(2, 3)
+    assert int(pol.plain_steps(fresh, args(500.0), act)) == 64
+    assert int(pol.plain_steps(fresh, args(390.0), act)) == 0
 
 
-def _switch_schedulers(rows, zos=False):
+def _switch_schedulers(rows, zos=False, off_rounds=(2, 4)):
     mid = _mid_curve(rows)
-    # plain decoding predicted 10x faster than any schedule: every speculative round is followed by a plain run
-    kw = dict(plain_sps=1e5, off_rounds=(2, 4))
+    # plain decoding a little faster than what a draft that is always right would give (1430 R tokens/s at
+    # B = 5R): never "never worth it", but the random drafts lose, so every probe is followed by a plain run
+    kw = dict(plain_sps=1300.0, off_rounds=off_rounds)
     return ZeroOverheadScheduler(mid, delay=1, **kw) if zos else PrefixScheduler(mid, **kw)
+
+
+def _replay_switch(out, sched):
+    """Replays the policy's switch decisions on a static loop's recorded rounds: each round's mode and each plain
+    run's length must be what the rule decides from the rounds before it."""
+    pol, args = sched.policy, sched.sched_args
+    plain, had = out.stats["_round_plain"], out.accept_lengths > 0
+    state = pol.init_state(*out.stats["_round_confidence"].shape[::2])
+    r, rounds, runs = 0, plain.shape[1], 0
+    while r < rounds and had[:, r].any():
+        act = had[:, r]
+        steps = int(pol.plain_steps(state, args, act))
+        if steps:
+            k = 0
+            while r + k < rounds and had[:, r + k].any() and k < steps:
+                assert plain[had[:, r + k], r + k].all(), (r, k)
+                k += 1
+            assert k == steps or r + k == rounds or not had[:, r + k].any(), (r, k, steps)
+            state, r, runs = pol.after_plain(state, k), r + k, runs + 1
+        else:
+            assert not plain[act, r].any(), r
+            state = pol.after_round(state, out.accept_lengths[:, r], out.proposal_lengths[:, r], act, args)
+            r += 1
+    return runs
 
 
 @pytest.mark.parametrize("zos", [False, True], ids=["prefix", "zos"])
@@ -564,12 +605,8 @@ def test_greedy_equals_target_greedy_across_switches(plain_target, draft_factory
     _check_round_invariants(out, 24, 4)
     plain, had = out.stats["_round_plain"], out.accept_lengths > 0
     assert (out.proposal_lengths[plain] == 0).all() and (out.accept_lengths[plain] == 1).all()
-    # the batch's mode per round: speculative, then plain runs of 2, 4, 4, ... (off_rounds=(2, 4))
-    mode = [bool(plain[had[:, r], r].all()) for r in range(plain.shape[1]) if had[:, r].any()]
-    want = []
-    while len(want) < len(mode):
-        want += [False] + [True] * min(2 ** (1 + sum(not m for m in want)), 4)
-    assert mode == want[:len(mode)]
+    # the batch's mode per round and every plain run's length follow the rule on the rounds before them
+    assert _replay_switch(out, sched) >= 2
     if not zos:   # speculative rounds: the lengths are Algorithm 1 on the recorded confidences
         for r in range(plain.shape[1]):
             if had[:, r].any() and not plain[had[:, r], r].any():
@@ -589,7 +626,7 @@ def test_lossless_across_switches(bigram_target, draft_factory):
 
     prompt, n, new = [3, 7, 1], 2000, 8
     draft = draft_factory(bigram_target, oracle_scale=0.7)
-    sched = dataclasses_replace(_switch_schedulers(n), off_rounds=(1, 2))
+    sched = _switch_schedulers(n, off_rounds=(1, 2))
     out = dj.speculative_generate(bigram_target, draft, [prompt] * n, max_new_tokens=new, temperature=1.0,
                                   stop_token_ids=(), seed=11, scheduler=sched)
     plain = out.stats["_round_plain"]
@@ -613,12 +650,6 @@ def test_lossless_across_switches(bigram_target, draft_factory):
         if exp[-1] == 0:
             obs, exp = obs[:-1], exp[:-1]
         assert sps_stats.chisquare(obs, exp).pvalue > ALPHA / v, (a, obs, exp)
-
-
-def dataclasses_replace(obj, **kw):
-    import dataclasses
-
-    return dataclasses.replace(obj, **kw)
 
 
 def test_round_profile_cli_and_scheduler_from_profile(plain_target, draft_factory, tmp_path):
