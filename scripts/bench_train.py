@@ -25,12 +25,8 @@ import jax
 import numpy as np
 
 
-def time_steps(trainer, steps: int, warmup: int) -> dict:
-    state = trainer.initial_state()
-    it = trainer.pipeline.iterator()
-    for _ in range(warmup):
-        state, m = trainer.step_fn(state, trainer.target_state, next(it))
-    jax.block_until_ready(m)
+def run_steps(trainer, state, it, steps: int):
+    """``steps`` timed steps from ``state`` -> (state, last metrics, real tokens, seconds)."""
     tokens = 0
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -38,7 +34,16 @@ def time_steps(trainer, steps: int, warmup: int) -> dict:
         tokens += int(np.sum(batch["lengths"]))
         state, m = trainer.step_fn(state, trainer.target_state, batch)
     jax.block_until_ready((state, m))
-    dt = time.perf_counter() - t0
+    return state, m, tokens, time.perf_counter() - t0
+
+
+def time_steps(trainer, steps: int, warmup: int) -> dict:
+    state = trainer.initial_state()
+    it = trainer.pipeline.iterator()
+    for _ in range(warmup):
+        state, m = trainer.step_fn(state, trainer.target_state, next(it))
+    jax.block_until_ready(m)
+    state, m, tokens, dt = run_steps(trainer, state, it, steps)
     return {"steps": steps, "seconds": dt, "tokens": tokens, "tokens_per_s": tokens / dt,
             "ms_per_step": 1e3 * dt / steps, "loss": float(m["loss"])}
 
@@ -60,14 +65,8 @@ def compare_packing(cfg, work: str, steps: int, warmup: int, rounds: int) -> dic
     for _ in range(rounds):
         for name, tr in runs.items():
             state, it = live[name]
-            tokens = 0
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                batch = next(it)
-                tokens += int(np.sum(batch["lengths"]))
-                state, m = tr.step_fn(state, tr.target_state, batch)
-            jax.block_until_ready((state, m))
-            rates[name].append(tokens / (time.perf_counter() - t0))
+            state, _, tokens, dt = run_steps(tr, state, it, steps)
+            rates[name].append(tokens / dt)
             live[name] = [state, it]
     out = {}
     for name, tr in runs.items():
