@@ -30,7 +30,7 @@ from dspark_jax.kernels._dispatch import resolve
 
 vl = importlib.import_module("dspark_jax.kernels.vocab_loss")  # the module: the package exports a function so named
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = {"xla_llvm_disable_expensive_passes": True}
 
 
 def loss_of(fn):

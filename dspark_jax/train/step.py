@@ -234,8 +234,8 @@ def make_train_step(target: nnx.Module, draft: nnx.Module, optimizer: optax.Grad
         reuse a state it passed in).
       remat: rematerialisation of the DSpark / DFlash draft layers (``drafts.dspark.REMAT_POLICIES``: ``none``,
         ``dots``, ``layers``); Eagle3 ignores it.
-      compiler_options: passed to ``jax.jit`` (e.g. the tests' ``{"xla_backend_optimization_level": 0,
-        "xla_llvm_disable_expensive_passes": True}``, which cuts CPU compile time ~3x for tiny models).
+      compiler_options: passed to ``jax.jit`` (e.g. the tests' ``{"xla_llvm_disable_expensive_passes": True}``,
+        which cuts CPU compile time for tiny models).
     Returns:
       ``step_fn``; metrics are fp32 scalars: ``loss``, ``grad_norm`` (of this micro-step's gradient), the loss
       function's metrics (ce, l1, bce, accept_rate@k, tau_probabilistic, ... / Eagle3's ploss_j, accuracy@j,

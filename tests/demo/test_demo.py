@@ -19,7 +19,7 @@ TEST = dataclasses.replace(QUICK, conversations=120, vocab_size=512, hidden_size
                            target_steps=30, regen_conversations=24, regen_new_tokens=24, regen_batch=8,
                            draft_steps=12, draft_batch=8, num_anchors=8, markov_rank=8, eval_samples=2,
                            eval_new_tokens=16)
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = {"xla_llvm_disable_expensive_passes": True}
 
 
 @pytest.fixture(scope="module")

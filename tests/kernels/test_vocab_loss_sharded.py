@@ -19,7 +19,7 @@ from dspark_jax.train.mesh import make_mesh
 
 vl = importlib.import_module("dspark_jax.kernels.vocab_loss")
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = {"xla_llvm_disable_expensive_passes": True}
 TILES = {"tpu-interpret": (8, 16), "gpu-interpret": (16, 16)}
 ROWS = ("data", "fsdp")                       # the trainer's batch axes (train/step.py BATCH_AXES)
 LEAD, HIDDEN, VOCAB, RANK = (4, 3, 5), 40, 78, 24  # 15 rows a shard: partial row tiles; 78 = 4 tiles of 16 + 14

@@ -23,7 +23,7 @@ from dspark_jax.train.step import init_train_state, logical_shardings, make_trai
     shard_train_state
 
 V, MASK_ID, B, S = 32, 31, 8, 16
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = {"xla_llvm_disable_expensive_passes": True}
 PEAK_LR, TOTAL = 1e-3, 100
 MESH_A = {"data": 2, "fsdp": 2, "tensor": 2}
 MESH_B = {"fsdp": 8}  # a different shape: params sharded 8-way on embed, nothing on tensor

@@ -23,7 +23,7 @@ from dspark_jax.train.eagle3_loss import eagle3_loss, soft_ce_chunked
 
 vl = importlib.import_module("dspark_jax.kernels.vocab_loss")
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = {"xla_llvm_disable_expensive_passes": True}
 TILES = {"tpu-interpret": (8, 16), "gpu-interpret": (16, 16), "xla": (None, 16)}
 V, H, NH, NKV, HD, I = 37, 16, 2, 1, 8, 32
 TAPS = (0, 1, 2)

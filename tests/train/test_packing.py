@@ -25,7 +25,7 @@ from dspark_jax.train.loss import dspark_loss
 from dspark_jax.train.step import target_features
 
 V, MASK_ID, S = 32, 31, 16
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = {"xla_llvm_disable_expensive_passes": True}
 
 
 @pytest.fixture(scope="module")

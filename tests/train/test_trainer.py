@@ -28,7 +28,7 @@ from dspark_jax.train.config import (KNOWN_TARGETS, TrainConfig, list_presets, l
                                      target_config_for)
 from dspark_jax.train.trainer import EMBEDDED, Trainer
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = {"xla_llvm_disable_expensive_passes": True}
 TINY_TARGET = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 3,
                "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 384}
 NUM_CONVERSATIONS = 16
