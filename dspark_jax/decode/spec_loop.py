@@ -148,10 +148,9 @@ def spec_round(target, draft, c: dict, settings: SpecSettings, sched_args, conf_
     round, or, when the scheduler has switched speculation off (decided by earlier rounds), a run of plain decoding
     steps (:func:`plain_run`; ``run_while(done [B]) -> bool`` may end it early, e.g. to refill slots).
 
-    The plain run's step loop sits at the top level of this body (zero steps when speculating) and only the
-    draft-verify round is under a ``cond``: XLA:CPU ran the same step loop nested in a ``cond`` branch ~25% slower
-    per step (0.19 vs 0.15 ms at batch 4 on the demo-sized target), which made switched-off speculation slower
-    than ``dj.generate``."""
+    The plain run's step loop sits at the top level of this body (zero steps when speculating) and the draft-verify
+    round runs under :func:`run_if`, not a ``cond``: XLA:CPU ran the same step loop nested in a ``cond`` branch ~25%
+    slower per step (0.19 vs 0.15 ms at batch 4 on the demo-sized target) and copies the caches through a ``cond``."""
     sched = settings.scheduler
     if sched is None or not sched.switch:
         return draft_verify_round(target, draft, c, settings, sched_args, conf_temps, head_hv)
