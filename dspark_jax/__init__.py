@@ -28,7 +28,7 @@ from dspark_jax.decode.sampling import SamplingConfig  # noqa: E402
 from dspark_jax.decode.speculative import speculative_generate  # noqa: E402
 from dspark_jax.drafts.build import build_draft  # noqa: E402
 from dspark_jax.drafts.config import DraftConfig  # noqa: E402
-from dspark_jax.targets.qwen3 import build_target  # noqa: E402
+from dspark_jax.targets.registry import build_target  # noqa: E402
 from dspark_jax.train.anchors import sample_anchors  # noqa: E402
 from dspark_jax.train.eagle3_loss import eagle3_loss  # noqa: E402
 from dspark_jax.train.loss import dspark_loss  # noqa: E402

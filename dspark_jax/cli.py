@@ -7,6 +7,7 @@ Every command prints a human summary and writes machine-readable JSON beside it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -45,6 +46,8 @@ def cmd_demo(args) -> int:
     from dspark_jax.demo.pipeline import FULL, QUICK, Demo
 
     settings = QUICK if args.quick else FULL
+    if args.target_family != settings.target_family:
+        settings = dataclasses.replace(settings, target_family=args.target_family)
     Demo(args.work, settings, progress=not args.no_progress).run()
     return 0
 
@@ -210,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "resumes (default ./demo_out)")
     p.add_argument("--quick", action="store_true", help="a few-minute version with tiny sizes")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--target-family", choices=("qwen3", "deepseek_v3"), default="qwen3",
+                   help="the tiny target's family (default qwen3; deepseek_v3: MLA + DeepSeekMoE)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="plain autoregressive generation with a target",

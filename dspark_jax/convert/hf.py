@@ -1,4 +1,5 @@
-"""Hugging Face target checkpoints <-> nnx targets, tensor by tensor, driven by the key tables in names.py.
+"""Hugging Face target checkpoints <-> nnx targets, tensor by tensor, driven by key tables (names.py and one module
+per family), dispatched by the family registry (targets/registry.py).
 
 Loading never needs torch: safetensors are read with numpy, cast on the host and placed on the device (or
 straight onto a sharding, when one is given), one tensor at a time.
@@ -13,18 +14,21 @@ import numpy as np
 from flax import nnx
 
 from dspark_jax.config import ConfigError, TargetConfig, read_config_json
+from dspark_jax.convert.deepseek_v3 import load_deepseek_v3_target, save_deepseek_v3_target
+from dspark_jax.convert.gemma4 import load_gemma4_target, save_gemma4_target
 from dspark_jax.convert.keymap import ShardingFn, dtype_name, export_tensors, fill_state, read_state, resolve_dtype
 from dspark_jax.convert.names import QWEN3_IGNORED, QWEN3_TARGET_RULES
 from dspark_jax.convert.safetensors_io import CheckpointError, checkpoint_files, save_shards
-from dspark_jax.targets.gemma4_config import GEMMA4_TYPES
 from dspark_jax.targets.qwen3 import Qwen3ForCausalLM
+from dspark_jax.targets.registry import family_of, family_of_model
 
 
 # ---- load -------------------------------------------------------------------------------------
 
 def load_target(path: str | os.PathLike, dtype="float32", *, sharding: ShardingFn | None = None,
-                attention_impl: str = "auto", load_tokenizer: bool = True) -> Qwen3ForCausalLM:
-    """Loads an HF Qwen3 / Qwen3-MoE / Gemma4 checkpoint directory into an nnx target (by ``model_type``).
+                attention_impl: str = "auto", load_tokenizer: bool = True):
+    """Loads an HF checkpoint directory of a supported family (Qwen3 / Qwen3-MoE, Gemma4, DeepSeek-V3; by
+    ``model_type``) into an nnx target.
 
     Args:
       path: directory with ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``).
@@ -35,29 +39,24 @@ def load_target(path: str | os.PathLike, dtype="float32", *, sharding: ShardingF
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-    if _model_type(path) in GEMMA4_TYPES:
-        from dspark_jax.convert.gemma4 import load_gemma4_target
+    d, where = read_config_json(path)
+    if d.get("model_type") is None:
+        raise ConfigError(f"{where}: missing field 'model_type'")
+    family = family_of(d["model_type"], where)
+    model = _CHECKPOINTS[family.name][0](path, dtype, sharding=sharding, attention_impl=attention_impl)
+    if load_tokenizer:
+        model.attach_tokenizer(_maybe_tokenizer(path))
+    return model
 
-        model = load_gemma4_target(path, dtype, sharding=sharding, attention_impl=attention_impl)
-        if load_tokenizer:
-            model.attach_tokenizer(_maybe_tokenizer(path))
-        return model
+
+def _load_qwen3(path: str, dtype, *, sharding: ShardingFn | None, attention_impl: str) -> Qwen3ForCausalLM:
     config = TargetConfig.from_json(path)
     dt = resolve_dtype(dtype)
     abstract = nnx.eval_shape(lambda: Qwen3ForCausalLM(config, dtype=dt, attention_impl=attention_impl))
     graphdef, abs_state = nnx.split(abstract)
     values = read_state(abs_state, checkpoint_files(path), QWEN3_TARGET_RULES, QWEN3_IGNORED, dt, sharding,
                         skip_keys={"lm_head.weight"} if config.tie_word_embeddings else set())
-    state = fill_state(abs_state, values)
-    model = nnx.merge(graphdef, state)
-    if load_tokenizer:
-        model.attach_tokenizer(_maybe_tokenizer(path))
-    return model
-
-
-def _model_type(path: str):
-    d, _ = read_config_json(path)
-    return d.get("model_type")
+    return nnx.merge(graphdef, fill_state(abs_state, values))
 
 
 def _maybe_tokenizer(path: str):
@@ -89,19 +88,17 @@ def target_to_torch_tensors(model: Qwen3ForCausalLM) -> dict[str, np.ndarray]:
     return export_tensors(nnx.state(model, nnx.Param), QWEN3_TARGET_RULES)
 
 
-def save_target(model: Qwen3ForCausalLM, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> str:
+def save_target(model, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> str:
     """Writes ``config.json`` + safetensors (+ tokenizer files) in the layout transformers writes."""
-    from dspark_jax.targets.gemma4 import Gemma4ForCausalLM
+    try:
+        family = family_of_model(model)
+    except TypeError:
+        raise TypeError(f"save_target takes a target model, got {type(model).__name__}") from None
+    return _CHECKPOINTS[family.name][1](model, os.fspath(path), max_shard_bytes=max_shard_bytes)
 
-    if isinstance(model, Gemma4ForCausalLM):
-        from dspark_jax.convert.gemma4 import save_gemma4_target
 
-        return save_gemma4_target(model, os.fspath(path), max_shard_bytes=max_shard_bytes)
-    if not isinstance(model, Qwen3ForCausalLM):
-        raise TypeError(f"save_target takes a target model, got {type(model).__name__}")
-    path = os.fspath(path)
-    tensors = target_to_torch_tensors(model)
-    save_shards(tensors, path, max_shard_bytes=max_shard_bytes)
+def _save_qwen3(model: Qwen3ForCausalLM, path: str, *, max_shard_bytes: int) -> str:
+    save_shards(target_to_torch_tensors(model), path, max_shard_bytes=max_shard_bytes)
     cfg = model.config.to_hf_dict()
     cfg["dtype"] = dtype_name(model.dtype)
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -109,6 +106,14 @@ def save_target(model: Qwen3ForCausalLM, path: str | os.PathLike, *, max_shard_b
     if getattr(model, "tokenizer", None) is not None:
         model.tokenizer.save_pretrained(path)
     return path
+
+
+# family name (targets/registry.py) -> (load, save)
+_CHECKPOINTS = {
+    "qwen3": (_load_qwen3, _save_qwen3),
+    "gemma4": (load_gemma4_target, save_gemma4_target),
+    "deepseek_v3": (load_deepseek_v3_target, save_deepseek_v3_target),
+}
 
 
 __all__ = ["load_target", "save_target", "target_to_torch_tensors", "CheckpointError", "ConfigError"]

@@ -97,8 +97,11 @@ def read_state(abs_state, files, rules, ignored, dtype, sharding: ShardingFn | N
     of reading ``files``, for converters that rename or reshape tensors on the way in."""
     matcher = _Matcher(rules)
     expected = {}  # nnx path -> (shape, logical_axes)
+    param_dtypes = {}  # nnx path -> storage dtype: ``dtype``, except parameters a model keeps wider (fp32 routers)
     for p, var in nnx.to_flat_state(abs_state):
-        expected[_path_str(p)] = (tuple(var.get_value().shape), var.get_metadata().get("logical_axes"))
+        value = var.get_value()
+        expected[_path_str(p)] = (tuple(value.shape), var.get_metadata().get("logical_axes"))
+        param_dtypes[_path_str(p)] = np.promote_types(np.dtype(dtype), value.dtype)
     np_dtype = np.dtype(dtype)
 
     values: dict[str, jax.Array] = {}
@@ -109,7 +112,7 @@ def read_state(abs_state, files, rules, ignored, dtype, sharding: ShardingFn | N
         if nnx_path in values:
             raise CheckpointError(f"{source}: parameter {nnx_path} is given twice in the checkpoint")
         shape, axes = expected[nnx_path]
-        arr = np.asarray(arr).astype(np_dtype, copy=False)
+        arr = np.asarray(arr).astype(param_dtypes[nnx_path], copy=False)
         sh = sharding(nnx_path, shape, axes) if sharding is not None else None
         values[nnx_path] = jax.device_put(arr, sh) if sh is not None else jnp.asarray(arr)
 

@@ -64,11 +64,43 @@ class TensorHandle:
     def shape(self) -> tuple[int, ...]:
         return tuple(self._handle.get_slice(self.key).get_shape())
 
+    @property
+    def dtype(self) -> str:
+        """The safetensors dtype name (``"F32"``, ``"BF16"``, ``"F8_E4M3"``, ...)."""
+        return self._handle.get_slice(self.key).get_dtype()
+
     def read(self) -> np.ndarray:
         try:
+            if self.dtype in _RAW_DTYPES:
+                return _read_raw(self.path, self.key)
             return self._handle.get_tensor(self.key)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{self.path}: cannot read tensor {self.key!r} (truncated or corrupt?): {e}") from None
+
+
+def _raw_dtypes() -> dict:
+    import ml_dtypes
+
+    return {"F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2)}
+
+
+# dtypes safetensors' numpy backend cannot return (FP8 checkpoints): read from the file's byte ranges instead
+_RAW_DTYPES = _raw_dtypes()
+
+
+def _read_raw(path: str, key: str) -> np.ndarray:
+    """One tensor straight from a safetensors file (8-byte header length, JSON header, data), memory-mapped."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    info = header[key]
+    begin, end = info["data_offsets"]
+    dtype = _RAW_DTYPES[info["dtype"]]
+    shape = tuple(info["shape"])
+    if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        raise ValueError(f"data range {begin}..{end} does not hold shape {shape} of {info['dtype']}")
+    return np.array(np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n + begin, shape=(end - begin,))
+                    .view(dtype).reshape(shape))
 
 
 def save_shards(tensors: Mapping[str, np.ndarray], directory: str, max_shard_bytes: int = 5 * 2**30) -> list[str]:

@@ -80,6 +80,9 @@ class DemoSettings:
     # server is best run (README); both loops are timed the same way.
     eval_batch1_cores: int | None = 1
     seed: int = 0
+    # the target's family: "qwen3" (dense), or "deepseek_v3" (MLA latent cache + DeepSeekMoE at the same width and
+    # depth: the recipe run on the DeepSeek-V3 family)
+    target_family: str = "qwen3"
 
     def key(self, *fields: str) -> str:
         d = dataclasses.asdict(self)
@@ -162,14 +165,15 @@ class Demo:
         import numpy as np
 
         import dspark_jax as dj
-        from dspark_jax.config import tiny_qwen3_config
         from dspark_jax.testing import build_chat_tokenizer
         from dspark_jax.train.data import read_jsonl
         from dspark_jax.train.pretrain import fit_target
 
         s = self.s
-        key = s.key("conversations", "vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim",
-                    "max_length", "target_steps", "target_batch", "target_lr", "seed")
+        fields = ("conversations", "vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "max_length",
+                  "target_steps", "target_batch", "target_lr", "seed")
+        # (the family joins the key only when it is not the default, so existing qwen3 work dirs stay valid)
+        key = s.key(*fields, *(("target_family",) if s.target_family != "qwen3" else ()))
         path = os.path.join(self.work, "target")
         if self._done("target", key):
             return path
@@ -181,10 +185,7 @@ class Demo:
                 texts += [m["content"] for m in json.loads(line)["conversations"]]
         tok = build_chat_tokenizer(texts, s.vocab_size, reserved=(MASK_TOKEN,))
         samples, stats = read_jsonl(train, tok, "qwen", s.max_length, min_loss_tokens=1)
-        cfg = tiny_qwen3_config(vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=3 * s.hidden_size,
-                                num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
-                                num_key_value_heads=1, head_dim=s.head_dim, max_position_embeddings=1024,
-                                initializer_range=0.02, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+        cfg = _target_config(s, eos=tok.convert_tokens_to_ids("<|im_end|>"))
         target = dj.build_target(cfg, dtype="float32", seed=s.seed)
         n_tok = int(sum(len(x["input_ids"]) for x in samples))
         self.log(f"[demo] target: {sum(int(np.prod(x.shape)) for x in _leaves(target)) / 1e6:.2f}M parameters "
@@ -424,6 +425,25 @@ class Demo:
         paths = write_report(results, os.path.join(self.work, "eval"), log=self.log)
         self.log(f"[demo] done in {results['timings']['total']:.0f}s; results in {', '.join(paths)}")
         return results
+
+
+def _target_config(s: DemoSettings, eos: int):
+    """The demo target's architecture: ``s``'s width and depth in ``s.target_family``."""
+    from dspark_jax.config import tiny_qwen3_config
+    from dspark_jax.targets.deepseek_v3_config import tiny_deepseek_v3_config
+
+    common = dict(vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=3 * s.hidden_size,
+                  num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads, max_position_embeddings=1024,
+                  initializer_range=0.02, eos_token_id=eos)
+    if s.target_family == "qwen3":
+        return tiny_qwen3_config(num_key_value_heads=1, head_dim=s.head_dim, **common)
+    if s.target_family == "deepseek_v3":
+        # MLA with a latent of head_dim and a quarter-width RoPE key; 8 routed experts of H wide in 4 groups (best 2),
+        # top-2 plus one shared expert, the first layer dense: the family's shape at the demo's size
+        return tiny_deepseek_v3_config(kv_lora_rank=s.head_dim, q_lora_rank=None, qk_rope_head_dim=s.head_dim // 4,
+                                       qk_nope_head_dim=s.head_dim, v_head_dim=s.head_dim,
+                                       moe_intermediate_size=s.hidden_size, **common)
+    raise ValueError(f"target_family={s.target_family!r} is not 'qwen3' or 'deepseek_v3'")
 
 
 def _evaluate_drafts(target_dir: str, data_dir: str, drafts: dict[str, str], s: DemoSettings,

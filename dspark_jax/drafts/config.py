@@ -229,8 +229,16 @@ class DraftConfig:
                 raise ConfigError(f"{where}: mask_token_id={self.mask_token_id} is outside the vocab "
                                   f"[0, {self.arch.vocab_size})")
 
-    def bind(self, target: TargetConfig) -> "DraftConfig":
-        """Fills ``arch`` from the target (a deep copy with DeepSpec's overrides) and checks consistency."""
+    def bind(self, target) -> "DraftConfig":
+        """Fills ``arch`` from the target (a deep copy with DeepSpec's overrides) and checks consistency.
+
+        ``target`` is a :class:`TargetConfig`, or another family's config with a ``draft_backbone()`` (the Qwen3
+        layer geometry its drafts use by default; then only hidden size and vocabulary must match a given ``arch``).
+        """
+        compared = ("hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+        if not isinstance(target, TargetConfig):
+            target = target.draft_backbone()
+            compared = ("hidden_size", "vocab_size")
         t = target.num_hidden_layers
         if self.target_layer_ids[-1] >= t - 1:
             raise ConfigError(f"target_layer_ids {list(self.target_layer_ids)} exceed what a {t}-layer target "
@@ -240,7 +248,7 @@ class DraftConfig:
         arch = target.replace(num_hidden_layers=self.num_draft_layers, tie_word_embeddings=False, model_type="qwen3",
                               num_experts=0, num_experts_per_tok=0, moe_intermediate_size=0, mlp_only_layers=())
         if self.arch is not None:
-            for f in ("hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim"):
+            for f in compared:
                 if getattr(self.arch, f) != getattr(target, f):
                     raise ConfigError(f"draft {f}={getattr(self.arch, f)} does not match the target's "
                                       f"{getattr(target, f)}")

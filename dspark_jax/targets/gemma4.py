@@ -36,7 +36,7 @@ from dspark_jax.nn.linear import embed, linear
 from dspark_jax.nn.rope import apply_rope, rope_cos_sin
 from dspark_jax.nn.segments import causal_segment_mask
 from dspark_jax.targets.gemma4_config import Gemma4Config
-from dspark_jax.targets.qwen3 import TargetOutput
+from dspark_jax.targets.base import TargetBase, TargetOutput
 
 
 # ---- numerics shared with the Gemma4 draft ----------------------------------------------------
@@ -300,7 +300,7 @@ def _scaled(x: jax.Array, scale: float, dtype) -> jax.Array:
     return x * jnp.asarray(scale, jnp.float32).astype(dtype)
 
 
-class Gemma4ForCausalLM(nnx.Module):
+class Gemma4ForCausalLM(TargetBase):
     """Gemma4 causal LM (``model_type`` 'gemma4_text'; text part of 'gemma4'). Same interface as
     :class:`~dspark_jax.targets.qwen3.Qwen3ForCausalLM`: taps, KV cache, ``compute_logits``."""
 
@@ -333,13 +333,6 @@ class Gemma4ForCausalLM(nnx.Module):
             self.per_layer_projection_norm = GemmaRMSNorm(p, c.rms_norm_eps, param_dtype=param_dtype, axis_name=None)
         self.rope_sliding_inv_freq = tuple(float(f) for f in gemma4_inv_freq(c.rope_sliding, c.head_dim))
         self.rope_full_inv_freq = tuple(float(f) for f in gemma4_inv_freq(c.rope_full, c.global_head_dim))
-
-    @property
-    def tokenizer(self):
-        return self._host.obj
-
-    def attach_tokenizer(self, tokenizer) -> None:
-        self._host.obj = tokenizer
 
     # ---- pieces reused by drafts and decoding ------------------------------------------
     def embed(self, input_ids: jax.Array) -> jax.Array:
@@ -380,14 +373,6 @@ class Gemma4ForCausalLM(nnx.Module):
                    c.layer_head_dim(i)) for i in range(c.num_hidden_layers)]
         return KVCache(tuple(jnp.zeros(s, dt) for s in shapes), tuple(jnp.zeros(s, dt) for s in shapes),
                        jnp.zeros((batch,), jnp.int32))
-
-    def check_tap_layer_ids(self, tap_layer_ids: Sequence[int]) -> tuple[int, ...]:
-        ids = tuple(int(i) for i in tap_layer_ids)
-        n = self.config.num_hidden_layers
-        bad = [i for i in ids if not -1 <= i < n]
-        if bad:
-            raise ValueError(f"tap_layer_ids {bad} outside [-1, {n}) for a {n}-layer target")
-        return ids
 
     # ---- forward ------------------------------------------------------------------------
     def __call__(self, input_ids: jax.Array, cache: KVCache | None = None, *, num_new: jax.Array | None = None,
@@ -474,12 +459,7 @@ class Gemma4ForCausalLM(nnx.Module):
             new_cache = KVCache(tuple(new_keys), tuple(new_values), start + grow)
         elif keep_kv:
             new_cache = (tuple(new_keys), tuple(new_values))
-        taps = jnp.concatenate([tapped[i] for i in taps_wanted], axis=-1) if taps_wanted else None
-        logits = None
-        if return_logits:
-            hid = last_hidden if logits_at is None else jnp.take_along_axis(last_hidden, logits_at[..., None], 1)
-            logits = self.compute_logits(hid)
-        return TargetOutput(logits=logits, taps=taps, last_hidden=last_hidden, cache=new_cache)
+        return self._output(last_hidden, tapped, taps_wanted, logits_at, return_logits, new_cache)
 
     def forward_flat(self, input_ids: jax.Array, row: jax.Array, pos: jax.Array, cache: KVCache, *,
                      tap_layer_ids: Sequence[int] = (), layout: tuple[jax.Array, int] | None = None) -> TargetOutput:
@@ -512,8 +492,3 @@ class Gemma4ForCausalLM(nnx.Module):
         taps = jnp.concatenate([tapped[i][0] for i in taps_wanted], axis=-1) if taps_wanted else None
         return TargetOutput(logits=self.compute_logits(last_hidden), taps=taps, last_hidden=last_hidden,
                             cache=KVCache(tuple(keys), tuple(values), cache.lengths))
-
-
-def build_gemma4_target(config: Gemma4Config, *, dtype="float32", seed: int = 0, attention_impl: str = "auto"):
-    """A randomly initialised Gemma4 target (N(0, initializer_range) weights, unit norms and scalars)."""
-    return Gemma4ForCausalLM(config, dtype=jnp.dtype(dtype), attention_impl=attention_impl, rngs=nnx.Rngs(seed))

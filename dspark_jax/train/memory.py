@@ -228,7 +228,6 @@ def estimate_memory(cfg: TrainConfig, num_devices: int, rules: LogicalRules | No
     ``rules`` place the target (default :class:`LogicalRules`); the draft follows ``cfg.mesh.draft_sharding``.
     ``device`` (``v5e``, ``h100``, ``cpu``, ...) picks the kernel path that run takes (:func:`kernel_path`)."""
     import dspark_jax as dj
-    from dspark_jax.config import read_config_json
     from dspark_jax.train.schedule import make_optimizer
     from dspark_jax.train.trainer import draft_config_for
 
@@ -237,9 +236,12 @@ def estimate_memory(cfg: TrainConfig, num_devices: int, rules: LogicalRules | No
     shape = mesh_shape_for(cfg, num_devices)
     mesh = _ShapeMesh(shape)
     if cfg.target.path is not None:
-        import os
+        from dspark_jax.targets.registry import target_config_from_json
 
-        tcfg = TargetConfig.from_hf_dict(read_config_json(os.path.join(cfg.target.path, "config.json")))
+        tcfg = target_config_from_json(cfg.target.path)
+        if not isinstance(tcfg, TargetConfig):     # the activation and FLOP terms below are Qwen3's layers
+            raise ConfigError(f"{cfg.target.path}: --dry-run models Qwen3 / Qwen3-MoE targets; a "
+                              f"{tcfg.model_type} target's memory is not modelled yet")
     else:
         tcfg = target_config_for(cfg.target)
     dcfg = draft_config_for(cfg, tcfg)

@@ -133,19 +133,26 @@ def model_flops_per_token(target_cfg: TargetConfig, draft, online: bool) -> Call
     the target forward ``2 * P_target`` per context token (when online) and the draft's forward + backward
     ``6 * P_draft_trainable`` per block token (DSpark: ``K * Bs`` block tokens per sequence; Eagle3: TTT steps)."""
     t = target_cfg
-    per_layer = (t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
-                 + t.num_attention_heads * t.head_dim * t.hidden_size)
-    if t.num_experts:
-        per_layer += 3 * t.hidden_size * t.moe_intermediate_size * t.num_experts_per_tok
+    if hasattr(t, "active_matmul_params"):     # families whose layers the Qwen3 formula below does not describe
+        p_target = t.active_matmul_params()
     else:
-        per_layer += 3 * t.hidden_size * t.intermediate_size
-    p_target = t.num_hidden_layers * per_layer
+        p_target = t.num_hidden_layers * _qwen3_matmul_params_per_layer(t)
     p_draft = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(draft, nnx.Param)))
 
     def flops(context_tokens: float, block_tokens: float) -> float:
         return (2.0 * p_target * context_tokens if online else 0.0) + 6.0 * p_draft * block_tokens
 
     return flops
+
+
+def _qwen3_matmul_params_per_layer(t) -> int:
+    per_layer = (t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
+                 + t.num_attention_heads * t.head_dim * t.hidden_size)
+    if t.num_experts:
+        per_layer += 3 * t.hidden_size * t.moe_intermediate_size * t.num_experts_per_tok
+    else:
+        per_layer += 3 * t.hidden_size * t.intermediate_size
+    return per_layer
 
 
 @dataclasses.dataclass

@@ -9,7 +9,7 @@ import pytest
 import dspark_jax as dj
 from dspark_jax.decode.ragged import flat_layout, ragged_buckets, verify_forward
 from dspark_jax.decode.scheduler import PrefixScheduler
-from dspark_jax.targets.qwen3 import TargetOutput
+from dspark_jax.targets.base import TargetOutput
 
 PROMPTS = [[3, 7, 1], [2, 2, 9, 4, 5], [11]]
 

@@ -14,7 +14,7 @@ from flax import nnx
 from dspark_jax.config import TargetConfig
 from dspark_jax.drafts.build import build_draft
 from dspark_jax.drafts.config import DraftConfig
-from dspark_jax.targets.qwen3 import build_target
+from dspark_jax.targets import build_target
 
 V, H, BS, N_ANCHORS, RANK, MASK_ID = 32, 16, 4, 3, 4, 31
 TAP_IDS = (0, 1, 2)

@@ -171,7 +171,7 @@ def test_draft_training_through_the_kernel_matches_xla():
     from dspark_jax.config import TargetConfig
     from dspark_jax.drafts.build import build_draft
     from dspark_jax.drafts.config import DraftConfig
-    from dspark_jax.targets.qwen3 import build_target
+    from dspark_jax.targets import build_target
     from dspark_jax.train.loss import dspark_loss
 
     target = build_target(TargetConfig(model_type="qwen3", vocab_size=32, hidden_size=16, intermediate_size=32,

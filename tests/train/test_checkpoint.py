@@ -15,7 +15,7 @@ from flax import nnx
 from dspark_jax.config import TargetConfig
 from dspark_jax.drafts.build import build_draft
 from dspark_jax.drafts.config import DraftConfig
-from dspark_jax.targets.qwen3 import build_target
+from dspark_jax.targets import build_target
 from dspark_jax.train.checkpoint import TrainCheckpointManager, sharded_abstract_state
 from dspark_jax.train.mesh import make_mesh
 from dspark_jax.train.schedule import dspark_lr_schedule, make_optimizer

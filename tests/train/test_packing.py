@@ -18,7 +18,7 @@ import pytest
 from dspark_jax.config import TargetConfig
 from dspark_jax.drafts.build import build_draft
 from dspark_jax.drafts.config import DraftConfig
-from dspark_jax.targets.qwen3 import build_target
+from dspark_jax.targets import build_target
 from dspark_jax.train.anchors import sample_anchors
 from dspark_jax.train.data import InputPipeline, pack_rows
 from dspark_jax.train.loss import dspark_loss

@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 from dspark_jax.config import TargetConfig
-from dspark_jax.targets.qwen3 import build_target
+from dspark_jax.targets import build_target
 from dspark_jax.train.step import target_features
 from dspark_jax.train.target_cache import (CacheError, CacheManifest, TargetCache, TargetCacheWriter,
                                            write_target_cache)
