@@ -146,17 +146,18 @@ def cmd_convert_draft(args) -> int:
 
 def cmd_inspect(args) -> int:
     """Prints what a draft checkpoint is: format, algorithm, conventions, shapes, which target it fits."""
-    from dspark_jax.config import ConfigError, TargetConfig, read_config_json
+    from dspark_jax.config import ConfigError, read_config_json
     from dspark_jax.convert.formats import describe, format_description, read_checkpoint
     from dspark_jax.convert.safetensors_io import CheckpointError
+    from dspark_jax.targets.registry import config_from_hf_dict, target_config_from_json
 
     try:
-        tcfg = TargetConfig.from_json(args.target) if args.target else None
+        tcfg = target_config_from_json(args.target) if args.target else None
         ck = read_checkpoint(args.dir, target=tcfg)
     except ConfigError as e:
         try:    # a target checkpoint is worth naming as such rather than "unknown draft format"
             d, _ = read_config_json(args.dir)
-            t = TargetConfig.from_hf_dict(d)
+            t = config_from_hf_dict(d)
         except (ConfigError, FileNotFoundError):
             raise SystemExit(f"error: {e}") from None
         print(f"{args.dir}: a {t.model_type} target model ({t.num_hidden_layers} layers, hidden {t.hidden_size}, "

@@ -182,11 +182,12 @@ def read_checkpoint(path: str | os.PathLike, target=None) -> DraftCheckpoint:
 def _target_layer_count(target) -> int | None:
     if target is None:
         return None
-    if isinstance(target, TargetConfig):
-        return target.num_hidden_layers
     if isinstance(target, (str, os.PathLike)):
-        return TargetConfig.from_json(target).num_hidden_layers
-    return target.config.num_hidden_layers
+        from dspark_jax.targets.registry import target_config_from_json
+
+        return target_config_from_json(target).num_hidden_layers
+    # a family config (TargetConfig, DeepseekV3Config, ...) or a loaded target
+    return getattr(target, "config", target).num_hidden_layers
 
 
 def _file_listing(raw: dict) -> dict:
@@ -632,7 +633,9 @@ def target_source(target) -> tuple[TargetConfig, Callable[[str], np.ndarray]]:
             return np.asarray(target.lm_head.kernel[...]).T
         return target.config, from_module
     path = os.fspath(target)
-    tcfg = TargetConfig.from_json(path)
+    from dspark_jax.targets.registry import target_config_from_json
+
+    tcfg = target_config_from_json(path)
     names = ("model.embed_tokens.weight", "lm_head.weight")
     handles = {k: h for _, k, h in iter_tensors(checkpoint_files(path)) if k in names}
 

@@ -19,13 +19,6 @@ import jax.numpy as jnp
 from dspark_jax.cache import KVCache
 
 
-def check_flat_inputs(input_ids: jax.Array, row: jax.Array, pos: jax.Array) -> None:
-    """The ``forward_flat`` contract: ``input_ids``, ``row`` and ``pos`` are equal ``[T]`` vectors."""
-    if input_ids.ndim != 1 or row.shape != input_ids.shape or pos.shape != input_ids.shape:
-        raise ValueError(f"input_ids/row/pos must be equal [T] vectors, got {input_ids.shape}, {row.shape}, "
-                         f"{pos.shape}")
-
-
 def ragged_buckets(batch: int, width: int, smallest: int | None = None) -> tuple[int, ...]:
     """Static flat capacities for ``batch`` rows of up to ``width`` tokens: powers of two from ``batch``
     (every row verifies at least its anchor) up to, and always including, ``batch * width``."""

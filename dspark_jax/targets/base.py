@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.cache import KVCache, causal_cache_mask
-from dspark_jax.decode.ragged import check_flat_inputs
 from dspark_jax.nn.host import HostAttachment
 from dspark_jax.nn.segments import causal_segment_mask
 
@@ -43,6 +42,13 @@ class TargetOutput:
     taps: jax.Array | None
     last_hidden: jax.Array
     cache: KVCache | None
+
+
+def check_flat_inputs(input_ids: jax.Array, row: jax.Array, pos: jax.Array) -> None:
+    """The ``forward_flat`` contract: ``input_ids``, ``row`` and ``pos`` are equal ``[T]`` vectors."""
+    if input_ids.ndim != 1 or row.shape != input_ids.shape or pos.shape != input_ids.shape:
+        raise ValueError(f"input_ids/row/pos must be equal [T] vectors, got {input_ids.shape}, {row.shape}, "
+                         f"{pos.shape}")
 
 
 class TargetBase(nnx.Module):

@@ -92,6 +92,12 @@ class DeepseekV3Config:
             scale = scale * m * m
         return scale
 
+    @property
+    def default_mask_token_id(self) -> int:
+        """The draft's mask token by default: ``<｜place▁holder▁no▁0｜>`` (128000, the first of the 800 reserved,
+        never-emitted ids of the family's 129,280-row vocabulary), else the last id."""
+        return 128000 if self.vocab_size == 129280 else self.vocab_size - 1
+
     def active_matmul_params(self) -> int:
         """Weights of the decoder layers' matmuls one token goes through (of the routed experts, only the chosen
         ones): a forward costs ``2 *`` this many FLOPs per token, attention scores aside."""

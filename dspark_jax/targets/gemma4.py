@@ -29,14 +29,13 @@ from flax import nnx
 from dspark_jax import kernels
 from dspark_jax.cache import KVCache, causal_cache_mask, write_rows
 from dspark_jax.config import ConfigError, RopeConfig
-from dspark_jax.decode.ragged import check_flat_inputs
 from dspark_jax.nn.attention import ragged_attend
 from dspark_jax.nn.host import HostAttachment
 from dspark_jax.nn.linear import embed, linear
 from dspark_jax.nn.rope import apply_rope, rope_cos_sin
 from dspark_jax.nn.segments import causal_segment_mask
 from dspark_jax.targets.gemma4_config import Gemma4Config
-from dspark_jax.targets.base import TargetBase, TargetOutput
+from dspark_jax.targets.base import TargetBase, TargetOutput, check_flat_inputs
 
 
 # ---- numerics shared with the Gemma4 draft ----------------------------------------------------

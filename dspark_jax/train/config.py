@@ -32,7 +32,7 @@ from dspark_jax.distributed import DistributedConfig, DistributedError
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 """Where the packaged presets live (``dspark_jax/configs``; the repo's ``configs/`` links here)."""
 
-# Public Qwen3 configs (spec §1.1), so dry runs and presets can size a job without the checkpoint.
+# Public target configs (Qwen3: spec §1.1), so dry runs and presets can size a job without the checkpoint.
 KNOWN_TARGETS: dict[str, dict[str, Any]] = {
     "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
@@ -41,6 +41,16 @@ KNOWN_TARGETS: dict[str, dict[str, Any]] = {
     "qwen3-14b": dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
 }
+# DeepSeek-V3 (671B; V3.1 and R1 share the architecture): deepseek-ai/DeepSeek-V3's config.json
+KNOWN_TARGETS["deepseek-v3"] = dict(
+    model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+    num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256,
+    routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
+    qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3, norm_topk_prob=True,
+    max_position_embeddings=163840, rms_norm_eps=1e-6, rope_interleave=True, num_nextn_predict_layers=1,
+    rope=RopeConfig(rope_theta=10000.0, rope_type="yarn", factor=40.0, original_max_position_embeddings=4096,
+                    beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+    bos_token_id=0, eos_token_id=1, dtype="bfloat16")
 _QWEN3_COMMON = dict(model_type="qwen3", vocab_size=151936, rms_norm_eps=1e-6, max_position_embeddings=40960,
                      rope=RopeConfig(rope_theta=1e6), eos_token_id=151645)
 
@@ -306,8 +316,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"target.tiny: unknown TargetConfig field(s) {bad_tiny}")
 
 
-def target_config_for(section: TargetSection) -> TargetConfig:
-    """The :class:`TargetConfig` of a random target (``section.path`` is None)."""
+def target_config_for(section: TargetSection):
+    """The config of a random target (``section.path`` is None): a :class:`TargetConfig`, or a known target's own
+    family config (``deepseek-v3``)."""
     from dspark_jax.config import tiny_qwen3_config
 
     if section.arch == "tiny":
@@ -319,7 +330,12 @@ def target_config_for(section: TargetSection) -> TargetConfig:
             base["rope"] = RopeConfig(**base["rope"])
         return tiny_qwen3_config(**base)
     if section.arch in KNOWN_TARGETS:
-        return TargetConfig(**{**_QWEN3_COMMON, **KNOWN_TARGETS[section.arch]})
+        known = KNOWN_TARGETS[section.arch]
+        if known.get("model_type", "qwen3") != "qwen3":
+            from dspark_jax.targets.registry import family_of
+
+            return family_of(known["model_type"]).config_class(**known)
+        return TargetConfig(**{**_QWEN3_COMMON, **known})
     raise ConfigError(f"target.arch={section.arch!r} is not 'tiny' or one of {sorted(KNOWN_TARGETS)}")
 
 

@@ -83,7 +83,7 @@ class ChatFormat:
     """What the parser needs to know about a chat template.
 
     Attributes:
-      name: registry name (``"qwen"``, ``"gemma4"``).
+      name: registry name (``"qwen"``, ``"gemma4"``, ``"deepseek"``).
       assistant_header: rendered text that opens an assistant turn; excluded from the loss span.
       end_of_turn: rendered text that closes a turn; the loss span ends after it (included).
       default_system_prompt: system message prepended when a conversation has none (``None``: nothing).
@@ -126,7 +126,17 @@ GEMMA4 = ChatFormat(
     span_skip_prefixes=("<|channel>thought\n<channel|>",),
 )
 
-CHAT_FORMATS: dict[str, ChatFormat] = {f.name: f for f in (QWEN, GEMMA4)}
+# DeepSeek-V3 / V3.1 / R1: "<｜User｜>{user}<｜Assistant｜>{reply}<｜end▁of▁sentence｜>"; V3.1's non-thinking turns open
+# with "</think>", which the template writes, not the model
+DEEPSEEK = ChatFormat(
+    name="deepseek",
+    assistant_header="<｜Assistant｜>",
+    end_of_turn="<｜end▁of▁sentence｜>",
+    default_system_prompt=None,
+    span_skip_prefixes=("</think>",),
+)
+
+CHAT_FORMATS: dict[str, ChatFormat] = {f.name: f for f in (QWEN, GEMMA4, DEEPSEEK)}
 
 
 def get_chat_format(fmt: ChatFormat | str) -> ChatFormat:

@@ -109,7 +109,9 @@ def activation_terms(cfg: TrainConfig, t: TargetConfig, draft_cfg, mesh_shape: M
     b = max(1, micro // ways)
     tp = mesh_shape["tensor"]
     s = cfg.data.max_length
-    h, nh, nkv, hd = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim
+    dims = target_layer_dims(t)
+    a = draft_cfg.arch
+    h, nh, nkv, hd = a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim   # the draft's layers
     t_bytes = jnp.dtype(cfg.target.dtype).itemsize
     c_bytes = 4 if o.precision == "fp32" else 2
     lt = len(draft_cfg.target_layer_ids)
@@ -117,12 +119,13 @@ def activation_terms(cfg: TrainConfig, t: TargetConfig, draft_cfg, mesh_shape: M
     terms: dict[str, int] = {}
     # target forward, no gradient: outputs kept + one layer's temporaries (scores fp32, MLP up/gate)
     outputs = b * s * (lt + 1) * h * t_bytes
-    inter = t.moe_intermediate_size * t.num_experts_per_tok if t.num_experts else t.intermediate_size
-    scores = b * (nh // tp or 1) * s * s * 4 * 2        # the target's causal attention is the XLA reference
-    layer_tmp = max(scores, b * s * (inter // tp or 1) * 3 * t_bytes) + 4 * b * s * h * t_bytes
+    heads_t = dims["heads"] // tp or 1
+    scores = b * heads_t * s * s * 4 * 2                # the target's causal attention is the XLA reference
+    # per-head keys and values as attention reads them (MLA up-projects its latent to these in a prompt pass)
+    kv = b * s * heads_t * (dims["qk"] + dims["v"]) * t_bytes if dims["latent"] else 0
+    layer_tmp = max(scores, b * s * (dims["inter"] // tp or 1) * 3 * t_bytes) + kv + 4 * b * s * h * t_bytes
     terms["target features (taps + last hidden)"] = outputs
     terms["target forward temporaries (one layer)"] = layer_tmp if online else 0
-    a = draft_cfg.arch
     nh_l = nh // tp or 1
     if draft_cfg.is_eagle3:
         steps = draft_cfg.ttt_length
@@ -158,6 +161,22 @@ def activation_terms(cfg: TrainConfig, t: TargetConfig, draft_cfg, mesh_shape: M
     return terms
 
 
+def target_layer_dims(t) -> dict[str, int]:
+    """What the dry run needs of a target's layers, for any family it models: ``heads``, the per-head score
+    (``qk``) and value (``v``) widths, the MLP width a token goes through (``inter``: of an MoE layer, the chosen
+    and shared experts), ``matmul`` (the weights of every matmul one token passes, all layers) and whether the KV
+    cache is an MLA ``latent`` that prompt passes up-project."""
+    if hasattr(t, "active_matmul_params"):        # DeepSeek-V3 family (MLA + DeepSeekMoE)
+        moe = t.moe_intermediate_size * (t.num_experts_per_tok + t.n_shared_experts) if t.n_routed_experts else 0
+        return dict(heads=t.num_attention_heads, qk=t.qk_head_dim, v=t.v_head_dim,
+                    inter=max(t.intermediate_size if t.first_k_dense_replace else 0, moe),
+                    matmul=t.active_matmul_params(), latent=1)
+    h, nh, nkv, hd = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim
+    inter = t.moe_intermediate_size * t.num_experts_per_tok if t.num_experts else t.intermediate_size
+    proj = h * (nh + 2 * nkv) * hd + nh * hd * h + 3 * h * inter
+    return dict(heads=nh, qk=hd, v=hd, inter=inter, matmul=t.num_hidden_layers * proj, latent=0)
+
+
 # Peak dense bf16 TFLOP/s per chip (vendor figures), for the dry run's expected step time.
 DEVICE_PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0, "h100": 989.0, "h200": 989.0,
                       "a100": 312.0, "b200": 2250.0}
@@ -168,13 +187,13 @@ def step_flops(cfg: TrainConfig, t: TargetConfig, draft_cfg, online: bool = True
     gradient). Attention over the context counts all ``S`` keys on the ``xla`` path and half (masked tiles
     skipped by the flash kernel) on ``pallas``. DSpark / DFlash drafts; Eagle3 counts only the target."""
     s = cfg.data.max_length
-    h, nh, nkv, hd = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim
-    inter = t.moe_intermediate_size * t.num_experts_per_tok if t.num_experts else t.intermediate_size
-    proj = h * (nh + 2 * nkv) * hd + nh * hd * h + 3 * h * inter
-    flops = (2.0 * t.num_hidden_layers * (proj * s + 2 * s * s * nh * hd)) if online else 0.0
+    dims = target_layer_dims(t)
+    target = 2.0 * dims["matmul"] * s + 2.0 * t.num_hidden_layers * s * s * dims["heads"] * (dims["qk"] + dims["v"])
+    flops = target if online else 0.0
     if draft_cfg.is_eagle3:
         return flops
     a = draft_cfg.arch
+    h, nh, nkv, hd = a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim
     q = draft_cfg.num_anchors * draft_cfg.num_block_slots
     rows = draft_cfg.num_anchors * draft_cfg.block_size
     lt, r, v = len(draft_cfg.target_layer_ids), draft_cfg.markov_rank, a.vocab_size
@@ -239,8 +258,9 @@ def estimate_memory(cfg: TrainConfig, num_devices: int, rules: LogicalRules | No
         from dspark_jax.targets.registry import target_config_from_json
 
         tcfg = target_config_from_json(cfg.target.path)
-        if not isinstance(tcfg, TargetConfig):     # the activation and FLOP terms below are Qwen3's layers
-            raise ConfigError(f"{cfg.target.path}: --dry-run models Qwen3 / Qwen3-MoE targets; a "
+        if not isinstance(tcfg, TargetConfig) and not hasattr(tcfg, "active_matmul_params"):
+            # target_layer_dims models Qwen3 and DeepSeek-V3 layers; Gemma4's differ layer by layer
+            raise ConfigError(f"{cfg.target.path}: --dry-run models Qwen3 / Qwen3-MoE / DeepSeek-V3 targets; a "
                               f"{tcfg.model_type} target's memory is not modelled yet")
     else:
         tcfg = target_config_for(cfg.target)
@@ -285,4 +305,5 @@ def estimate_memory(cfg: TrainConfig, num_devices: int, rules: LogicalRules | No
                         flops_per_device=flops, path=path)
 
 
-__all__ = ["estimate_memory", "MemoryReport", "activation_terms", "kernel_path", "step_flops", "DEVICE_PEAK_TFLOPS", "mesh_shape_for", "DEVICE_MEMORY_GIB"]
+__all__ = ["estimate_memory", "MemoryReport", "activation_terms", "kernel_path", "step_flops", "target_layer_dims",
+           "DEVICE_PEAK_TFLOPS", "mesh_shape_for", "DEVICE_MEMORY_GIB"]

@@ -117,6 +117,8 @@ def draft_config_for(cfg: TrainConfig, target_cfg: TargetConfig):
                            markov_rank=0, enable_confidence_head=False, **common)
     mask_id = d.mask_token_id
     if mask_id is None:
+        mask_id = getattr(target_cfg, "default_mask_token_id", None)
+    if mask_id is None:
         mask_id = 151669 if target_cfg.vocab_size == 151936 else target_cfg.vocab_size - 1
     dflash = d.kind == "dflash"
     return DraftConfig(architecture=DSPARK_ARCH, block_size=d.block_size, mask_token_id=mask_id,
