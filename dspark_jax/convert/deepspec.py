@@ -20,6 +20,7 @@ from dspark_jax.convert.names import DEEPSPEC_DSPARK_RULES, DEEPSPEC_EAGLE3_RULE
 from dspark_jax.convert.safetensors_io import save_shards
 from dspark_jax.config import read_config_json
 from dspark_jax.drafts.config import GEMMA4_ARCHITECTURES, DraftConfig
+from dspark_jax.drafts.temperatures import save_temperatures
 
 
 def _draft_class(config: DraftConfig):
@@ -47,7 +48,8 @@ def load_draft(path: str | os.PathLike, dtype=None, *, target=None, sharding=Non
         LM head for formats that do not store them (SpecForge, z-lab, some speculators exports).
       sharding: optional ``(nnx_path, shape, logical_axes) -> Sharding`` as in ``dj.load_target``.
     """
-    from dspark_jax.convert.gemma4_draft import is_gemma4_draft_json, load_gemma4_draft
+    from dspark_jax.convert.gemma4_draft import load_gemma4_draft
+    from dspark_jax.drafts.gemma4_config import is_gemma4_draft_json
 
     if os.path.isdir(os.fspath(path)) and is_gemma4_draft_json(read_config_json(path)[0]):
         return load_gemma4_draft(path, dtype, sharding=sharding, attention_impl=attention_impl)
@@ -78,7 +80,5 @@ def save_draft(draft, path: str | os.PathLike, *, max_shard_bytes: int = 50 * 2*
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     if getattr(draft, "sts_temperatures", None) is not None:   # calibration travels with the weights
-        from dspark_jax.decode.calibrate import save_temperatures
-
         save_temperatures(os.path.join(path, "sts_temperatures.json"), draft.sts_temperatures)
     return path

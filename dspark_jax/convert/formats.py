@@ -32,6 +32,7 @@ from dspark_jax.drafts.config import (ANCHOR_FIRST, BONUS_ANCHOR, DSPARK_ARCH, E
                                       EAGLE3_LLAMA, LAYER_INPUT, LAYER_OUTPUT, DraftConfig, layer_ids_from,
                                       specforge_eagle3_layer_ids)
 
+from dspark_jax.drafts.temperatures import attach_saved_temperatures, save_temperatures
 FORMATS = ("deepspec", "specforge", "speculators", "zlab")
 FORMAT_LABELS = {"deepspec": "DeepSpec", "specforge": "SpecForge", "speculators": "vLLM speculators",
                  "zlab": "z-lab / SpecForge DFlash"}
@@ -688,8 +689,6 @@ def load_checkpoint(ck: DraftCheckpoint, dtype=None, *, target=None, sharding=No
     stream = ((t.source, k, t) for k, t in tensors.items())
     values = read_state(abs_state, [], rules, DEEPSPEC_IGNORED, dt, sharding, tensors=stream)
     draft = nnx.merge(graphdef, fill_state(abs_state, values))
-    from dspark_jax.decode.calibrate import attach_saved_temperatures
-
     return attach_saved_temperatures(draft, ck.path)
 
 
@@ -838,8 +837,6 @@ def export_draft(draft, path: str | os.PathLike, fmt: str, *, draft_vocab=None, 
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     if getattr(draft, "sts_temperatures", None) is not None:
-        from dspark_jax.decode.calibrate import save_temperatures
-
         save_temperatures(os.path.join(path, "sts_temperatures.json"), draft.sts_temperatures)
     return path
 

@@ -28,8 +28,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-TEMPERATURES_FILE = "sts_temperatures.json"
-FORMAT = "dspark-sts-v1"
+from dspark_jax.decode.metrics import accepted_drafts_from_outcome
+from dspark_jax.drafts.temperatures import (  # noqa: F401  (part of this module's API, as before)
+    TEMPERATURES_FILE, attach_saved_temperatures, attach_temperatures, check_temperatures, load_temperatures,
+    save_temperatures)
+
 ECE_BINS = 20   # spec §4.7
 
 
@@ -217,66 +220,6 @@ def reliability_diagram(z, labels, valid, temperatures, path: str, positions: Se
     return path
 
 
-# ---- temperatures on disk and on the draft -----------------------------------------------------------------
-
-def check_temperatures(temps, where: str = "temperatures") -> tuple[float, ...]:
-    t = tuple(float(x) for x in temps)
-    if not t or not all(math.isfinite(x) and x > 0 for x in t):
-        raise ValueError(f"{where}: STS temperatures must be a non-empty list of finite numbers > 0, got {list(t)}")
-    return t
-
-
-def save_temperatures(path: str | os.PathLike, temperatures: Sequence[float],
-                      extra: dict[str, Any] | None = None) -> str:
-    """Writes ``{"format", "temperatures", ...extra}``; a directory gets ``sts_temperatures.json`` inside."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, TEMPERATURES_FILE)
-    obj = {"format": FORMAT, "temperatures": list(check_temperatures(temperatures)), **(extra or {})}
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-    return path
-
-
-def load_temperatures(path: str | os.PathLike) -> tuple[float, ...]:
-    """Temperatures from a JSON file (``{"temperatures": [...]}`` or a list) or a directory holding one."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, TEMPERATURES_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no STS temperatures at {path!r} (run `dspark calibrate` to write them)")
-    with open(path, encoding="utf-8") as f:
-        try:
-            obj = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
-    temps = obj.get("temperatures") if isinstance(obj, dict) else obj
-    if not isinstance(temps, list):
-        raise ValueError(f"{path}: expected {{'temperatures': [T_1, ..., T_Bs]}}")
-    return check_temperatures(temps, path)
-
-
-def attach_temperatures(draft, temperatures: Sequence[float] | None):
-    """Sets ``draft.sts_temperatures`` (a static tuple: part of the draft's graph, hence of the jit key)."""
-    draft.sts_temperatures = None if temperatures is None else check_temperatures(temperatures)
-    return draft
-
-
-def attach_saved_temperatures(draft, draft_dir: str | os.PathLike):
-    """Attaches ``<draft_dir>/sts_temperatures.json`` when it exists (called by ``dj.load_draft``)."""
-    path = os.path.join(os.fspath(draft_dir), TEMPERATURES_FILE)
-    if os.path.isfile(path):
-        temps = load_temperatures(path)
-        if getattr(draft.config, "has_confidence", False):
-            want = draft.config.block_size
-            if len(temps) != want:
-                raise ValueError(f"{path}: {len(temps)} temperatures for a draft with block_size {want}")
-            attach_temperatures(draft, temps)
-    return draft
-
-
 def resolve_temperatures(calibration, draft) -> tuple[float, ...] | None:
     """``speculative_generate``'s ``calibration=``: None -> the draft's attached temperatures (or none);
     False -> none; a path -> :func:`load_temperatures`; a sequence -> those temperatures."""
@@ -318,7 +261,6 @@ def record_rounds(target, draft, prompts: list[list[int]], *, max_new_tokens: in
     a slot engine of ``batch_size`` slots (continuous batching; prompt ``i`` samples with request id ``i``) and
     returns the per-round arrays of :func:`rounds_to_samples` plus ``prompt_index [N]``, in prompt order."""
     from dspark_jax.decode.speculative import spec_slot_engine
-    from dspark_jax.eval.metrics import accepted_drafts_from_outcome
 
     if not draft.config.has_confidence:
         raise ValueError("calibration needs a draft with a confidence head")

@@ -23,7 +23,7 @@ from dspark_jax.decode.scheduler import PrefixScheduler, ZeroOverheadScheduler, 
 from dspark_jax.decode.spec_loop import (SpecSettings, draft_context_len, drafts_per_round, head_for_loop, init_rows,
                                          loop_state, spec_round)
 from dspark_jax.decode.spec_slots import SpecSlotEngine
-from dspark_jax.eval.metrics import round_counts, summarize
+from dspark_jax.decode.metrics import round_counts, summarize
 from dspark_jax.nn.static_graph import split_static
 
 

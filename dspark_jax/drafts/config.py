@@ -260,7 +260,7 @@ class DraftConfig:
     def from_hf_dict(cls, d: Mapping[str, Any], where: str = "config.json") -> "DraftConfig":
         d = dict(d)
         if (d.get("architectures") or [None])[0] in GEMMA4_ARCHITECTURES:
-            from dspark_jax.convert.gemma4_draft import gemma4_draft_config_from_hf
+            from dspark_jax.drafts.gemma4_config import gemma4_draft_config_from_hf
 
             return gemma4_draft_config_from_hf(d, where)
         archs = d.get("architectures") or []
@@ -317,7 +317,7 @@ class DraftConfig:
         if self.arch is None:
             raise ConfigError("DraftConfig.arch is unset: bind it to a target first (dj.build_draft does)")
         if self.architecture in GEMMA4_ARCHITECTURES:
-            from dspark_jax.convert.gemma4_draft import gemma4_draft_config_to_hf
+            from dspark_jax.drafts.gemma4_config import gemma4_draft_config_to_hf
 
             return gemma4_draft_config_to_hf(self)
         if self.eagle3_variant != EAGLE3_DEEPSPEC:

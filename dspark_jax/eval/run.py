@@ -5,7 +5,7 @@ continuous batching over ``batch_size`` slots: a finished prompt's slot takes th
 scheduler sees the live slots as its batch) and, on the same prompts with the same seed, request ids and
 sampling settings, through a plain one (``dj.generate``'s); both are timed. JAX's compile time during each run
 is measured and subtracted (``warmup``, default) so tokens/s exclude compilation, which is reported
-separately. Rounds are aggregated as sums over all rounds of the dataset (:mod:`dspark_jax.eval.metrics`),
+separately. Rounds are aggregated as sums over all rounds of the dataset (:mod:`dspark_jax.decode.metrics`),
 never as means of batch means.
 
 Writes ``results.json`` (settings, per-dataset metrics and raw counts), ``results.md`` (Markdown tables) and
@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from dspark_jax.eval import datasets as D
-from dspark_jax.eval.metrics import RoundCounts, accepted_drafts_from_outcome, round_counts, summarize
+from dspark_jax.decode.metrics import RoundCounts, accepted_drafts_from_outcome, round_counts, summarize
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ bias is added after the cap (spec §2), so only the ``lm_head`` terms' gradients
 Three implementations, same contract ``(ce [...], l1 [...])``:
 
 * :func:`vocab_loss_reference`: dense; materialises ``[..., V]`` logits (the test oracle).
-* ``impl="xla"``: :func:`dspark_jax.train.loss.slot_ce_l1_chunked` -- a ``lax.scan`` over vocab chunks with
+* ``impl="xla"``: :func:`dspark_jax.kernels.vocab_loss_chunked.slot_ce_l1_chunked` -- a ``lax.scan`` over vocab chunks with
   running max/sum, rematerialised in the backward pass (autodiff).
 * ``impl="pallas"``: Pallas kernels with a hand-written ``custom_vjp``, tiled over rows and vocab chunks.
   Forward: pass 1 computes both log-sum-exps with a running max/sum; pass 2 the L1, the target logit and the
@@ -57,6 +57,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from dspark_jax.kernels._dispatch import resolve
+from dspark_jax.kernels.vocab_loss_chunked import apply_softcap, slot_ce_l1_chunked, soft_ce_chunked  # noqa: F401
 
 F32 = jnp.float32
 LANES = 128          # TPU: per-row vectors are stored lane-replicated as [rows, 128]
@@ -89,11 +90,6 @@ def soft_ce_from_logits(draft_logits, target_logits):
     l1 = jnp.sum(jnp.abs(jnp.exp(logp_d) - p_t), axis=-1)
     correct = jnp.argmax(draft_logits, axis=-1) == jnp.argmax(target_logits, axis=-1)
     return ce, l1, correct
-
-
-def apply_softcap(x, cap: float | None):
-    """``cap * tanh(x / cap)`` (identity for None)."""
-    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 def vocab_loss_reference(draft_hidden, target_hidden, markov_u, lm_head, markov_w2, target_ids, *,
@@ -143,8 +139,6 @@ def vocab_loss(draft_hidden, target_hidden, markov_u, lm_head, markov_w2, target
         return vocab_loss_dense(draft_hidden, target_hidden, markov_u, lm_head, markov_w2, target_ids,
                                 softcap=softcap)
     if kind == "xla":
-        from dspark_jax.train.loss import slot_ce_l1_chunked  # the loss module imports this one
-
         return slot_ce_l1_chunked(draft_hidden, target_hidden, markov_u, lm_head, markov_w2, target_ids, chunk,
                                   softcap=softcap)
     return vocab_loss_fused(draft_hidden, target_hidden, markov_u, lm_head, markov_w2, target_ids,
@@ -155,13 +149,11 @@ def soft_vocab_loss(draft_hidden, target_hidden, lm_head, *, chunk: int = 8192, 
                     row_tile: int | None = None, vocab_tile: int | None = None, softcap: float | None = None):
     """Soft-target (Eagle3) reductions per row without materialising ``[..., V]``: (soft CE, L1, argmax match),
     as :func:`soft_vocab_loss_reference`. ``target_hidden`` is a constant (``stop_gradient``) on every path, as
-    the XLA scan (:func:`dspark_jax.train.eagle3_loss.soft_ce_chunked`) has always treated it. Arguments as in
+    the XLA scan (:func:`dspark_jax.kernels.vocab_loss_chunked.soft_ce_chunked`) has always treated it. Arguments as in
     :func:`vocab_loss`."""
     kind, target = resolve(impl, "soft_vocab_loss")
     target_hidden = lax.stop_gradient(target_hidden)
     if kind == "xla":
-        from dspark_jax.train.eagle3_loss import soft_ce_chunked  # that module imports this one
-
         return soft_ce_chunked(draft_hidden, target_hidden, lm_head, chunk, softcap=softcap)
     return soft_vocab_loss_fused(draft_hidden, target_hidden, lm_head, backend=target, row_tile=row_tile,
                                  vocab_tile=vocab_tile, softcap=softcap)

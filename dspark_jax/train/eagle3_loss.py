@@ -11,7 +11,7 @@ and ``loss``.
 
 The vocab reductions come either from materialised ``[T,B,S,V]`` logits (the reference) or, with
 ``vocab_chunk``, from hidden states through ``kernels.vocab_loss.soft_vocab_loss`` (``impl``: ``xla`` = the
-chunked ``lax.scan`` below, with running max/sum, rematerialised in the backward pass; ``pallas`` = the fused
+chunked ``lax.scan`` of ``kernels/vocab_loss_chunked.py``, with running max/sum, rematerialised in the backward pass; ``pallas`` = the fused
 vocab-loss kernels with soft targets; ``auto`` = Pallas on TPU/GPU). All three per-position terms map onto the
 kernel: soft CE against the target's distribution, the L1 between the softmaxes, the argmax match. Nothing of
 Eagle3's stays on the XLA path: a pruned draft vocabulary (SpecForge ``d2t``/``t2d``) lives in
@@ -26,65 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.drafts.config import DraftConfig
-from dspark_jax.kernels.vocab_loss import apply_softcap, soft_ce_from_logits, soft_vocab_loss
-from dspark_jax.train.loss import vocab_chunk_size
+from dspark_jax.kernels.vocab_loss import soft_ce_from_logits, soft_vocab_loss
 
 soft_ce_reference = soft_ce_from_logits
 """``[..., V]`` each -> (soft CE, L1 ``sum_v |p_d - p_t|``, argmax match), each ``[...]``; fp32 softmaxes."""
-
-
-def soft_ce_chunked(draft_hidden, target_hidden, lm_head, chunk: int, *, softcap: float | None = None):
-    """Same as :func:`soft_ce_reference` from post-norm hidden states ``[..., H]`` and ``lm_head [V, H]``,
-    without materialising ``[..., V]`` (a zero target hidden state gives the uniform distribution, softcapped or
-    not); ``softcap``: ``cap`` of ``cap * tanh(x / cap)`` on both logits, or None."""
-    vocab = lm_head.shape[0]
-    c = vocab_chunk_size(vocab, chunk)
-    n_chunks = -(-vocab // c)
-    pad = n_chunks * c - vocab
-    f32 = jnp.float32
-    hd, ht = draft_hidden.astype(f32), jax.lax.stop_gradient(target_hidden.astype(f32))
-    w = lm_head.astype(f32)
-    if pad:
-        w = jnp.pad(w, ((0, pad), (0, 0)))
-    w = w.reshape(n_chunks, c, w.shape[-1])
-    valid = (jnp.arange(n_chunks * c) < vocab).reshape(n_chunks, c)
-
-    def logits_of(i):
-        neg = jnp.where(valid[i], 0.0, -jnp.inf)
-        return (apply_softcap(jnp.einsum("...h,vh->...v", hd, w[i]), softcap) + neg,
-                apply_softcap(jnp.einsum("...h,vh->...v", ht, w[i]), softcap) + neg)
-
-    lead = draft_hidden.shape[:-1]
-
-    @jax.checkpoint
-    def pass1(carry, i):
-        md, sd, ad, mt, st, at = carry
-        d, t = logits_of(i)
-        cd, ct = d.max(-1), t.max(-1)
-        id_, it = jnp.argmax(d, -1) + i * c, jnp.argmax(t, -1) + i * c
-        ad, at = jnp.where(cd > md, id_, ad), jnp.where(ct > mt, it, at)
-        nmd, nmt = jnp.maximum(md, cd), jnp.maximum(mt, ct)
-        sd = sd * jnp.exp(md - nmd) + jnp.exp(d - nmd[..., None]).sum(-1)
-        st = st * jnp.exp(mt - nmt) + jnp.exp(t - nmt[..., None]).sum(-1)
-        return (nmd, sd, ad, nmt, st, at), None
-
-    ninf, zero, izero = jnp.full(lead, -jnp.inf, f32), jnp.zeros(lead, f32), jnp.zeros(lead, jnp.int32)
-    (md, sd, ad, mt, st, at), _ = jax.lax.scan(pass1, (ninf, zero, izero, ninf, zero, izero), jnp.arange(n_chunks))
-    lse_d, lse_t = md + jnp.log(sd), mt + jnp.log(st)
-
-    @jax.checkpoint
-    def pass2(carry, i):
-        cross, l1 = carry
-        d, t = logits_of(i)
-        p_t = jnp.exp(t - lse_t[..., None])
-        # mask d, not the product: a padded column's p_t * (-inf) would send 0 * -inf = NaN into the
-        # gradient of p_t (of lm_head, when it is differentiated)
-        cross = cross + jnp.sum(p_t * jnp.where(valid[i], d, 0.0), -1)
-        l1 = l1 + jnp.sum(jnp.abs(jnp.exp(d - lse_d[..., None]) - p_t), -1)
-        return (cross, l1), None
-
-    (cross, l1), _ = jax.lax.scan(pass2, (zero, zero), jnp.arange(n_chunks))
-    return lse_d - cross, l1, ad == at
 
 
 def eagle3_loss(outputs, config: DraftConfig, *, vocab_chunk: int | None = None, impl: str = "auto"):

@@ -23,7 +23,8 @@ from dspark_jax.decode.sampling import SamplingConfig
 from dspark_jax.drafts.backbone import training_mask
 from dspark_jax.drafts.build import build_draft
 from dspark_jax.train.anchors import sample_anchors
-from dspark_jax.train.loss import dspark_loss, slot_ce_l1_chunked, slot_ce_l1_reference, slot_weights
+from dspark_jax.kernels.vocab_loss_chunked import slot_ce_l1_chunked
+from dspark_jax.train.loss import dspark_loss, slot_ce_l1_reference, slot_weights
 
 V, H, BS, N, R, MASK = 32, 16, 4, 3, 4, 31
 TAPS = (0, 1, 2)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dspark_jax.kernels.vocab_loss_dense import vocab_loss_dense
-from dspark_jax.train.loss import slot_ce_l1_chunked
+from dspark_jax.kernels.vocab_loss_chunked import slot_ce_l1_chunked
 
 vl = importlib.import_module("dspark_jax.kernels.vocab_loss")  # the module: the package exports a function so named
 

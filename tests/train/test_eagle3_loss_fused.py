@@ -19,7 +19,8 @@ import dspark_jax as dj
 from dspark_jax.config import TargetConfig
 from dspark_jax.drafts.config import EAGLE3_LLAMA
 from dspark_jax.drafts.eagle3 import Eagle3TrainOutput
-from dspark_jax.train.eagle3_loss import eagle3_loss, soft_ce_chunked
+from dspark_jax.kernels.vocab_loss_chunked import soft_ce_chunked
+from dspark_jax.train.eagle3_loss import eagle3_loss
 
 vl = importlib.import_module("dspark_jax.kernels.vocab_loss")
 
