@@ -103,8 +103,35 @@ def _rope_from_hf(d: Mapping[str, Any], where: str) -> RopeConfig:
     return rope
 
 
+class HFConfig:
+    """What every target family's config shares: ``eos_token_ids`` (its ``eos_token_id`` is an id, several ids or
+    None), ``from_json`` over its own ``from_hf_dict``, and construction whose errors name the file."""
+
+    eos_token_id: int | tuple[int, ...] | None
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        e = self.eos_token_id
+        if e is None:
+            return ()
+        return (e,) if isinstance(e, int) else tuple(e)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike):
+        d, where = read_config_json(path)
+        return cls.from_hf_dict(d, where=where)
+
+    @classmethod
+    def _from_fields(cls, kwargs: Mapping[str, Any], where: str):
+        """``cls(**kwargs)`` with a ConfigError's ``ClassName:`` prefix replaced by ``where`` (the file)."""
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace(cls.__name__, where, 1)) from None
+
+
 @dataclasses.dataclass(frozen=True)
-class TargetConfig:
+class TargetConfig(HFConfig):
     """Architecture of a target model (Qwen3 dense or Qwen3-MoE).
 
     Field names follow transformers; :meth:`from_hf_dict` / :meth:`to_hf_dict` convert.
@@ -155,24 +182,14 @@ class TargetConfig:
             and (layer_idx + 1) % self.decoder_sparse_step == 0
         )
 
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        e = self.eos_token_id
-        if e is None:
-            return ()
-        return (e,) if isinstance(e, int) else tuple(e)
-
     # ---- checks --------------------------------------------------------------------------
     def validate(self, where: str = "TargetConfig") -> None:
         if self.model_type not in SUPPORTED_TARGET_TYPES:
             raise ConfigError(
                 f"{where}: model_type={self.model_type!r} is not supported (supported: {SUPPORTED_TARGET_TYPES})"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"{where}: {name} must be a positive integer, got {v!r}")
+        check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads", "num_key_value_heads", "head_dim"), where)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"{where}: num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -268,8 +285,8 @@ class TargetConfig:
             attention_bias=bool(d.get("attention_bias", False)),
             hidden_act=d.get("hidden_act", "silu"),
             initializer_range=float(d.get("initializer_range", 0.02)),
-            bos_token_id=_token_ids(d.get("bos_token_id")),
-            eos_token_id=_token_ids(d.get("eos_token_id")),
+            bos_token_id=token_ids(d.get("bos_token_id")),
+            eos_token_id=token_ids(d.get("eos_token_id")),
             pad_token_id=d.get("pad_token_id"),
             dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
         )
@@ -283,15 +300,7 @@ class TargetConfig:
                 mlp_only_layers=tuple(integer("mlp_only_layers", i) for i in (d.get("mlp_only_layers") or ())),
                 router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
             )
-        try:
-            return cls(**kwargs)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("TargetConfig", where, 1)) from None
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "TargetConfig":
-        d, where = read_config_json(path)
-        return cls.from_hf_dict(d, where=where)
+        return cls._from_fields(kwargs, where)
 
     def to_hf_dict(self) -> dict[str, Any]:
         arch = "Qwen3MoeForCausalLM" if self.model_type == "qwen3_moe" else "Qwen3ForCausalLM"
@@ -319,8 +328,8 @@ class TargetConfig:
             "use_sliding_window": False,
             "sliding_window": None,
             "use_cache": True,
-            "bos_token_id": _jsonable_ids(self.bos_token_id),
-            "eos_token_id": _jsonable_ids(self.eos_token_id),
+            "bos_token_id": jsonable_ids(self.bos_token_id),
+            "eos_token_id": jsonable_ids(self.eos_token_id),
             "pad_token_id": self.pad_token_id,
             "dtype": self.dtype,
         }
@@ -342,14 +351,23 @@ class TargetConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _token_ids(v):
+def token_ids(v):
+    """A ``config.json`` token-id field (an id, a list of ids or null) as the configs hold it (lists -> tuples)."""
     if isinstance(v, list):
         return tuple(int(i) for i in v)
     return v
 
 
-def _jsonable_ids(v):
+def jsonable_ids(v):
     return list(v) if isinstance(v, tuple) else v
+
+
+def check_positive_ints(config, names, where: str) -> None:
+    """A ConfigError naming the first of ``names`` that is not a positive integer on ``config``."""
+    for name in names:
+        v = getattr(config, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"{where}: {name} must be a positive integer, got {v!r}")
 
 
 def tiny_qwen3_config(**overrides) -> TargetConfig:

@@ -8,7 +8,6 @@ stores after the decoder layers (``model.layers.{num_hidden_layers}...``) are re
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -19,7 +18,7 @@ from flax import nnx
 from dspark_jax.config import ConfigError, read_config_json
 from dspark_jax.convert.keymap import ShardingFn, dtype_name, export_tensors, fill_state, read_state, resolve_dtype
 from dspark_jax.convert.names import KeyRule
-from dspark_jax.convert.safetensors_io import CheckpointError, checkpoint_files, iter_tensors, save_shards
+from dspark_jax.convert.safetensors_io import CheckpointError, checkpoint_files, iter_tensors, write_checkpoint_dir
 from dspark_jax.targets.deepseek_v3 import DeepseekV3ForCausalLM
 from dspark_jax.targets.deepseek_v3_config import DeepseekV3Config
 
@@ -139,12 +138,7 @@ def deepseek_v3_to_torch_tensors(model: DeepseekV3ForCausalLM) -> dict:
 
 def save_deepseek_v3_target(model: DeepseekV3ForCausalLM, path: str, *, max_shard_bytes: int = 5 * 2**30) -> str:
     """Writes ``config.json`` + safetensors as ``DeepseekV3ForCausalLM.save_pretrained`` does (no MTP layers)."""
-    save_shards(deepseek_v3_to_torch_tensors(model), path, max_shard_bytes=max_shard_bytes)
-    cfg = model.config.to_hf_dict()
-    cfg["dtype"] = dtype_name(model.dtype)
-    cfg["num_nextn_predict_layers"] = 0       # this export carries no MTP layers
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    if getattr(model, "tokenizer", None) is not None:
-        model.tokenizer.save_pretrained(path)
-    return path
+    cfg = model.config.to_hf_dict() | {"dtype": dtype_name(model.dtype),
+                                        "num_nextn_predict_layers": 0}      # this export carries no MTP layers
+    return write_checkpoint_dir(path, deepseek_v3_to_torch_tensors(model), cfg, model.tokenizer,
+                                max_shard_bytes=max_shard_bytes)

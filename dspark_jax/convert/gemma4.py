@@ -15,7 +15,7 @@ from flax import nnx
 
 from dspark_jax.convert.keymap import ShardingFn, dtype_name, export_tensors, fill_state, read_state, resolve_dtype
 from dspark_jax.convert.names import CHOICES, KeyRule
-from dspark_jax.convert.safetensors_io import checkpoint_files, save_shards
+from dspark_jax.convert.safetensors_io import checkpoint_files, write_checkpoint_dir
 from dspark_jax.targets.gemma4 import Gemma4ForCausalLM
 from dspark_jax.targets.gemma4_config import Gemma4Config
 
@@ -87,11 +87,6 @@ def gemma4_to_torch_tensors(model: Gemma4ForCausalLM) -> dict:
 
 def save_gemma4_target(model: Gemma4ForCausalLM, path: str, *, max_shard_bytes: int = 5 * 2**30) -> str:
     """Writes ``config.json`` + safetensors as transformers' ``Gemma4ForCausalLM.save_pretrained`` does."""
-    save_shards(gemma4_to_torch_tensors(model), path, max_shard_bytes=max_shard_bytes)
-    cfg = model.config.to_hf_dict()
-    cfg["dtype"] = dtype_name(model.dtype)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    if getattr(model, "tokenizer", None) is not None:
-        model.tokenizer.save_pretrained(path)
-    return path
+    return write_checkpoint_dir(path, gemma4_to_torch_tensors(model),
+                                model.config.to_hf_dict() | {"dtype": dtype_name(model.dtype)}, model.tokenizer,
+                                max_shard_bytes=max_shard_bytes)

@@ -7,7 +7,6 @@ straight onto a sharding, when one is given), one tensor at a time.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -18,7 +17,7 @@ from dspark_jax.convert.deepseek_v3 import load_deepseek_v3_target, save_deepsee
 from dspark_jax.convert.gemma4 import load_gemma4_target, save_gemma4_target
 from dspark_jax.convert.keymap import ShardingFn, dtype_name, export_tensors, fill_state, read_state, resolve_dtype
 from dspark_jax.convert.names import QWEN3_IGNORED, QWEN3_TARGET_RULES
-from dspark_jax.convert.safetensors_io import CheckpointError, checkpoint_files, save_shards
+from dspark_jax.convert.safetensors_io import CheckpointError, checkpoint_files, write_checkpoint_dir
 from dspark_jax.targets.qwen3 import Qwen3ForCausalLM
 from dspark_jax.targets.registry import family_of, family_of_model
 
@@ -98,14 +97,9 @@ def save_target(model, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2*
 
 
 def _save_qwen3(model: Qwen3ForCausalLM, path: str, *, max_shard_bytes: int) -> str:
-    save_shards(target_to_torch_tensors(model), path, max_shard_bytes=max_shard_bytes)
-    cfg = model.config.to_hf_dict()
-    cfg["dtype"] = dtype_name(model.dtype)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    if getattr(model, "tokenizer", None) is not None:
-        model.tokenizer.save_pretrained(path)
-    return path
+    return write_checkpoint_dir(path, target_to_torch_tensors(model),
+                                model.config.to_hf_dict() | {"dtype": dtype_name(model.dtype)}, model.tokenizer,
+                                max_shard_bytes=max_shard_bytes)
 
 
 # family name (targets/registry.py) -> (load, save)

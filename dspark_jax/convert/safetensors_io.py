@@ -132,3 +132,15 @@ def save_shards(tensors: Mapping[str, np.ndarray], directory: str, max_shard_byt
         with open(os.path.join(directory, INDEX_NAME), "w") as f:
             json.dump(index, f, indent=2)
     return [os.path.join(directory, n) for n in names]
+
+
+def write_checkpoint_dir(path: str, tensors: Mapping[str, np.ndarray], config: Mapping, tokenizer=None, *,
+                         max_shard_bytes: int = 5 * 2**30) -> str:
+    """A directory ``from_pretrained`` reads: the tensors (one file or shards + index), ``config.json`` and, when
+    given, the tokenizer's files."""
+    save_shards(tensors, path, max_shard_bytes=max_shard_bytes)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(dict(config), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path

@@ -12,8 +12,8 @@ bias is added after the cap (spec §2), so only the ``lm_head`` terms' gradients
 Three implementations, same contract ``(ce [...], l1 [...])``:
 
 * :func:`vocab_loss_reference`: dense; materialises ``[..., V]`` logits (the test oracle).
-* ``impl="xla"``: :func:`dspark_jax.kernels.vocab_loss_chunked.slot_ce_l1_chunked` -- a ``lax.scan`` over vocab chunks with
-  running max/sum, rematerialised in the backward pass (autodiff).
+* ``impl="xla"``: :func:`dspark_jax.kernels.vocab_loss_chunked.slot_ce_l1_chunked` -- a ``lax.scan`` over vocab
+  chunks with running max/sum, rematerialised in the backward pass (autodiff).
 * ``impl="pallas"``: Pallas kernels with a hand-written ``custom_vjp``, tiled over rows and vocab chunks.
   Forward: pass 1 computes both log-sum-exps with a running max/sum; pass 2 the L1, the target logit and the
   two sums ``a_d = sum_v p_d sign(p_d - p_t)``, ``a_t = sum_v p_t sign(p_d - p_t)`` that the backward needs.

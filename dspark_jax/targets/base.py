@@ -79,6 +79,16 @@ class TargetBase(nnx.Module):
             return self.embed_tokens.attend(hidden)
         return self.lm_head(hidden)
 
+    @staticmethod
+    def _prompt_shape(input_ids: jax.Array, capacity: int, num_new: jax.Array | None):
+        """A prompt pass's checks: ``input_ids [B, S]`` that fit ``capacity`` -> (B, S, lengths ``[B]``)."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+        b, s = input_ids.shape
+        if capacity < s:
+            raise ValueError(f"cache capacity {capacity} < {s} prompt tokens")
+        return b, s, jnp.full((b,), s, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
+
     def _output(self, last_hidden, tapped: dict, taps_wanted: tuple[int, ...], logits_at, return_logits,
                 cache) -> TargetOutput:
         """Assembles a :class:`TargetOutput` from the post-norm hidden ``[B, S, H]`` and the tapped layers."""
@@ -150,12 +160,7 @@ class StackedTarget(TargetBase):
           num_new: ``[B]`` real tokens per row (default S): the returned cache's lengths.
           tap_layer_ids, logits_at, return_logits: as in :meth:`__call__`.
         """
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
-        b, s = input_ids.shape
-        if capacity < s:
-            raise ValueError(f"cache capacity {capacity} < {s} prompt tokens")
-        lengths = jnp.full((b,), s, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
+        b, s, lengths = self._prompt_shape(input_ids, capacity, num_new)
         out = self._forward(input_ids, None, jnp.zeros((b,), jnp.int32), jnp.tril(jnp.ones((s, s), bool))[None],
                             None, tap_layer_ids, logits_at, return_logits, keep_kv=True)
         keys, values = out.cache

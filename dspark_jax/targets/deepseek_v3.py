@@ -152,9 +152,10 @@ class DeepseekMoE(nnx.Module):
         std = cfg.initializer_range
         init = nnx.initializers.normal(std)
         self.gate = RouterGate(h, e, init_std=std, rngs=rngs)
-        self.gate_proj = nnx.Param(init(rngs.params(), (e, h, i), param_dtype), logical_axes=("experts", "embed", "mlp"))
-        self.up_proj = nnx.Param(init(rngs.params(), (e, h, i), param_dtype), logical_axes=("experts", "embed", "mlp"))
-        self.down_proj = nnx.Param(init(rngs.params(), (e, i, h), param_dtype), logical_axes=("experts", "mlp", "embed"))
+        up_axes, down_axes = ("experts", "embed", "mlp"), ("experts", "mlp", "embed")
+        self.gate_proj = nnx.Param(init(rngs.params(), (e, h, i), param_dtype), logical_axes=up_axes)
+        self.up_proj = nnx.Param(init(rngs.params(), (e, h, i), param_dtype), logical_axes=up_axes)
+        self.down_proj = nnx.Param(init(rngs.params(), (e, i, h), param_dtype), logical_axes=down_axes)
         self.shared_experts = SwiGLU(h, i * cfg.n_shared_experts, dtype=dtype, param_dtype=param_dtype, init_std=std,
                                      rngs=rngs) if cfg.n_shared_experts else None
 

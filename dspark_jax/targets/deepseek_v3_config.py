@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, Mapping
 
-from dspark_jax.config import ConfigError, RopeConfig, TargetConfig, _rope_from_hf, read_config_json
+from dspark_jax.config import (ConfigError, HFConfig, RopeConfig, TargetConfig, _rope_from_hf, check_positive_ints,
+                               jsonable_ids, token_ids)
 
 DEEPSEEK_V3_TYPES = ("deepseek_v3",)
 
 
 @dataclasses.dataclass(frozen=True)
-class DeepseekV3Config:
+class DeepseekV3Config(HFConfig):
     """DeepSeek-V3 decoder (``DeepseekV3ForCausalLM``).
 
     Attention (MLA): queries come from ``q_proj`` (``q_lora_rank`` None) or ``q_b_proj(norm(q_a_proj(x)))``; keys
@@ -115,22 +115,13 @@ class DeepseekV3Config:
         """transformers' rule: every layer from ``first_k_dense_replace`` on is MoE."""
         return self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
 
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        e = self.eos_token_id
-        if e is None:
-            return ()
-        return (e,) if isinstance(e, int) else tuple(e)
-
     # ---- checks --------------------------------------------------------------------------
     def validate(self, where: str = "DeepseekV3Config") -> None:
         if self.model_type not in DEEPSEEK_V3_TYPES:
             raise ConfigError(f"{where}: model_type={self.model_type!r} is not a DeepSeek-V3 type {DEEPSEEK_V3_TYPES}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"{where}: {name} must be a positive integer, got {v!r}")
+        check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
+                                   "v_head_dim"), where)
         if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
             raise ConfigError(f"{where}: q_lora_rank must be a positive integer or null, got {self.q_lora_rank!r}")
         if self.qk_rope_head_dim % 2:
@@ -223,20 +214,12 @@ class DeepseekV3Config:
             hidden_act=d.get("hidden_act", "silu"),
             initializer_range=float(d.get("initializer_range", 0.02)),
             num_nextn_predict_layers=opt_int("num_nextn_predict_layers", opt_int("num_mtp_layers", 0)),
-            bos_token_id=_ids(d.get("bos_token_id")),
-            eos_token_id=_ids(d.get("eos_token_id")),
+            bos_token_id=token_ids(d.get("bos_token_id")),
+            eos_token_id=token_ids(d.get("eos_token_id")),
             pad_token_id=d.get("pad_token_id"),
             dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
         )
-        try:
-            return cls(**kwargs)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("DeepseekV3Config", where, 1)) from None
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "DeepseekV3Config":
-        d, where = read_config_json(path)
-        return cls.from_hf_dict(d, where=where)
+        return cls._from_fields(kwargs, where)
 
     def to_hf_dict(self) -> dict[str, Any]:
         rope = self.rope.to_hf()
@@ -278,8 +261,8 @@ class DeepseekV3Config:
             "tie_word_embeddings": self.tie_word_embeddings,
             "num_nextn_predict_layers": self.num_nextn_predict_layers,
             "use_cache": True,
-            "bos_token_id": _jsonable(self.bos_token_id),
-            "eos_token_id": _jsonable(self.eos_token_id),
+            "bos_token_id": jsonable_ids(self.bos_token_id),
+            "eos_token_id": jsonable_ids(self.eos_token_id),
             "pad_token_id": self.pad_token_id,
             "dtype": self.dtype,
         }
@@ -307,12 +290,6 @@ class DeepseekV3Config:
         return dataclasses.replace(self, **changes)
 
 
-def _ids(v):
-    return tuple(int(i) for i in v) if isinstance(v, list) else v
-
-
-def _jsonable(v):
-    return list(v) if isinstance(v, tuple) else v
 
 
 def tiny_deepseek_v3_config(**overrides) -> DeepseekV3Config:

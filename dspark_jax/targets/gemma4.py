@@ -392,12 +392,7 @@ class Gemma4ForCausalLM(TargetBase):
         """Same contract as :meth:`Qwen3ForCausalLM.prefill`: the prompt batch into a fresh cache of ``capacity``
         slots, attending within the prompt (``[S, S]``, sliding layers windowed) instead of against the empty
         cache; K/V-sharing layers keep their empty placeholder entries, as :meth:`init_cache` makes them."""
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
-        b, s = input_ids.shape
-        if capacity < s:
-            raise ValueError(f"cache capacity {capacity} < {s} prompt tokens")
-        lengths = jnp.full((b,), s, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
+        b, s, lengths = self._prompt_shape(input_ids, capacity, num_new)
         out = self._forward(input_ids, None, None, tap_layer_ids, logits_at, return_logits, keep_kv=True)
         empty = self.init_cache(b, capacity)
         keys, values = out.cache

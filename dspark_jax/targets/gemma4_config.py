@@ -12,10 +12,9 @@ write the released spelling, which every transformers version with Gemma4 reads.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Mapping
 
-from dspark_jax.config import ConfigError, RopeConfig, read_config_json
+from dspark_jax.config import ConfigError, HFConfig, RopeConfig, check_positive_ints, jsonable_ids, token_ids
 
 GEMMA4_TYPES = ("gemma4_text", "gemma4")
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -52,7 +51,7 @@ _DEFAULT_ROPE = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma4Config:
+class Gemma4Config(HFConfig):
     """Gemma4 text decoder (``Gemma4ForCausalLM``). Field names follow transformers' ``Gemma4TextConfig``.
 
     Sliding layers use ``head_dim`` / ``num_key_value_heads`` / ``rope_sliding``; full layers use
@@ -152,22 +151,13 @@ class Gemma4Config:
         wide = self.use_double_wide_mlp and self.kv_sharing_modes[layer_idx] == "reuse"
         return self.intermediate_size * (2 if wide else 1)
 
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        e = self.eos_token_id
-        if e is None:
-            return ()
-        return (e,) if isinstance(e, int) else tuple(e)
-
     # ---- checks --------------------------------------------------------------------------
     def validate(self, where: str = "Gemma4Config") -> None:
         if self.model_type not in GEMMA4_TYPES:
             raise ConfigError(f"{where}: model_type={self.model_type!r} is not a Gemma4 type {GEMMA4_TYPES}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "global_head_dim", "sliding_window"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"{where}: {name} must be a positive integer, got {v!r}")
+        check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads", "num_key_value_heads", "head_dim", "global_head_dim",
+                                   "sliding_window"), where)
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(f"{where}: layer_types has {len(self.layer_types)} entries for "
                               f"{self.num_hidden_layers} layers")
@@ -274,21 +264,14 @@ class Gemma4Config:
             enable_moe_block=bool(d.get("enable_moe_block", False)),
             num_kv_shared_layers=int(d.get("num_kv_shared_layers") or 0),
             use_double_wide_mlp=bool(d.get("use_double_wide_mlp", False)),
-            bos_token_id=_ids(d.get("bos_token_id", 2)), eos_token_id=_ids(eos), pad_token_id=d.get("pad_token_id", 0),
+            bos_token_id=token_ids(d.get("bos_token_id", 2)), eos_token_id=token_ids(eos),
+            pad_token_id=d.get("pad_token_id", 0),
             dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
         )
         if kw["enable_moe_block"]:
             kw.update(num_experts=int(d.get("num_experts") or 0), top_k_experts=int(d.get("top_k_experts") or 0),
                       moe_intermediate_size=int(d.get("moe_intermediate_size") or 0))
-        try:
-            return cls(**kw)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("Gemma4Config", where, 1)) from None
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "Gemma4Config":
-        d, where = read_config_json(path)
-        return cls.from_hf_dict(d, where=where)
+        return cls._from_fields(kw, where)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A ``gemma4_text`` / ``Gemma4ForCausalLM`` config.json."""
@@ -327,8 +310,8 @@ class Gemma4Config:
             "use_double_wide_mlp": self.use_double_wide_mlp,
             "use_bidirectional_attention": None,
             "use_cache": True,
-            "bos_token_id": _jsonable(self.bos_token_id),
-            "eos_token_id": _jsonable(self.eos_token_id),
+            "bos_token_id": jsonable_ids(self.bos_token_id),
+            "eos_token_id": jsonable_ids(self.eos_token_id),
             "pad_token_id": self.pad_token_id,
             "dtype": self.dtype,
         }
@@ -338,9 +321,3 @@ class Gemma4Config:
         return dataclasses.replace(self, **changes)
 
 
-def _ids(v):
-    return tuple(int(i) for i in v) if isinstance(v, list) else v
-
-
-def _jsonable(v):
-    return list(v) if isinstance(v, tuple) else v

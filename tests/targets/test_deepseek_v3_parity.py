@@ -282,7 +282,8 @@ def test_mtp_layers_are_skipped_and_other_strays_refused(ds_pairs, tmp_path):
     assert loaded.config.num_nextn_predict_layers == 1
     ids = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, size=(1, 6)))
     np.testing.assert_array_equal(np.asarray(_forward(loaded, ids)[0]), np.asarray(_forward(target, ids)[0]))
-    save_file(tensors | {"model.layers.1.mlp.stray.weight": np.zeros(3, np.float32)}, str(tmp_path / "model.safetensors"))
+    stray = {"model.layers.1.mlp.stray.weight": np.zeros(3, np.float32)}
+    save_file(tensors | stray, str(tmp_path / "model.safetensors"))
     with pytest.raises(dj.CheckpointError, match="model.layers.1.mlp.stray.weight"):
         dj.load_target(tmp_path)
 
