@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -123,13 +124,23 @@ def _cli_env():
 
 
 def _train_cli(overrides) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dspark_jax.cli", "train", "--config", "tiny", *overrides],
-                            env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # output to a file, not a pipe: nobody reads a pipe while the process runs, and once its 64 KiB fill (XLA:CPU logs
+    # ~6 KB per executable it loads from a warm compilation cache) the child blocks on its next write
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", "dspark_jax.cli", "train", "--config", "tiny", *overrides],
+                            env=_cli_env(), stdout=log, stderr=subprocess.STDOUT)
+    proc.log = log
+    return proc
+
+
+def _output(proc: subprocess.Popen) -> str:
+    proc.log.seek(0)
+    return proc.log.read().decode(errors="replace")
 
 
 def _finish(proc: subprocess.Popen) -> None:
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out.decode()
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, _output(proc)
 
 
 def test_sigkill_resume_is_exact(target_dir, data_file, tmp_path):
@@ -147,12 +158,12 @@ def test_sigkill_resume_is_exact(target_dir, data_file, tmp_path):
     try:
         while time.time() < deadline:
             if proc.poll() is not None:
-                pytest.fail("training process exited before it could be killed:\n" + proc.stdout.read().decode())
+                pytest.fail("training process exited before it could be killed:\n" + _output(proc))
             if (ckpt / "3").is_dir() and is_complete_step_dir(ckpt / "3"):
                 break
             time.sleep(0.02)
         else:
-            pytest.fail("no checkpoint 3 within 240s")
+            pytest.fail("no checkpoint 3 within 240s; the process's output so far:\n" + _output(proc)[-4000:])
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
