@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dspark_jax.convert.deepspec import load_draft
+from dspark_jax.convert.hf import load_target
 from dspark_jax.eval import datasets as D
 from dspark_jax.decode.metrics import RoundCounts, accepted_drafts_from_outcome, round_counts, summarize
 
@@ -350,7 +352,6 @@ def write_results(results: dict[str, Any], out_dir: str | os.PathLike) -> tuple[
 
 def cmd_eval(args) -> int:
     """Acceptance length, per-position acceptance and speculative vs plain tokens/s on DeepSpec prompt sets."""
-    import dspark_jax as dj
 
     try:
         names = D.resolve_names(args.data_dir, args.datasets)
@@ -364,11 +365,11 @@ def cmd_eval(args) -> int:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"error: cannot create --out {args.out!r}: {e.strerror or e}") from None
-    target = dj.load_target(args.target, dtype=args.dtype)
+    target = load_target(args.target, dtype=args.dtype)
     if getattr(target, "tokenizer", None) is None:
         raise SystemExit(f"error: the target directory {args.target!r} has no tokenizer; eval applies its chat "
                          "template to the prompts (copy tokenizer.json / tokenizer_config.json there)")
-    draft = dj.load_draft(args.draft, dtype=args.draft_dtype)
+    draft = load_draft(args.draft, dtype=args.draft_dtype)
     scheduler = None
     if args.sps is not None:
         from dspark_jax.decode.scheduler import PrefixScheduler, ZeroOverheadScheduler, load_sps

@@ -26,6 +26,8 @@ import numpy as np
 from flax import nnx
 
 from dspark_jax.config import ConfigError, TargetConfig
+from dspark_jax.drafts.build import build_draft
+from dspark_jax.targets.registry import build_target
 from dspark_jax.train.config import TrainConfig, target_config_for
 from dspark_jax.train.mesh import MESH_AXES, LogicalRules
 
@@ -246,7 +248,6 @@ def estimate_memory(cfg: TrainConfig, num_devices: int, rules: LogicalRules | No
 
     ``rules`` place the target (default :class:`LogicalRules`); the draft follows ``cfg.mesh.draft_sharding``.
     ``device`` (``v5e``, ``h100``, ``cpu``, ...) picks the kernel path that run takes (:func:`kernel_path`)."""
-    import dspark_jax as dj
     from dspark_jax.train.schedule import make_optimizer
     from dspark_jax.train.trainer import draft_config_for
 
@@ -270,8 +271,8 @@ def estimate_memory(cfg: TrainConfig, num_devices: int, rules: LogicalRules | No
     def build():
         from dspark_jax.nn.frozen import Frozen
 
-        target = dj.build_target(tcfg, dtype=cfg.target.dtype)
-        draft = dj.build_draft(target, dcfg, dtype=compute, param_dtype="float32")
+        target = build_target(tcfg, dtype=cfg.target.dtype)
+        draft = build_draft(target, dcfg, dtype=compute, param_dtype="float32")
         for _, var in nnx.iter_graph(draft):  # as the trainer stores them: compute dtype, no master copy
             if isinstance(var, Frozen):
                 var.set_value(var.get_value().astype(compute))

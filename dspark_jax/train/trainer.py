@@ -44,6 +44,10 @@ import numpy as np
 from flax import nnx
 
 from dspark_jax.config import ConfigError, TargetConfig
+from dspark_jax.convert.deepspec import load_draft, save_draft
+from dspark_jax.convert.hf import load_target, save_target
+from dspark_jax.drafts.build import build_draft
+from dspark_jax.targets.registry import build_target
 from dspark_jax.train.config import TrainConfig, dump_config, target_config_for
 
 log = logging.getLogger(__name__)
@@ -209,14 +213,13 @@ class Trainer:
 
     # ---- assembly ---------------------------------------------------------------------------------------
     def _build_target(self):
-        import dspark_jax as dj
         from dspark_jax.train.mesh import sharding_fn
 
         t = self.cfg.target
         dtype = "float32" if self.cfg.optim.precision == "fp32" and t.dtype == "float32" else t.dtype
         if t.path is not None:
             self.echo(f"[train] loading target {t.path} ({dtype}) onto mesh {dict(self.mesh.shape)}")
-            self.target = dj.load_target(t.path, dtype=dtype, sharding=sharding_fn(self.mesh))
+            self.target = load_target(t.path, dtype=dtype, sharding=sharding_fn(self.mesh))
             self.random_target = False
         else:
             if t.arch != "tiny":
@@ -225,7 +228,7 @@ class Trainer:
             tcfg = target_config_for(t)
             self.echo(f"[train] random {t.arch} target: H={tcfg.hidden_size}, layers={tcfg.num_hidden_layers}, "
                       f"V={tcfg.vocab_size} ({dtype})")
-            self.target = dj.build_target(tcfg, dtype=dtype, seed=t.seed)
+            self.target = build_target(tcfg, dtype=dtype, seed=t.seed)
             self.random_target = True
         self.target_cfg = self.target.config
 
@@ -300,7 +303,6 @@ class Trainer:
         t = self.cfg.target
         if not self.random_target:
             return
-        import dspark_jax as dj
         from dspark_jax import distributed
         from dspark_jax.train.pretrain import fit_target
 
@@ -309,7 +311,7 @@ class Trainer:
         # process 0's view decides, so no host starts a second fit while another reuses the saved target
         if t.pretrain_steps and bool(distributed.broadcast_from_main(np.asarray(os.path.isfile(done_marker)))):
             # a resumed run: the same pre-trained target, not a second fit
-            self.target = dj.load_target(target_dir, dtype=self.target.dtype)
+            self.target = load_target(target_dir, dtype=self.target.dtype)
             self.echo(f"[train] reusing the pre-trained target in {target_dir}")
             return
         if t.pretrain_steps:
@@ -320,7 +322,7 @@ class Trainer:
         else:
             losses = []
         if self.is_main:
-            dj.save_target(self.target, target_dir)
+            save_target(self.target, target_dir)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(target_dir)
             with open(done_marker, "w") as f:
@@ -329,20 +331,19 @@ class Trainer:
             self.echo(f"[train] target{' (pre-trained)' if losses else ''} saved to {target_dir}")
         distributed.barrier("dspark_jax.train.target_saved")  # the others read what process 0 just wrote
         if t.pretrain_steps:  # continue from exactly what was saved (a resumed run reloads it)
-            self.target = dj.load_target(target_dir, dtype=self.target.dtype)
+            self.target = load_target(target_dir, dtype=self.target.dtype)
 
     def _build_draft(self):
-        import dspark_jax as dj
 
         cfg = self.cfg
         compute = "float32" if cfg.optim.precision == "fp32" else "bfloat16"
         if cfg.draft.init_from is not None:
-            self.draft = dj.load_draft(cfg.draft.init_from, dtype="float32")
+            self.draft = load_draft(cfg.draft.init_from, dtype="float32")
             self.draft.config.bind(self.target_cfg)
             self.echo(f"[train] draft initialised from {cfg.draft.init_from}")
         else:
             dcfg = draft_config_for(cfg, self.target_cfg)
-            self.draft = dj.build_draft(self.target, dcfg, seed=cfg.draft.seed, dtype=compute, param_dtype="float32")
+            self.draft = build_draft(self.target, dcfg, seed=cfg.draft.seed, dtype=compute, param_dtype="float32")
         # frozen embed / lm_head copies of the target: never updated, so no fp32 master; keep them in the compute
         # dtype (half the memory of the largest draft arrays in bf16 runs)
         from dspark_jax.nn.frozen import Frozen
@@ -416,7 +417,6 @@ class Trainer:
 
     def export_draft(self, state, path: str | None = None) -> str:
         """Writes the draft with ``state``'s weights in DeepSpec's format (default ``<output_dir>/draft``)."""
-        import dspark_jax as dj
         from dspark_jax import distributed
         from dspark_jax.train.step import split_draft
 
@@ -425,7 +425,7 @@ class Trainer:
         draft = nnx.merge(graphdef, _to_host(state.params), _to_host(state.frozen))
         path = path or os.path.join(self.out_dir, "draft")
         if self.is_main:
-            dj.save_draft(draft, path)
+            save_draft(draft, path)
         distributed.barrier("dspark_jax.train.draft_exported")
         return path
 
