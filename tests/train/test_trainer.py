@@ -10,8 +10,10 @@ tests reuse that pre-trained target from its HF directory:
   - DFlash and Eagle3 through the same loop; TensorBoard events; the dry-run memory table; bad input.
 """
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,11 +117,15 @@ def target_dir(overfit):
     return overfit[2] / "target"
 
 
+_CHILD_CACHE = tempfile.mkdtemp(prefix="dspark_cli_jax_cache_")
+atexit.register(shutil.rmtree, _CHILD_CACHE, True)
+
+
 def _cli_env():
     # one fake device in every child, so the killed, resumed and straight runs compile the same programs; every
     # program is cached (not only those over 1 s): the resumed and straight runs reuse the killed run's compilations
     return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_llvm_disable_expensive_passes=true",
-                JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+                JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or _CHILD_CACHE,
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
