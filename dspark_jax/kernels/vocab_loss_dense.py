@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dspark_jax.kernels.vocab_loss import F32, _capped, _dot, _dot_nt, _sign
+from dspark_jax.kernels.vocab_loss_common import F32, _capped, _dot, _dot_nt, _sign
 
 __all__ = ["vocab_loss_dense"]
 

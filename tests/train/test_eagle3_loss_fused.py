@@ -23,6 +23,7 @@ from dspark_jax.kernels.vocab_loss_chunked import soft_ce_chunked
 from dspark_jax.train.eagle3_loss import eagle3_loss
 
 vl = importlib.import_module("dspark_jax.kernels.vocab_loss")
+vl_common = importlib.import_module("dspark_jax.kernels.vocab_loss_common")   # the default tiles live here
 
 FAST_COMPILE = {"xla_llvm_disable_expensive_passes": True}
 TILES = {"tpu-interpret": (8, 16), "gpu-interpret": (16, 16), "xla": (None, 16)}
@@ -41,8 +42,8 @@ def max_err(a, b):
 def small_tiles(monkeypatch):
     """eagle3_loss takes the default tiles: shrink them so V = 37 has a partial vocab tile and rows a partial
     row tile."""
-    monkeypatch.setattr(vl, "TPU_TILES", (16, 16))
-    monkeypatch.setattr(vl, "GPU_TILES", (16, 16, 16))
+    monkeypatch.setattr(vl_common, "TPU_TILES", (16, 16))
+    monkeypatch.setattr(vl_common, "GPU_TILES", (16, 16, 16))
 
 
 # ---- the kernels with soft targets, against the dense reference ---------------------------------------------------
