@@ -19,13 +19,17 @@ import numpy as np
 from flax import nnx
 
 from dspark_jax.config import read_config_json
-from dspark_jax.convert.gemma4 import CHOICES  # noqa: F401  (registers the g4_* template names)
 from dspark_jax.convert.keymap import dtype_name, export_tensors, fill_state, read_state, resolve_dtype
-from dspark_jax.convert.names import DEEPSPEC_DSPARK_RULES, KeyRule
+from dspark_jax.convert.names import DEEPSPEC_DSPARK_RULES, KeyRule, with_choices
 from dspark_jax.convert.safetensors_io import checkpoint_files, save_shards
-from dspark_jax.drafts.config import DraftConfig
+from dspark_jax.drafts.config import GEMMA4_DSPARK_ARCH, GEMMA4_EAGLE3_ARCH
+from dspark_jax.drafts.gemma4 import Gemma4DSparkDraft, Gemma4Eagle3Draft
 from dspark_jax.drafts.gemma4_config import gemma4_draft_config_from_hf, gemma4_draft_config_to_hf
 from dspark_jax.drafts.temperatures import attach_saved_temperatures, save_temperatures
+
+# a draft layer's sandwich norms (Eagle3's hidden_norm has a rule of its own)
+_DRAFT_NORM = {"g4_draft_norm": r"input_layernorm|post_attention_layernorm|pre_feedforward_layernorm"
+                                r"|post_feedforward_layernorm"}
 
 GEMMA4_DRAFT_RULES: tuple[KeyRule, ...] = (
     KeyRule("embed_tokens.weight", "embed_tokens"),
@@ -33,7 +37,8 @@ GEMMA4_DRAFT_RULES: tuple[KeyRule, ...] = (
     KeyRule("fc.weight", "fc.kernel", "transpose"),
     KeyRule("hidden_norm.weight", "hidden_norm.weight"),
     KeyRule("norm.weight", "norm.weight"),
-    KeyRule("layers.{layer}.{g4_norm}.weight", "layers.{layer}.{g4_norm}.weight"),
+    *with_choices((KeyRule("layers.{layer}.{g4_draft_norm}.weight", "layers.{layer}.{g4_draft_norm}.weight"),),
+                  _DRAFT_NORM),
     KeyRule("layers.{layer}.layer_scalar", "layers.{layer}.layer_scalar"),
     KeyRule("layers.{layer}.self_attn.{attn_proj}.weight", "layers.{layer}.self_attn.{attn_proj}.kernel", "transpose"),
     KeyRule("layers.{layer}.self_attn.{attn_proj}.bias", "layers.{layer}.self_attn.{attn_proj}.bias"),
@@ -47,19 +52,16 @@ GEMMA4_EAGLE3_RULES: tuple[KeyRule, ...] = tuple(
     r for r in GEMMA4_DRAFT_RULES if not r.torch.startswith(("markov_head.", "confidence_head.", "hidden_norm."))
 ) + (KeyRule("layers.{layer}.hidden_norm.weight", "layers.{layer}.hidden_norm.weight"),)
 GEMMA4_DRAFT_IGNORED = (re.compile(r".*rotary_emb\..*inv_freq$"), re.compile(r".*embed_scale$"))
-
-def gemma4_draft_class(config: DraftConfig):
-    """(draft class, key table) of a Gemma4 draft config."""
-    from dspark_jax.drafts.gemma4 import Gemma4DSparkDraft, Gemma4Eagle3Draft
-
-    return (Gemma4Eagle3Draft, GEMMA4_EAGLE3_RULES) if config.is_eagle3 else (Gemma4DSparkDraft, GEMMA4_DRAFT_RULES)
+# architectures[0] -> (draft class, key table); convert/families.py lists them with the other families
+GEMMA4_DRAFT_MODULES = {GEMMA4_DSPARK_ARCH: (Gemma4DSparkDraft, GEMMA4_DRAFT_RULES),
+                        GEMMA4_EAGLE3_ARCH: (Gemma4Eagle3Draft, GEMMA4_EAGLE3_RULES)}
 
 
 def load_gemma4_draft(path: str | os.PathLike, dtype=None, *, sharding=None, attention_impl: str = "auto"):
     """Loads a DeepSpec ``Gemma4DSparkModel`` directory (strict: every key and shape checked)."""
     d, where = read_config_json(path)
     cfg = gemma4_draft_config_from_hf(d, where)
-    cls, rules = gemma4_draft_class(cfg)
+    cls, rules = GEMMA4_DRAFT_MODULES[cfg.architecture]
     dt = resolve_dtype(dtype if dtype is not None else cfg.dtype)
     abstract = nnx.eval_shape(lambda: cls(cfg, dtype=dt, attention_impl=attention_impl))
     graphdef, abs_state = nnx.split(abstract)
@@ -70,7 +72,7 @@ def load_gemma4_draft(path: str | os.PathLike, dtype=None, *, sharding=None, att
 
 
 def gemma4_draft_tensors(draft) -> dict[str, np.ndarray]:
-    return export_tensors(nnx.state(draft, nnx.Variable), gemma4_draft_class(draft.config)[1])
+    return export_tensors(nnx.state(draft, nnx.Variable), GEMMA4_DRAFT_MODULES[draft.config.architecture][1])
 
 
 def save_gemma4_draft(draft, path: str | os.PathLike, *, max_shard_bytes: int = 50 * 2**30, dtype=None) -> str:

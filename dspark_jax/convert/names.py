@@ -1,7 +1,8 @@
 """Key maps between PyTorch checkpoints and our nnx parameter paths, as data.
 
-A template holds ``{name}`` placeholders; ``CHOICES`` restricts what each may match. ``kind`` says how a
-tensor changes on the way in (the way out is the inverse):
+A template holds ``{name}`` placeholders; what each may match comes from the rule's own ``choices`` (names only
+its table uses), else from the shared ``CHOICES``. ``kind`` says how a tensor changes on the way in (the way out
+is the inverse):
 
 - ``copy``: unchanged.
 - ``transpose``: a torch Linear weight ``[out, in]`` becomes an nnx kernel ``[in, out]``.
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Mapping
 
+# template names several tables share; a table's own names ride on its rules (``with_choices``)
 CHOICES = {
     "layer": r"\d+",
     "expert": r"\d+",
@@ -22,9 +25,6 @@ CHOICES = {
     "qk_norm": r"q_norm|k_norm",
     "mlp_proj": r"gate_proj|up_proj|down_proj",
     "layer_norm": r"input_layernorm|post_attention_layernorm",
-    "eagle_norm": r"input_layernorm|post_attention_layernorm|hidden_norm",
-    "markov_w": r"markov_w1|markov_w2",
-    "markov_proj": r"gate_proj|joint_proj",
 }
 
 
@@ -34,20 +34,28 @@ class KeyRule:
     nnx: str            # nnx state path template (dot-separated)
     kind: str = "copy"
     save: bool = True   # False: accepted on load, never written
+    # (name, regex) pairs for template names this rule's table defines itself; they take precedence over CHOICES
+    choices: tuple[tuple[str, str], ...] = ()
 
     def torch_regex(self) -> re.Pattern:
-        return _compile(self.torch)
+        return _compile(self.torch, dict(self.choices))
 
     def nnx_regex(self) -> re.Pattern:
-        return _compile(self.nnx)
+        return _compile(self.nnx, dict(self.choices))
 
 
-def _compile(template: str) -> re.Pattern:
+def with_choices(rules, choices: Mapping[str, str]) -> tuple[KeyRule, ...]:
+    """``rules`` carrying ``choices`` (template name -> regex) as their own, beside what they already carry."""
+    return tuple(dataclasses.replace(r, choices=tuple(sorted({**dict(r.choices), **choices}.items())))
+                 for r in rules)
+
+
+def _compile(template: str, own: Mapping[str, str]) -> re.Pattern:
     out, pos = [], 0
     for m in re.finditer(r"\{(\w+)\}", template):
         out.append(re.escape(template[pos:m.start()]))
         name = m.group(1)
-        out.append(f"(?P<{name}>{CHOICES[name]})")
+        out.append(f"(?P<{name}>{own[name] if name in own else CHOICES[name]})")
         pos = m.end()
     out.append(re.escape(template[pos:]))
     return re.compile("^" + "".join(out) + "$")
@@ -76,6 +84,11 @@ QWEN3_TARGET_RULES: tuple[KeyRule, ...] = (
 QWEN3_IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"),)
 
 
+# draft-only template names (the Gemma4 draft table reuses the head rules, and their names travel with them)
+_EAGLE_NORM = {"eagle_norm": r"input_layernorm|post_attention_layernorm|hidden_norm"}
+_MARKOV = {"markov_w": r"markov_w1|markov_w2", "markov_proj": r"gate_proj|joint_proj"}
+
+
 def _draft_layer_rules(norm_choice: str) -> tuple[KeyRule, ...]:
     return (
         KeyRule(f"layers.{{layer}}.{{{norm_choice}}}.weight", f"layers.{{layer}}.{{{norm_choice}}}.weight"),
@@ -95,9 +108,11 @@ DEEPSPEC_DSPARK_RULES: tuple[KeyRule, ...] = (
     KeyRule("hidden_norm.weight", "hidden_norm.weight"),
     KeyRule("norm.weight", "norm.weight"),
     *_draft_layer_rules("layer_norm"),
-    KeyRule("markov_head.{markov_w}.weight", "markov_head.{markov_w}"),
-    KeyRule("markov_head.{markov_proj}.weight", "markov_head.{markov_proj}.kernel", "transpose"),
-    KeyRule("markov_head.{markov_proj}.bias", "markov_head.{markov_proj}.bias"),
+    *with_choices((
+        KeyRule("markov_head.{markov_w}.weight", "markov_head.{markov_w}"),
+        KeyRule("markov_head.{markov_proj}.weight", "markov_head.{markov_proj}.kernel", "transpose"),
+        KeyRule("markov_head.{markov_proj}.bias", "markov_head.{markov_proj}.bias"),
+    ), _MARKOV),
     KeyRule("confidence_head.proj.weight", "confidence_head.proj.kernel", "transpose"),
     KeyRule("confidence_head.proj.bias", "confidence_head.proj.bias"),
 )
@@ -107,7 +122,7 @@ DEEPSPEC_EAGLE3_RULES: tuple[KeyRule, ...] = (
     KeyRule("lm_head.weight", "lm_head"),
     KeyRule("fc.weight", "fc.kernel", "transpose"),
     KeyRule("norm.weight", "norm.weight"),
-    *_draft_layer_rules("eagle_norm"),
+    *with_choices(_draft_layer_rules("eagle_norm"), _EAGLE_NORM),
 )
 
 # torch.compile wraps modules as "_orig_mod."; DeepSpec strips it on save, we strip it on load too.
