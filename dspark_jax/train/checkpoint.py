@@ -33,7 +33,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from dspark_jax.train.mesh import LogicalRules
+from dspark_jax.sharding import LogicalRules
 from dspark_jax.train.step import TrainState, abstract_train_state, logical_shardings
 
 log = logging.getLogger(__name__)

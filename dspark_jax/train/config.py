@@ -28,6 +28,7 @@ import yaml
 
 from dspark_jax.config import ConfigError, RopeConfig, TargetConfig
 from dspark_jax.distributed import DistributedConfig, DistributedError
+from dspark_jax.sharding import DEFAULT_RULES, LogicalRules
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 """Where the packaged presets live (``dspark_jax/configs``; the repo's ``configs/`` links here)."""
@@ -174,7 +175,7 @@ class OptimSection:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
-    """Device mesh (``dspark_jax.train.mesh.make_mesh``); ``fsdp: -1`` takes the devices the others leave.
+    """Device mesh (``dspark_jax.sharding.make_mesh``); ``fsdp: -1`` takes the devices the others leave.
 
     draft_sharding: ``sharded`` places the draft's parameters and optimizer state by the same logical-axis rules
       as the target (``embed`` over ``fsdp``, heads/mlp/vocab over ``tensor``); ``replicated`` keeps a full copy
@@ -188,10 +189,8 @@ class MeshSection:
     expert: int = 1
     draft_sharding: str = "sharded"
 
-    def draft_rules(self):
+    def draft_rules(self) -> LogicalRules:
         """The :class:`LogicalRules` for the draft's parameters and optimizer state."""
-        from dspark_jax.train.mesh import DEFAULT_RULES, LogicalRules
-
         if self.draft_sharding == "replicated":
             return LogicalRules(tuple((name, None if name == "embed" else axes) for name, axes in DEFAULT_RULES))
         return LogicalRules()

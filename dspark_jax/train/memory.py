@@ -29,7 +29,7 @@ from dspark_jax.config import ConfigError, TargetConfig
 from dspark_jax.drafts.build import build_draft
 from dspark_jax.targets.registry import build_target
 from dspark_jax.train.config import TrainConfig, target_config_for
-from dspark_jax.train.mesh import MESH_AXES, LogicalRules
+from dspark_jax.sharding import MESH_AXES, LogicalRules
 
 # HBM per chip, GiB (vendor figures), to flag what does not fit.
 DEVICE_MEMORY_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "h100": 80, "h200": 141, "a100": 80, "b200": 192,

@@ -61,7 +61,7 @@ from dspark_jax.drafts.dspark import REMAT_POLICIES
 from dspark_jax.train.anchors import sample_anchors
 from dspark_jax.train.eagle3_loss import eagle3_loss
 from dspark_jax.train.loss import dspark_loss
-from dspark_jax.train.mesh import LogicalRules, sharding_fn
+from dspark_jax.sharding import LogicalRules, sharding_fn
 from dspark_jax.train.schedule import optimizer_update_count
 
 BATCH_AXES: tuple[str, ...] = ("data", "fsdp")

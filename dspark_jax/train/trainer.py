@@ -197,7 +197,7 @@ class Trainer:
         self.echo = echo or (print if self.is_main else (lambda *_: None))
         self.out_dir = os.path.abspath(cfg.output_dir)
         os.makedirs(self.out_dir, exist_ok=True)
-        from dspark_jax.train.mesh import make_mesh
+        from dspark_jax.sharding import make_mesh
 
         try:
             self.mesh = make_mesh(cfg.mesh.shape(), devices=devices)
@@ -213,7 +213,7 @@ class Trainer:
 
     # ---- assembly ---------------------------------------------------------------------------------------
     def _build_target(self):
-        from dspark_jax.train.mesh import sharding_fn
+        from dspark_jax.sharding import sharding_fn
 
         t = self.cfg.target
         dtype = "float32" if self.cfg.optim.precision == "fp32" and t.dtype == "float32" else t.dtype

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import dspark_jax as dj
-from dspark_jax.train.mesh import LogicalRules, make_mesh, sharding_fn
+from dspark_jax.sharding import LogicalRules, make_mesh, sharding_fn
 
 torch = pytest.importorskip("torch", reason="torch (test extra) runs the transformers reference models")
 

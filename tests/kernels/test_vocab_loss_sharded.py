@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dspark_jax.train.mesh import make_mesh
+from dspark_jax.sharding import make_mesh
 
 vl = importlib.import_module("dspark_jax.kernels.vocab_loss")
 
@@ -48,7 +48,7 @@ def make_inputs(seed=0):
 
 def place(mesh, x, ids, wce, wl1, weights):
     """Rows over (data, fsdp); weights replicated, or as the trainer's rules put them (vocab -> tensor,
-    embed -> fsdp: see train/mesh.py DEFAULT_RULES)."""
+    embed -> fsdp: see sharding.py DEFAULT_RULES)."""
     rows = NamedSharding(mesh, P(ROWS))
     wspec = {"replicated": P(), "fsdp": P("tensor", "fsdp")}[weights]
     put = lambda a, s: jax.device_put(a, s)  # noqa: E731

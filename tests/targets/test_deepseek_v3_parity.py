@@ -416,7 +416,7 @@ def test_expert_parallel_forward_equals_unsharded(ds_pairs):
     split over data): logits equal the single-device model's, and greedy decoding through the latent cache too."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from dspark_jax.train.mesh import make_mesh, sharding_fn
+    from dspark_jax.sharding import make_mesh, sharding_fn
 
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (tests/conftest.py forces 8 fake CPU devices)")

@@ -585,7 +585,7 @@ def test_row_positions_follow_the_mesh():
     their batches, stacked in process order, are the one-process batch itself -- not a permutation of it."""
     import jax
 
-    from dspark_jax.train.mesh import make_mesh
+    from dspark_jax.sharding import make_mesh
     from dspark_jax.train.step import process_batch_rows
 
     np.testing.assert_array_equal(process_batch_rows(make_mesh({"data": 2, "fsdp": 4}), 16), np.arange(16))

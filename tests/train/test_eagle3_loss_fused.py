@@ -214,7 +214,7 @@ def test_eagle3_loss_sharded_batch(small_tiles):
     path runs per shard (no activation gather) and equals the unsharded XLA path."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (tests/conftest.py fakes 8 CPU devices)")
-    from dspark_jax.train.mesh import make_mesh
+    from dspark_jax.sharding import make_mesh
 
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     out = synthetic_outputs(seed=4)

@@ -1,4 +1,5 @@
-"""Device meshes and logical-axis sharding rules.
+"""Device meshes and logical-axis sharding rules, for every use of a mesh: loading a target onto devices
+(``load_target(sharding=...)``), generation on a sharded target, and training.
 
 Parameters carry logical axis names as nnx metadata ``logical_axes`` (``embed``, ``heads``, ``kv_heads``, ``mlp``,
 ``vocab``, ``experts``, ``norm``; see ``nn/linear.py``, ``nn/moe.py``, ``nn/norm.py``). :class:`LogicalRules` maps
