@@ -16,7 +16,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.kernels import _dispatch
+from dspark_jax.kernels import _dispatch, block_attention_pallas
+from dspark_jax.kernels.attention_xla import attention_reference, queries_as_rows, rows_as_heads
 
 
 @jax.tree_util.register_dataclass
@@ -66,7 +67,6 @@ def dspark_block_attention_reference(q, k, v, anchors, block_keep, scale, *, blo
     """Dense-mask reference. q ``[B, N*Bs, nh, hd]``; k, v ``[B, S + N*Bs, nkv, hd]`` (context keys first, then
     the block keys in query order); anchors, block_keep (, ctx_start) ``[B, N]``. Returns ``[B, N*Bs, nh, hd]`` in
     q's dtype."""
-    from dspark_jax.kernels.attention import attention_reference
     _check(q, k, v, anchors, block_keep, block_size)
     mask = block_mask(anchors.astype(jnp.int32), block_keep, k.shape[1] - q.shape[1], block_size, ctx_start)
     return attention_reference(q, k, v, mask, scale)
@@ -86,8 +86,6 @@ def dspark_block_attention_split(q, k_ctx, v_ctx, k_blk, v_blk, anchors, block_k
     order); anchors, block_keep ``[B, N]``; ctx_start ``[B, N]`` or None (packed rows: each block's first
     visible context key). Returns ``[B, N*Bs, nh, hd]`` in q's dtype (0 for dropped blocks).
     """
-    from dspark_jax.kernels.attention import queries_as_rows, rows_as_heads
-
     b, nq, nh, hd = q.shape
     s, nkv = k_ctx.shape[1], k_ctx.shape[2]
     n, g, bs = anchors.shape[1], nh // nkv, block_size
@@ -137,7 +135,6 @@ def dspark_block_attention(q, k, v, anchors, block_keep, scale, *, block_size: i
         return dspark_block_attention_split(q, k[:, :c], v[:, :c], k[:, c:], v[:, c:], anchors, block_keep, scale,
                                             block_size=block_size, ctx_start=ctx_start)
     _check(q, k, v, anchors, block_keep, block_size)
-    from dspark_jax.kernels import block_attention_pallas
     return block_attention_pallas.block_attention_pallas(q, k, v, anchors.astype(jnp.int32), block_keep.astype(bool),
                                                          scale, block_size=block_size, target=target,
                                                          block_q=block_q, block_k=block_k, ctx_start=ctx_start)

@@ -26,10 +26,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+from jax.sharding import NamedSharding, PartitionSpec
 
 NEG = -1e30  # finite "minus infinity": keeps fully-masked rows NaN-free
 
@@ -186,7 +191,6 @@ def _tpu_dkv_kernel(qtiles, qcounts, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
 
 
 def _tpu_call(kernel, c, grid, in_specs, out_specs, out_shape, scratch, tables, args):
-    from jax.experimental.pallas import tpu as pltpu
     return pl.pallas_call(
         functools.partial(kernel, c=c),
         grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=2, grid=grid, in_specs=in_specs,
@@ -211,7 +215,6 @@ def _tpu_specs(c, hd):
 
 def _tpu_fwd(c, qp, kp, vp, info, tabs):
     tabs = {name: x.reshape(-1) for name, x in tabs.items()}
-    from jax.experimental.pallas import tpu as pltpu
     b, nkv, nrows, hd = qp.shape
     qspec, vecspec, kspec, ispec = _tpu_specs(c, hd)
     return _tpu_call(
@@ -224,7 +227,6 @@ def _tpu_fwd(c, qp, kp, vp, info, tabs):
 
 def _tpu_bwd(c, qp, kp, vp, do, lse, delta, info, tabs):
     tabs = {name: x.reshape(-1) for name, x in tabs.items()}
-    from jax.experimental.pallas import tpu as pltpu
     b, nkv, nrows, hd = qp.shape
     qspec, vecspec, kspec, ispec = _tpu_specs(c, hd)
     dq = _tpu_call(
@@ -307,7 +309,6 @@ def _gpu_dkv_kernel(qtiles, qcounts, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
 
 
 def _gpu_call(kernel, c, grid, out_shape, args):
-    from jax.experimental.pallas import triton as pltriton
     return pl.pallas_call(
         functools.partial(kernel, c=c), grid=grid, out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=8 if c.rows * c.tk >= 128 * 64 else 4, num_stages=2),
@@ -347,10 +348,6 @@ def _sharded(fn, rule: str):
     (batch) and ``h`` (kv heads) follow the first operand's sharding where it divides them; all else replicated."""
     if not _PARTITION:
         return fn
-    import math
-
-    from jax.experimental.custom_partitioning import custom_partitioning
-    from jax.sharding import NamedSharding, PartitionSpec
 
     ins, outs = ([f.split() for f in side.split(",")] for side in rule.split("->"))
 

@@ -20,8 +20,11 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 from dspark_jax.kernels.block_attention_pallas import NEG, _finalize, _fwd_step
+from dspark_jax.kernels.ragged_attention_xla import ragged_attention_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +86,6 @@ def _tpu_kernel(item_row, item_lo, item_n, q_ref, k_ref, v_ref, info_ref, o_ref,
 
 
 def _tpu_call(c, qi, kc, vc, info, item_row, item_lo, item_n):
-    from jax.experimental.pallas import tpu as pltpu
     ni = qi.shape[0]
 
     def kv_map(i, s, row, lo, n):
@@ -108,7 +110,6 @@ def _tpu_call(c, qi, kc, vc, info, item_row, item_lo, item_n):
 # GPU driver.
 # ---------------------------------------------------------------------------------------------------------
 def _gpu_kernel(item_row, item_lo, item_n, q_ref, k_ref, v_ref, info_ref, o_ref, *, c):
-    from jax.experimental.pallas import triton as pltriton
     i, h = pl.program_id(0), pl.program_id(1)
     q = q_ref[i, h]
     ks, kl = info_ref[i, :, pl.ds(0, 1)], info_ref[i, :, pl.ds(1, 1)]
@@ -130,7 +131,6 @@ def _gpu_kernel(item_row, item_lo, item_n, q_ref, k_ref, v_ref, info_ref, o_ref,
 
 
 def _gpu_call(c, qi, kc, vc, info, item_row, item_lo, item_n):
-    from jax.experimental.pallas import triton as pltriton
     return pl.pallas_call(
         functools.partial(_gpu_kernel, c=c), grid=(qi.shape[0], c.nkv),
         out_shape=jax.ShapeDtypeStruct(qi.shape, qi.dtype),
@@ -205,7 +205,6 @@ def _ragged_fwd(q, k_cache, v_cache, row, kv_start, kv_len, scale, target, block
 
 
 def _ragged_bwd(scale, target, block_t, block_k, res, g):
-    from dspark_jax.kernels.ragged_attention import ragged_attention_reference
     q, k_cache, v_cache, row, kv_start, kv_len = res
     _, vjp = jax.vjp(lambda q, k, v: ragged_attention_reference(q, k, v, row, kv_len, scale, kv_start=kv_start),
                      q, k_cache, v_cache)
@@ -218,6 +217,6 @@ _ragged.defvjp(_ragged_fwd, _ragged_bwd)
 def ragged_attention_pallas(q, k_cache, v_cache, row, kv_start, kv_len, scale, *, target: str,
                             block_t: int | None = None, block_k: int | None = None):
     """Pallas ragged attention (``target`` from :func:`dspark_jax.kernels._dispatch.resolve`); the contract is
-    :func:`dspark_jax.kernels.ragged_attention.ragged_attention_reference`. Differentiable: the backward pass is
+    :func:`dspark_jax.kernels.ragged_attention_xla.ragged_attention_reference`. Differentiable: the backward pass is
     the reference's (verification and decoding do not train)."""
     return _ragged(q, k_cache, v_cache, row, kv_start, kv_len, scale, target, block_t, block_k)

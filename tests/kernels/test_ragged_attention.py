@@ -76,7 +76,7 @@ def test_reference_matches_dense_attention_causal_verify():
 
 
 def test_reference_chunked_path_and_grad(monkeypatch):
-    mod = importlib.import_module("dspark_jax.kernels.ragged_attention")
+    mod = importlib.import_module("dspark_jax.kernels.ragged_attention_xla")
     q, kc, vc, row, kv_len, _ = _case(2, 7, 2, 6, 2, 1, 4)
     args = (jnp.asarray(row), jnp.asarray(kv_len), 0.7)
     full = ragged_attention_reference(q, kc, vc, *args)
