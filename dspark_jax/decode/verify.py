@@ -47,10 +47,13 @@ def verify_block(draft_tokens: jax.Array, draft_logits: jax.Array, target_logits
       target_logits: ``[B, Bs+1, V]`` target logits at ``[anchor, t_0 .. t_{Bs-1}]``.
       proposal_lengths: ``[B]`` L per row (0..Bs): only the first L drafts are verified.
       key: a PRNG key, or ``[B]`` row keys; cfg: sampling settings shared by draft and target.
+
+    Traced under the profile name ``verify`` (``jax.named_scope``).
     """
-    if cfg.greedy:
-        return _verify_greedy(draft_tokens, target_logits, proposal_lengths)
-    return verify_block_general(draft_tokens, draft_logits, target_logits, proposal_lengths, key, cfg)
+    with jax.named_scope("verify"):
+        if cfg.greedy:
+            return _verify_greedy(draft_tokens, target_logits, proposal_lengths)
+        return verify_block_general(draft_tokens, draft_logits, target_logits, proposal_lengths, key, cfg)
 
 
 def verify_block_general(draft_tokens, draft_logits, target_logits, proposal_lengths, key,

@@ -3,6 +3,8 @@
 Target features are fused once (``ctx = hidden_norm(fc(taps))``) and injected into every layer as extra
 keys/values, projected by that layer's own k_proj/v_proj (k_norm included, no input_layernorm). Block
 queries attend, non-causally, to the context strictly before their anchor and to their own block.
+
+Profile names (``jax.named_scope``): ``qkv``, ``attention`` (cache writes and the kernel), ``o_proj``, ``mlp``.
 """
 
 from __future__ import annotations
@@ -73,35 +75,44 @@ def draft_attention(attn, q, k_blk, v_blk, k_ctx, v_ctx, mask, ctx_cache=None, c
       beyond the row's length (the next round's writes overwrite them), so the caller needs ``block_start + Q <=
       cap``.
     """
+    b, nq = q.shape[:2]
     if ctx_cache is None and isinstance(mask, kernels.DSparkBlockMask) and \
             resolve_impl(attn.attention_impl, "dspark_block_attention")[0] == "xla":
         # the two key parts where they lie: no [ctx ; block] copy forward, no pad/slice of it backward
-        o = kernels.dspark_block_attention_split(q, k_ctx, v_ctx, k_blk, v_blk, mask.anchors, mask.block_keep,
-                                                 attn.scale, block_size=mask.block_size, ctx_start=mask.ctx_start)
-        return attn.o_proj(o.reshape(*o.shape[:2], attn.num_heads * attn.head_dim)), (k_ctx, v_ctx)
+        with jax.named_scope("attention"):
+            o = kernels.dspark_block_attention_split(q, k_ctx, v_ctx, k_blk, v_blk, mask.anchors, mask.block_keep,
+                                                     attn.scale, block_size=mask.block_size, ctx_start=mask.ctx_start)
+        return _project_out(attn, o, b, nq), (k_ctx, v_ctx)
     if ctx_cache is None:
-        k = jnp.concatenate([k_ctx, k_blk.astype(k_ctx.dtype)], axis=1)
-        v = jnp.concatenate([v_ctx, v_blk.astype(v_ctx.dtype)], axis=1)
+        with jax.named_scope("attention"):
+            k = jnp.concatenate([k_ctx, k_blk.astype(k_ctx.dtype)], axis=1)
+            v = jnp.concatenate([v_ctx, v_blk.astype(v_ctx.dtype)], axis=1)
         return attn.attend(q, k, v, mask), (k_ctx, v_ctx)
-    b, nq = q.shape[:2]
     kind, _ = resolve_impl(attn.attention_impl, "ragged_attention")
-    if kind == "pallas":
-        cap = ctx_cache[0].shape[1]
-        _check_block_room(block_start, nq, cap)
-        count = block_start - cache_start
-        kc = _write_context_and_block(ctx_cache[0], k_ctx, k_blk, cache_start, count, block_start)
-        vc = _write_context_and_block(ctx_cache[1], v_ctx, v_blk, cache_start, count, block_start)
-        row = jnp.repeat(jnp.arange(b, dtype=jnp.int32), nq)
-        kv_len = jnp.repeat(block_start.astype(jnp.int32) + nq, nq)
-        o = kernels.ragged_attention(q.reshape(b * nq, *q.shape[2:]), kc, vc, row, kv_len, attn.scale,
-                                     impl=attn.attention_impl)
-    else:
-        # the old [cache ; block] concatenation copied the whole cache per layer per round: attend to the two
-        # parts where they lie instead
-        kc = write_rows(ctx_cache[0], k_ctx, cache_start)
-        vc = write_rows(ctx_cache[1], v_ctx, cache_start)
-        o = cached_block_attention_reference(q, kc, vc, block_start, k_blk, v_blk, attn.scale)
-    return attn.o_proj(o.reshape(b, nq, attn.num_heads * attn.head_dim)), (kc, vc)
+    with jax.named_scope("attention"):
+        if kind == "pallas":
+            cap = ctx_cache[0].shape[1]
+            _check_block_room(block_start, nq, cap)
+            count = block_start - cache_start
+            kc = _write_context_and_block(ctx_cache[0], k_ctx, k_blk, cache_start, count, block_start)
+            vc = _write_context_and_block(ctx_cache[1], v_ctx, v_blk, cache_start, count, block_start)
+            row = jnp.repeat(jnp.arange(b, dtype=jnp.int32), nq)
+            kv_len = jnp.repeat(block_start.astype(jnp.int32) + nq, nq)
+            o = kernels.ragged_attention(q.reshape(b * nq, *q.shape[2:]), kc, vc, row, kv_len, attn.scale,
+                                         impl=attn.attention_impl)
+        else:
+            # the old [cache ; block] concatenation copied the whole cache per layer per round: attend to the two
+            # parts where they lie instead
+            kc = write_rows(ctx_cache[0], k_ctx, cache_start)
+            vc = write_rows(ctx_cache[1], v_ctx, cache_start)
+            o = cached_block_attention_reference(q, kc, vc, block_start, k_blk, v_blk, attn.scale)
+    return _project_out(attn, o, b, nq), (kc, vc)
+
+
+def _project_out(attn, o: jax.Array, b: int, nq: int) -> jax.Array:
+    """Attention output (``[B, Q, nh, hd]`` or ``[B*Q, nh, hd]``) -> the layer's o_proj, ``[B, Q, H]``."""
+    with jax.named_scope("o_proj"):
+        return attn.o_proj(o.reshape(b, nq, attn.num_heads * attn.head_dim))
 
 
 def cached_block_attention_reference(q, k_cache, v_cache, ctx_len, k_blk, v_blk, scale):

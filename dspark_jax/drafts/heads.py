@@ -2,6 +2,8 @@
 
 Every Markov variant produces a rank-``r`` vector ``u`` per slot; the logit bias is ``u @ markov_w2.T``
 (``[.., V]``). Keeping ``u`` (not the bias) lets losses and samplers work on vocab chunks.
+
+Profile names (``jax.named_scope``): ``markov_head``, ``confidence_head``.
 """
 
 from __future__ import annotations
@@ -34,11 +36,20 @@ class MarkovHead(nnx.Module):
 
     def prev_embedding(self, prev: jax.Array) -> jax.Array:
         """``W1[prev]``: ``[...]`` ids -> ``[..., r]``."""
-        return jnp.take(self.markov_w1[...], prev, axis=0).astype(self.dtype)
+        with jax.named_scope("markov_head"):
+            return self._prev_embedding(prev)
 
     def step(self, hidden: jax.Array, prev: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
         """One slot: ``hidden [B, H]``, ``prev [B]``, ``state [B, r]`` (rnn only) -> (u ``[B, r]``, new state)."""
-        e = self.prev_embedding(prev)
+        with jax.named_scope("markov_head"):
+            return self._step(hidden, prev, state)
+
+    # the unscoped bodies: the public methods call each other's work without nesting markov_head/markov_head
+    def _prev_embedding(self, prev: jax.Array) -> jax.Array:
+        return jnp.take(self.markov_w1[...], prev, axis=0).astype(self.dtype)
+
+    def _step(self, hidden: jax.Array, prev: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
+        e = self._prev_embedding(prev)
         if self.kind == "vanilla":
             return e, state
         if self.kind == "gated":
@@ -53,24 +64,26 @@ class MarkovHead(nnx.Module):
     def teacher_forced(self, hidden: jax.Array, prev: jax.Array) -> jax.Array:
         """All slots at once with ground-truth prev tokens: ``hidden [..., Bs, H]``, ``prev [..., Bs]`` ->
         u ``[..., Bs, r]`` (the rnn recurrence is unrolled over the block axis)."""
-        if self.kind != "rnn":
-            u, _ = self.step(hidden, prev, jnp.zeros(prev.shape + (self.rank,), self.dtype))
-            return u
-        lead = prev.shape[:-1]
-        h_k = jnp.moveaxis(hidden, -2, 0)
-        p_k = jnp.moveaxis(prev, -1, 0)
+        with jax.named_scope("markov_head"):
+            if self.kind != "rnn":
+                u, _ = self._step(hidden, prev, jnp.zeros(prev.shape + (self.rank,), self.dtype))
+                return u
+            lead = prev.shape[:-1]
+            h_k = jnp.moveaxis(hidden, -2, 0)
+            p_k = jnp.moveaxis(prev, -1, 0)
 
-        def body(state, xs):
-            h, p = xs
-            u, state = self.step(h, p, state)
-            return state, u
+            def body(state, xs):
+                h, p = xs
+                u, state = self._step(h, p, state)
+                return state, u
 
-        _, us = jax.lax.scan(body, jnp.zeros(lead + (self.rank,), self.dtype), (h_k, p_k))
-        return jnp.moveaxis(us, 0, -2)
+            _, us = jax.lax.scan(body, jnp.zeros(lead + (self.rank,), self.dtype), (h_k, p_k))
+            return jnp.moveaxis(us, 0, -2)
 
     def bias(self, u: jax.Array) -> jax.Array:
         """``u [..., r]`` -> logit bias ``[..., V]``."""
-        return jnp.einsum("...r,vr->...v", u, self.markov_w2[...].astype(self.dtype))
+        with jax.named_scope("markov_head"):
+            return jnp.einsum("...r,vr->...v", u, self.markov_w2[...].astype(self.dtype))
 
 
 class ConfidenceHead(nnx.Module):
@@ -84,5 +97,6 @@ class ConfidenceHead(nnx.Module):
 
     def __call__(self, hidden: jax.Array, prev_embedding: jax.Array | None) -> jax.Array:
         """``hidden [..., H]``, ``prev_embedding [..., r]`` -> ``[...]`` fp32 logits (sigmoid = confidence)."""
-        x = hidden if not self.with_markov else jnp.concatenate([hidden, prev_embedding.astype(hidden.dtype)], -1)
-        return self.proj(x)[..., 0].astype(jnp.float32)
+        with jax.named_scope("confidence_head"):
+            x = hidden if not self.with_markov else jnp.concatenate([hidden, prev_embedding.astype(hidden.dtype)], -1)
+            return self.proj(x)[..., 0].astype(jnp.float32)

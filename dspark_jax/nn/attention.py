@@ -1,4 +1,7 @@
-"""Qwen3 grouped-query attention projections: q/k/v/o with per-head q_norm/k_norm."""
+"""Qwen3 grouped-query attention projections: q/k/v/o with per-head q_norm/k_norm.
+
+Profile names (``jax.named_scope``): ``qkv`` (projections, norms, RoPE), ``attention`` (the kernel), ``o_proj``.
+"""
 
 from __future__ import annotations
 
@@ -34,20 +37,23 @@ class Attention(nnx.Module):
 
     def queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         """``x [B, S, H]`` -> q ``[B, S, nh, hd]`` normed and rotated."""
-        q = self.q_proj(x).reshape(*x.shape[:-1], self.num_heads, self.head_dim)
-        return apply_rope(self.q_norm(q), cos, sin)
+        with jax.named_scope("qkv"):
+            q = self.q_proj(x).reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+            return apply_rope(self.q_norm(q), cos, sin)
 
     def keys_values(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``x [B, T, H]`` -> (k, v) ``[B, T, nkv, hd]``; k normed and rotated, v raw."""
         shape = (*x.shape[:-1], self.num_kv_heads, self.head_dim)
-        k = apply_rope(self.k_norm(self.k_proj(x).reshape(shape)), cos, sin)
-        v = self.v_proj(x).reshape(shape)
+        with jax.named_scope("qkv"):
+            k = apply_rope(self.k_norm(self.k_proj(x).reshape(shape)), cos, sin)
+            v = self.v_proj(x).reshape(shape)
         return k, v
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
         """Attention then o_proj: ``q [B,S,nh,hd]``, ``k/v [B,T,nkv,hd]``, ``mask [B,S,T]`` -> ``[B,S,H]``."""
-        o = kernels.attention(q, k, v, mask, self.scale, impl=self.attention_impl)
-        return self.o_proj(o.reshape(*o.shape[:2], self.num_heads * self.head_dim))
+        with jax.named_scope("attention"):
+            o = kernels.attention(q, k, v, mask, self.scale, impl=self.attention_impl)
+        return self.project_out(o)
 
     def attend_ragged(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, row: jax.Array,
                       kv_len: jax.Array, layout: tuple[jax.Array, int] | None = None) -> jax.Array:
@@ -59,7 +65,12 @@ class Attention(nnx.Module):
         instead of gathering a cache row per token, which XLA executes as a copy of ``T x C`` keys; the Pallas
         kernel reads each token's row in place and needs no layout."""
         o = ragged_attend(q, k_cache, v_cache, row, kv_len, self.scale, self.attention_impl, layout)
-        return self.o_proj(o.reshape(o.shape[0], self.num_heads * self.head_dim))
+        return self.project_out(o)
+
+    def project_out(self, o: jax.Array) -> jax.Array:
+        """Attention output ``[..., nh, hd]`` -> ``o_proj`` ``[..., H]``."""
+        with jax.named_scope("o_proj"):
+            return self.o_proj(o.reshape(*o.shape[:-2], self.num_heads * self.head_dim))
 
 
 def ragged_attend(q, k_cache, v_cache, row, kv_len, scale, impl, layout=None, kv_start=None):
@@ -67,9 +78,10 @@ def ragged_attend(q, k_cache, v_cache, row, kv_len, scale, impl, layout=None, kv
     sliding-window layers pass their window start) of each token's cache row; ``layout`` as in
     :meth:`Attention.attend_ragged` (used by the XLA implementation only)."""
     kind, _ = resolve_impl(impl, "ragged_attention")
-    if kind == "xla" and layout is not None:
-        return _ragged_via_padded(q, k_cache, v_cache, row, kv_len, layout, scale, kv_start)
-    return kernels.ragged_attention(q, k_cache, v_cache, row, kv_len, scale, kv_start=kv_start, impl=impl)
+    with jax.named_scope("attention"):
+        if kind == "xla" and layout is not None:
+            return _ragged_via_padded(q, k_cache, v_cache, row, kv_len, layout, scale, kv_start)
+        return kernels.ragged_attention(q, k_cache, v_cache, row, kv_len, scale, kv_start=kv_start, impl=impl)
 
 
 def _ragged_via_padded(q, k_cache, v_cache, row, kv_len, layout, scale, kv_start=None):

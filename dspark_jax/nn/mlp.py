@@ -1,4 +1,4 @@
-"""SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``, no biases."""
+"""SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``, no biases (profile name ``mlp``)."""
 
 from __future__ import annotations
 
@@ -20,4 +20,5 @@ class SwiGLU(nnx.Module):
         self.down_proj = mk(intermediate, hidden, ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        with jax.named_scope("mlp"):
+            return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -11,6 +11,9 @@ A ``StackedTarget`` subclass provides ``embed_tokens``, ``layers``, ``norm``, ``
 ``init_cache``; each layer provides ``layer(h, cos, sin, kv, start, mask) -> (h, (k, v))`` (``kv`` None: attend within
 the new tokens and return their raw entries; else write at ``start`` and return the updated buffers) and
 ``layer.flat_call(h, cos, sin, kv, row, pos, layout) -> (h, (k, v))``.
+
+Profile names (``jax.named_scope``): ``embed`` and ``lm_head`` here; ``qkv``, ``attention``, ``o_proj``, ``mlp``,
+``moe_router``, ``moe_experts`` in the layers (``nn/`` and the family modules).
 """
 
 from __future__ import annotations
@@ -75,9 +78,10 @@ class TargetBase(nnx.Module):
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """``[..., H]`` post-norm hidden -> ``[..., V]`` logits."""
-        if self.lm_head is None:
-            return self.embed_tokens.attend(hidden)
-        return self.lm_head(hidden)
+        with jax.named_scope("lm_head"):
+            if self.lm_head is None:
+                return self.embed_tokens.attend(hidden)
+            return self.lm_head(hidden)
 
     @staticmethod
     def _prompt_shape(input_ids: jax.Array, capacity: int, num_new: jax.Array | None):
@@ -104,7 +108,9 @@ class StackedTarget(TargetBase):
     """A causal LM that is embed -> decoder layers (one RoPE table, one causal mask) -> norm -> LM head."""
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        return self.embed_tokens(input_ids)
+        """``[...]`` token ids -> ``[..., H]`` embeddings."""
+        with jax.named_scope("embed"):
+            return self.embed_tokens(input_ids)
 
     def __call__(self, input_ids: jax.Array, cache: KVCache | None = None, *, num_new: jax.Array | None = None,
                  tap_layer_ids: Sequence[int] = (), logits_at: jax.Array | None = None,

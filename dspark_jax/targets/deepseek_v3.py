@@ -18,6 +18,9 @@ for *selection only*, group-limited top-k (the ``topk_group`` groups whose two b
 weights = unbiased scores of the chosen experts (renormalised under ``norm_topk_prob``) times
 ``routed_scaling_factor``; routed experts as grouped matmuls over tokens sorted by expert (as Qwen3-MoE), plus the
 shared experts on every token.
+
+Profile names (``jax.named_scope``): ``qkv`` (query, latent and up-projections, absorbed queries), ``attention``,
+``o_proj`` (W_uv included), ``moe_router``, ``moe_experts``, ``moe_shared``; ``mlp`` for dense layers.
 """
 
 from __future__ import annotations
@@ -78,17 +81,19 @@ class MLAttention(nnx.Module):
 
     def queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``x [B, S, H]`` -> (q_nope ``[B, S, nh, nope]``, q_pe ``[B, S, nh, rope]`` rotated)."""
-        q = self.q_proj(x) if self.q_proj is not None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.reshape(*x.shape[:-1], self.num_heads, self.nope + self.rope_dim)
-        return q[..., :self.nope], self._rotate(q[..., self.nope:], cos, sin)
+        with jax.named_scope("qkv"):
+            q = self.q_proj(x) if self.q_proj is not None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = q.reshape(*x.shape[:-1], self.num_heads, self.nope + self.rope_dim)
+            return q[..., :self.nope], self._rotate(q[..., self.nope:], cos, sin)
 
     def latent(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         """``x [B, S, H]`` -> what the cache keeps, ``[B, S, 1, rank + rope]``: the normed latent, then the rotated
         shared RoPE key."""
-        kv = self.kv_a_proj_with_mqa(x)
-        c = self.kv_a_layernorm(kv[..., :self.rank])
-        k_pe = self._rotate(kv[..., self.rank:][..., None, :], cos, sin)
-        return jnp.concatenate([c[..., None, :], k_pe.astype(c.dtype)], axis=-1)
+        with jax.named_scope("qkv"):
+            kv = self.kv_a_proj_with_mqa(x)
+            c = self.kv_a_layernorm(kv[..., :self.rank])
+            k_pe = self._rotate(kv[..., self.rank:][..., None, :], cos, sin)
+            return jnp.concatenate([c[..., None, :], k_pe.astype(c.dtype)], axis=-1)
 
     def _up_weights(self) -> tuple[jax.Array, jax.Array]:
         """``kv_b_proj`` split per head: (W_uk ``[rank, nh, nope]``, W_uv ``[rank, nh, v]``)."""
@@ -99,33 +104,39 @@ class MLAttention(nnx.Module):
     def attend_expanded(self, q_nope, q_pe, latent, mask) -> jax.Array:
         """Up-projected attention: ``q_* [B, S, nh, *]``, ``latent [B, T, 1, rank + rope]``, ``mask [B, S, T]`` ->
         ``[B, S, H]``."""
-        c, k_pe = latent[..., 0, :self.rank], latent[..., :, self.rank:]
-        kv = self.kv_b_proj(c).reshape(*c.shape[:-1], self.num_heads, self.nope + self.v_dim)
-        k = jnp.concatenate([kv[..., :self.nope], jnp.broadcast_to(k_pe, (*kv.shape[:-1], self.rope_dim))], -1)
-        q = jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1)
-        o = kernels.attention(q, k.astype(q.dtype), kv[..., self.nope:], mask, self.scale, impl="xla")
-        return self.o_proj(o.reshape(*o.shape[:2], self.num_heads * self.v_dim))
+        with jax.named_scope("qkv"):
+            c, k_pe = latent[..., 0, :self.rank], latent[..., :, self.rank:]
+            kv = self.kv_b_proj(c).reshape(*c.shape[:-1], self.num_heads, self.nope + self.v_dim)
+            k = jnp.concatenate([kv[..., :self.nope], jnp.broadcast_to(k_pe, (*kv.shape[:-1], self.rope_dim))], -1)
+            q = jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1)
+        with jax.named_scope("attention"):
+            o = kernels.attention(q, k.astype(q.dtype), kv[..., self.nope:], mask, self.scale, impl="xla")
+        with jax.named_scope("o_proj"):
+            return self.o_proj(o.reshape(*o.shape[:2], self.num_heads * self.v_dim))
 
     def absorbed_queries(self, q_nope, q_pe) -> jax.Array:
         """``[..., nh, nope]``, ``[..., nh, rope]`` -> queries in latent space ``[..., nh, rank + rope]``."""
-        w_uk, _ = self._up_weights()
-        q_lat = jnp.einsum("...hn,rhn->...hr", q_nope, w_uk.astype(q_nope.dtype),
-                           precision=jax.lax.Precision.HIGHEST)
-        return jnp.concatenate([q_lat, q_pe.astype(q_lat.dtype)], axis=-1)
+        with jax.named_scope("qkv"):
+            w_uk, _ = self._up_weights()
+            q_lat = jnp.einsum("...hn,rhn->...hr", q_nope, w_uk.astype(q_nope.dtype),
+                               precision=jax.lax.Precision.HIGHEST)
+            return jnp.concatenate([q_lat, q_pe.astype(q_lat.dtype)], axis=-1)
 
     def project_latent_out(self, o_latent: jax.Array) -> jax.Array:
         """Attention output in latent space ``[..., nh, rank + rope]`` -> ``[..., H]`` (W_uv, then o_proj; the RoPE
         part of the output is the value-less tail and is dropped)."""
-        _, w_uv = self._up_weights()
-        o = jnp.einsum("...hr,rhv->...hv", o_latent[..., :self.rank], w_uv.astype(o_latent.dtype),
-                       precision=jax.lax.Precision.HIGHEST)
-        return self.o_proj(o.reshape(*o.shape[:-2], self.num_heads * self.v_dim))
+        with jax.named_scope("o_proj"):
+            _, w_uv = self._up_weights()
+            o = jnp.einsum("...hr,rhv->...hv", o_latent[..., :self.rank], w_uv.astype(o_latent.dtype),
+                           precision=jax.lax.Precision.HIGHEST)
+            return self.o_proj(o.reshape(*o.shape[:-2], self.num_heads * self.v_dim))
 
     def attend_absorbed(self, q_nope, q_pe, latent, mask) -> jax.Array:
         """Absorbed attention over the latent cache (one shared key/value head; the values are the keys, whose
         RoPE tail :meth:`project_latent_out` drops): same contract as :meth:`attend_expanded`."""
         q = self.absorbed_queries(q_nope, q_pe)
-        o = kernels.attention(q, latent.astype(q.dtype), latent.astype(q.dtype), mask, self.scale, impl="xla")
+        with jax.named_scope("attention"):
+            o = kernels.attention(q, latent.astype(q.dtype), latent.astype(q.dtype), mask, self.scale, impl="xla")
         return self.project_latent_out(o)
 
     def attend_absorbed_ragged(self, q_nope, q_pe, cache, row, kv_len, layout=None) -> jax.Array:
@@ -161,19 +172,20 @@ class DeepseekMoE(nnx.Module):
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``x [T, H]`` -> (weights ``[T, k]`` fp32, expert ids ``[T, k]`` int32)."""
-        scores = jax.nn.sigmoid(self.gate(x))                                       # [T, E] fp32
-        choice = scores + self.gate.e_score_correction_bias[...].astype(jnp.float32)
-        t = x.shape[0]
-        grouped = choice.reshape(t, self.n_group, self.num_experts // self.n_group)
-        group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)               # [T, G]
-        _, best_groups = jax.lax.top_k(group_scores, self.topk_group)
-        keep = jnp.any(jax.nn.one_hot(best_groups, self.n_group, dtype=bool), axis=1)  # [T, G]
-        choice = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(t, self.num_experts)
-        _, idx = jax.lax.top_k(choice, self.top_k)
-        weights = jnp.take_along_axis(scores, idx, axis=-1)
-        if self.norm_topk_prob:
-            weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
-        return weights * self.routed_scaling_factor, idx.astype(jnp.int32)
+        with jax.named_scope("moe_router"):
+            scores = jax.nn.sigmoid(self.gate(x))                                       # [T, E] fp32
+            choice = scores + self.gate.e_score_correction_bias[...].astype(jnp.float32)
+            t = x.shape[0]
+            grouped = choice.reshape(t, self.n_group, self.num_experts // self.n_group)
+            group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)               # [T, G]
+            _, best_groups = jax.lax.top_k(group_scores, self.topk_group)
+            keep = jnp.any(jax.nn.one_hot(best_groups, self.n_group, dtype=bool), axis=1)  # [T, G]
+            choice = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(t, self.num_experts)
+            _, idx = jax.lax.top_k(choice, self.top_k)
+            weights = jnp.take_along_axis(scores, idx, axis=-1)
+            if self.norm_topk_prob:
+                weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+            return weights * self.routed_scaling_factor, idx.astype(jnp.int32)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         lead, hidden = x.shape[:-1], x.shape[-1]
@@ -182,7 +194,10 @@ class DeepseekMoE(nnx.Module):
         out = grouped_experts(tokens.astype(self.dtype), expert_ids, weights.astype(self.dtype),
                               self.gate_proj[...].astype(self.dtype), self.up_proj[...].astype(self.dtype),
                               self.down_proj[...].astype(self.dtype)).reshape(*lead, hidden)
-        return out if self.shared_experts is None else out + self.shared_experts(x)
+        if self.shared_experts is None:
+            return out
+        with jax.named_scope("moe_shared"):
+            return out + self.shared_experts(x)
 
 
 class RouterGate(nnx.Module):

@@ -14,6 +14,9 @@ What sets it apart from Qwen3, all reproduced here:
 
 The KV cache keeps every position for every layer (per-layer shapes differ); sliding layers mask keys older
 than the window instead of evicting them, which keeps crop-by-length rollback exact.
+
+Profile names (``jax.named_scope``): ``embed``, ``per_layer_inputs``, ``qkv``, ``attention``, ``o_proj``, ``mlp``,
+``moe_router``, ``moe_experts``, ``lm_head`` (softcapping included).
 """
 
 from __future__ import annotations
@@ -112,30 +115,35 @@ class Gemma4Attention(nnx.Module):
 
     def queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         """``x [B, S, H]`` -> q ``[B, S, nh, hd]`` normed and rotated."""
-        q = self.q_proj(x).reshape(*x.shape[:-1], self.num_heads, self.head_dim)
-        return apply_rope(self.q_norm(q), cos, sin)
+        with jax.named_scope("qkv"):
+            q = self.q_proj(x).reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+            return apply_rope(self.q_norm(q), cos, sin)
 
     def keys_values(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``x [B, T, H]`` -> (k, v) ``[B, T, nkv, hd]``: k normed and rotated, v scale-free RMS-normed."""
         shape = (*x.shape[:-1], self.num_kv_heads, self.head_dim)
-        k_raw = self.k_proj(x).reshape(shape)
-        v_raw = k_raw if self.v_proj is None else self.v_proj(x).reshape(shape)
-        return apply_rope(self.k_norm(k_raw), cos, sin), gemma_rms_norm(v_raw, None, self.eps)
+        with jax.named_scope("qkv"):
+            k_raw = self.k_proj(x).reshape(shape)
+            v_raw = k_raw if self.v_proj is None else self.v_proj(x).reshape(shape)
+            return apply_rope(self.k_norm(k_raw), cos, sin), gemma_rms_norm(v_raw, None, self.eps)
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
         """Attention (score scale 1.0) then o_proj: ``q [B,S,nh,hd]``, ``k/v [B,T,nkv,hd]`` -> ``[B,S,H]``."""
-        return self.project_out(kernels.attention(q, k, v, mask, self.scale, impl=self.attention_impl))
+        with jax.named_scope("attention"):
+            o = kernels.attention(q, k, v, mask, self.scale, impl=self.attention_impl)
+        return self.project_out(o)
 
     def attend_ragged(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, row: jax.Array, kv_len: jax.Array,
                       kv_start: jax.Array | None = None, layout: tuple[jax.Array, int] | None = None) -> jax.Array:
         """Ragged attention then o_proj (see :meth:`dspark_jax.nn.attention.Attention.attend_ragged`): token ``t``
         of ``q [T,nh,hd]`` sees slots ``[kv_start[t], kv_len[t])`` of cache row ``row[t]`` -> ``[T, H]``."""
         o = ragged_attend(q, k_cache, v_cache, row, kv_len, self.scale, self.attention_impl, layout, kv_start)
-        return self.o_proj(o.reshape(o.shape[0], self.num_heads * self.head_dim))
+        return self.project_out(o)
 
     def project_out(self, o: jax.Array) -> jax.Array:
-        """Attention output ``[B,S,nh,hd]`` -> ``o_proj`` ``[B,S,H]``."""
-        return self.o_proj(o.reshape(*o.shape[:2], self.num_heads * self.head_dim))
+        """Attention output ``[..., nh, hd]`` (``[B,S,nh,hd]`` or ``[T,nh,hd]``) -> ``o_proj`` ``[..., H]``."""
+        with jax.named_scope("o_proj"):
+            return self.o_proj(o.reshape(*o.shape[:-2], self.num_heads * self.head_dim))
 
 
 class Gemma4MLP(nnx.Module):
@@ -149,7 +157,8 @@ class Gemma4MLP(nnx.Module):
         self.down_proj = mk(intermediate, hidden, ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        with jax.named_scope("mlp"):
+            return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Gemma4Router(nnx.Module):
@@ -166,13 +175,14 @@ class Gemma4Router(nnx.Module):
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``x [T, H]`` -> (weights ``[T, k]`` fp32, as transformers keeps them, expert ids ``[T, k]`` int32)."""
-        h = gemma_rms_norm(x, None, self.eps) * self.scale[...].astype(x.dtype) * jnp.asarray(
-            self.hidden ** -0.5, x.dtype)
-        probs = jax.nn.softmax(self.proj(h).astype(jnp.float32), axis=-1)
-        top_p, top_idx = jax.lax.top_k(probs, self.top_k)
-        top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
-        top_p = top_p * self.per_expert_scale[...].astype(jnp.float32)[top_idx]
-        return top_p, top_idx.astype(jnp.int32)
+        with jax.named_scope("moe_router"):
+            h = gemma_rms_norm(x, None, self.eps) * self.scale[...].astype(x.dtype) * jnp.asarray(
+                self.hidden ** -0.5, x.dtype)
+            probs = jax.nn.softmax(self.proj(h).astype(jnp.float32), axis=-1)
+            top_p, top_idx = jax.lax.top_k(probs, self.top_k)
+            top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+            top_p = top_p * self.per_expert_scale[...].astype(jnp.float32)[top_idx]
+            return top_p, top_idx.astype(jnp.int32)
 
 
 class Gemma4Experts(nnx.Module):
@@ -191,18 +201,19 @@ class Gemma4Experts(nnx.Module):
         """``tokens [T, H]``, ``expert_ids/weights [T, k]`` -> ``[T, H]``: grouped matmuls over token copies
         sorted by expert (``ragged_dot``), so compute follows the routed tokens, not T x E."""
         num_tokens, k = expert_ids.shape
-        gate_up = jnp.swapaxes(self.gate_up_proj[...].astype(self.dtype), 1, 2)       # [E, H, 2I]
-        down = jnp.swapaxes(self.down_proj[...].astype(self.dtype), 1, 2)             # [E, I, H]
-        flat = expert_ids.reshape(-1)
-        order = jnp.argsort(flat, stable=True)
-        sorted_tokens = jnp.take(tokens.astype(self.dtype), order // k, axis=0)
-        sizes = jnp.bincount(flat, length=gate_up.shape[0]).astype(jnp.int32)
-        gu = jax.lax.ragged_dot(sorted_tokens, gate_up, sizes)
-        h = gelu_tanh(gu[:, :self.intermediate]) * gu[:, self.intermediate:]
-        out = jax.lax.ragged_dot(h.astype(self.dtype), down, sizes)
-        per_copy = jnp.zeros_like(out).at[order].set(out).reshape(num_tokens, k, -1)
-        weighted = per_copy.astype(jnp.float32) * weights[..., None].astype(jnp.float32)
-        return jnp.sum(weighted, axis=1).astype(tokens.dtype)
+        with jax.named_scope("moe_experts"):
+            gate_up = jnp.swapaxes(self.gate_up_proj[...].astype(self.dtype), 1, 2)       # [E, H, 2I]
+            down = jnp.swapaxes(self.down_proj[...].astype(self.dtype), 1, 2)             # [E, I, H]
+            flat = expert_ids.reshape(-1)
+            order = jnp.argsort(flat, stable=True)
+            sorted_tokens = jnp.take(tokens.astype(self.dtype), order // k, axis=0)
+            sizes = jnp.bincount(flat, length=gate_up.shape[0]).astype(jnp.int32)
+            gu = jax.lax.ragged_dot(sorted_tokens, gate_up, sizes)
+            h = gelu_tanh(gu[:, :self.intermediate]) * gu[:, self.intermediate:]
+            out = jax.lax.ragged_dot(h.astype(self.dtype), down, sizes)
+            per_copy = jnp.zeros_like(out).at[order].set(out).reshape(num_tokens, k, -1)
+            weighted = per_copy.astype(jnp.float32) * weights[..., None].astype(jnp.float32)
+            return jnp.sum(weighted, axis=1).astype(tokens.dtype)
 
 
 class Gemma4DecoderLayer(nnx.Module):
@@ -336,7 +347,8 @@ class Gemma4ForCausalLM(TargetBase):
     # ---- pieces reused by drafts and decoding ------------------------------------------
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """``[B, S]`` -> ``embed_tokens(ids) * sqrt(H)`` ``[B, S, H]``."""
-        return _scaled(self.embed_tokens(input_ids), self.config.hidden_size ** 0.5, self.param_dtype)
+        with jax.named_scope("embed"):
+            return _scaled(self.embed_tokens(input_ids), self.config.hidden_size ** 0.5, self.param_dtype)
 
     def per_layer_inputs(self, input_ids: jax.Array, embeds: jax.Array) -> jax.Array | None:
         """PLE: ``[B, S, L, P]`` = (norm(proj(embeds)/sqrt(H)) + embed_per_layer(ids)*sqrt(P)) / sqrt(2)."""
@@ -344,11 +356,12 @@ class Gemma4ForCausalLM(TargetBase):
         p = c.hidden_size_per_layer_input
         if not p:
             return None
-        tok = _scaled(self.embed_tokens_per_layer(input_ids), p ** 0.5, self.param_dtype)
-        tok = tok.reshape(*input_ids.shape, c.num_hidden_layers, p)
-        proj = self.per_layer_model_projection(embeds) * jnp.asarray(c.hidden_size ** -0.5, embeds.dtype)
-        proj = self.per_layer_projection_norm(proj.reshape(*embeds.shape[:-1], c.num_hidden_layers, p))
-        return (proj + tok.astype(proj.dtype)) * jnp.asarray(2.0 ** -0.5, proj.dtype)
+        with jax.named_scope("per_layer_inputs"):
+            tok = _scaled(self.embed_tokens_per_layer(input_ids), p ** 0.5, self.param_dtype)
+            tok = tok.reshape(*input_ids.shape, c.num_hidden_layers, p)
+            proj = self.per_layer_model_projection(embeds) * jnp.asarray(c.hidden_size ** -0.5, embeds.dtype)
+            proj = self.per_layer_projection_norm(proj.reshape(*embeds.shape[:-1], c.num_hidden_layers, p))
+            return (proj + tok.astype(proj.dtype)) * jnp.asarray(2.0 ** -0.5, proj.dtype)
 
     def output_embedding(self) -> jax.Array:
         """The LM head as ``[V, H]`` (the input embedding when tied)."""
@@ -356,8 +369,9 @@ class Gemma4ForCausalLM(TargetBase):
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """``[..., H]`` post-norm hidden -> softcapped ``[..., V]`` logits."""
-        raw = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
-        return softcap(raw, self.config.final_logit_softcapping)
+        with jax.named_scope("lm_head"):
+            raw = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+            return softcap(raw, self.config.final_logit_softcapping)
 
     def rope(self, positions: jax.Array, layer_type: str = "full_attention"):
         """``positions [...]`` -> (cos, sin) ``[..., hd]`` of that layer type's head dim and RoPE."""
