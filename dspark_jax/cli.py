@@ -12,6 +12,36 @@ import json
 import os
 import sys
 
+from dspark_jax.config import ConfigError, read_config_json
+from dspark_jax.convert.formats import (
+    FORMAT_LABELS,
+    FORMATS,
+    describe,
+    export_draft,
+    format_description,
+    load_checkpoint,
+    plan_export,
+    read_checkpoint,
+)
+from dspark_jax.convert.hf import load_target
+from dspark_jax.convert.safetensors_io import CheckpointError
+from dspark_jax.decode.autoregressive import generate
+from dspark_jax.decode.profile import add_profile_parser
+from dspark_jax.decode.synthetic import add_generate_data_parser
+from dspark_jax.demo.pipeline import FULL, QUICK, Demo
+from dspark_jax.distributed import (
+    DistributedError,
+    add_distributed_args,
+    config_from_args,
+    failing_fast,
+    initialize,
+    is_initialized,
+)
+from dspark_jax.eval.calibrate import add_calibrate_parser
+from dspark_jax.eval.run import add_eval_parser
+from dspark_jax.targets.registry import config_from_hf_dict, target_config_from_json
+from dspark_jax.train.cli import add_train_parsers
+
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt (default 64)")
@@ -43,8 +73,6 @@ def _write_json(path: str, obj) -> None:
 def cmd_demo(args) -> int:
     """The whole workflow on an embedded default: stdlib corpus -> tokenizer + target trained from scratch ->
     regenerated data -> DSpark / DFlash / Eagle3 drafts -> evaluation (τ, speculative vs plain tokens/s)."""
-    from dspark_jax.demo.pipeline import FULL, QUICK, Demo
-
     settings = QUICK if args.quick else FULL
     if args.target_family != settings.target_family:
         settings = dataclasses.replace(settings, target_family=args.target_family)
@@ -81,13 +109,11 @@ def _read_prompts(args) -> list:
 
 
 def cmd_generate(args) -> int:
-    import dspark_jax as dj
-
-    target = dj.load_target(args.target, dtype=args.dtype)
+    target = load_target(args.target, dtype=args.dtype)
     prompts = _read_prompts(args)
-    out = dj.generate(target, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, stop_token_ids=_stop_ids(args.stop_token_ids),
-                      seed=args.seed)
+    out = generate(target, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, stop_token_ids=_stop_ids(args.stop_token_ids),
+                   seed=args.seed)
     rows = out.token_lists()
     for i, toks in enumerate(rows):
         text = f" {out.texts[i]!r}" if out.texts else ""
@@ -116,11 +142,6 @@ def _read_vocab_file(path: str) -> list[int]:
 def cmd_convert_draft(args) -> int:
     """Converts a draft checkpoint between formats. The input format is detected from config.json; what the
     output format cannot represent is refused with the reason (pruning only with --draft-vocab)."""
-    from dspark_jax.config import ConfigError
-    from dspark_jax.convert.formats import (FORMAT_LABELS, export_draft, load_checkpoint, plan_export,
-                                            read_checkpoint)
-    from dspark_jax.convert.safetensors_io import CheckpointError
-
     src, dst = os.path.abspath(args.input), os.path.abspath(args.output)
     if src == dst:
         raise SystemExit("error: OUT must differ from IN")
@@ -146,11 +167,6 @@ def cmd_convert_draft(args) -> int:
 
 def cmd_inspect(args) -> int:
     """Prints what a draft checkpoint is: format, algorithm, conventions, shapes, which target it fits."""
-    from dspark_jax.config import ConfigError, read_config_json
-    from dspark_jax.convert.formats import describe, format_description, read_checkpoint
-    from dspark_jax.convert.safetensors_io import CheckpointError
-    from dspark_jax.targets.registry import config_from_hf_dict, target_config_from_json
-
     try:
         tcfg = target_config_from_json(args.target) if args.target else None
         ck = read_checkpoint(args.dir, target=tcfg)
@@ -174,8 +190,6 @@ def cmd_inspect(args) -> int:
 
 
 def add_format_parsers(sub) -> None:
-    from dspark_jax.convert.formats import FORMATS
-
     p = sub.add_parser("convert", help="convert checkpoints between formats", description="Checkpoint conversion.")
     csub = p.add_subparsers(dest="what", required=True)
     c = csub.add_parser("draft", help="convert a draft (DeepSpec / SpecForge / speculators / z-lab)",
@@ -229,21 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
-    from dspark_jax.decode.synthetic import add_generate_data_parser
-    from dspark_jax.eval.run import add_eval_parser
-
-    from dspark_jax.train.cli import add_train_parsers
-
     add_eval_parser(sub)            # dspark eval: acceptance metrics + speculative vs plain tokens/s
     add_generate_data_parser(sub)   # dspark generate-data: regenerate training conversations with the target
     add_train_parsers(sub)          # dspark train, dspark prepare-cache
-    from dspark_jax.decode.calibrate import add_calibrate_parser
-    from dspark_jax.decode.profile import add_profile_parser
 
     add_calibrate_parser(sub)       # dspark calibrate: STS temperatures for the draft's confidence head
     add_profile_parser(sub)         # dspark profile: SPS(B) table for the prefix scheduler
     add_format_parsers(sub)         # dspark convert draft, dspark inspect: draft checkpoint formats
-    from dspark_jax.distributed import add_distributed_args
 
     for name in JOINS_FROM_FLAGS:
         add_distributed_args(sub.choices[name])
@@ -297,8 +303,6 @@ def error_message(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dspark_jax.distributed import DistributedError, config_from_args, failing_fast, initialize, is_initialized
-
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("DSPARK_DEBUG", "") not in ("", "0")
     if args.command in JOINS_FROM_FLAGS:

@@ -30,7 +30,11 @@ import os
 import socket
 import sys
 import time
+import traceback
 from typing import Mapping
+
+import jax
+from jax.experimental import multihost_utils
 
 ENV_VARS = {"coordinator_address": ("DSPARK_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"),
             "num_processes": ("DSPARK_NUM_PROCESSES",), "process_id": ("DSPARK_PROCESS_ID",)}
@@ -164,7 +168,6 @@ def initialize(config: DistributedConfig, *, environ: Mapping[str, str] | None =
     cfg = config.resolved(environ)
     if not cfg.enabled:
         return cfg
-    import jax
 
     if is_initialized():
         n, i = jax.process_count(), jax.process_index()
@@ -215,29 +218,20 @@ def _stderr(msg: str) -> None:
 
 def is_main_process() -> bool:
     """Process 0: the one that writes shared outputs."""
-    import jax
-
     return jax.process_index() == 0
 
 
 def barrier(name: str) -> None:
     """Every process waits here until all have arrived (no-op with one process). Put one wherever one process
     writes a file another reads."""
-    import jax
-
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
 def broadcast_from_main(value):
     """Process 0's ``value`` (a numpy-able pytree) on every process, so all take the same branch."""
-    import jax
-
     if jax.process_count() == 1:
         return value
-    from jax.experimental import multihost_utils
 
     return multihost_utils.broadcast_one_to_all(value)
 
@@ -254,10 +248,6 @@ def failing_fast():
     except BaseException as e:  # noqa: BLE001 -- re-raised unless it must end the process
         if isinstance(e, SystemExit) and e.code in (0, None) or not is_initialized():
             raise
-        import traceback
-
-        import jax
-
         code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
         if isinstance(e, SystemExit):
             print(e.code if not isinstance(e.code, int) else "", file=sys.stderr)

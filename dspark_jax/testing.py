@@ -106,8 +106,8 @@ def build_chat_tokenizer(corpus: list[str], size: int, template: str = QWEN_STYL
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=size - 24 - len(reserved), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=size - 24 - len(reserved),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     backend.train_from_iterator(list(corpus) * 4, trainer=trainer)
     backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
                                 for t in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]])

@@ -19,12 +19,17 @@ import numpy as np
 from flax import nnx
 
 from dspark_jax.config import read_config_json
-from dspark_jax.convert.keymap import dtype_name, export_tensors, fill_state, read_state, resolve_dtype
+from dspark_jax.convert.keymap import (
+    dtype_name,
+    export_tensors,
+    fill_state,
+    read_state,
+    resolve_dtype,
+)
 from dspark_jax.convert.names import DEEPSPEC_DSPARK_RULES, KeyRule, with_choices
 from dspark_jax.convert.safetensors_io import checkpoint_files, save_shards
-from dspark_jax.drafts.config import GEMMA4_DSPARK_ARCH, GEMMA4_EAGLE3_ARCH
+from dspark_jax.drafts.config import GEMMA4_DSPARK_ARCH, GEMMA4_EAGLE3_ARCH, DraftConfig
 from dspark_jax.drafts.gemma4 import Gemma4DSparkDraft, Gemma4Eagle3Draft
-from dspark_jax.drafts.gemma4_config import gemma4_draft_config_from_hf, gemma4_draft_config_to_hf
 from dspark_jax.drafts.temperatures import attach_saved_temperatures, save_temperatures
 
 # a draft layer's sandwich norms (Eagle3's hidden_norm has a rule of its own)
@@ -60,7 +65,7 @@ GEMMA4_DRAFT_MODULES = {GEMMA4_DSPARK_ARCH: (Gemma4DSparkDraft, GEMMA4_DRAFT_RUL
 def load_gemma4_draft(path: str | os.PathLike, dtype=None, *, sharding=None, attention_impl: str = "auto"):
     """Loads a DeepSpec ``Gemma4DSparkModel`` directory (strict: every key and shape checked)."""
     d, where = read_config_json(path)
-    cfg = gemma4_draft_config_from_hf(d, where)
+    cfg = DraftConfig.from_hf_dict(d, where)
     cls, rules = GEMMA4_DRAFT_MODULES[cfg.architecture]
     dt = resolve_dtype(dtype if dtype is not None else cfg.dtype)
     abstract = nnx.eval_shape(lambda: cls(cfg, dtype=dt, attention_impl=attention_impl))
@@ -79,7 +84,7 @@ def save_gemma4_draft(draft, path: str | os.PathLike, *, max_shard_bytes: int = 
     """Writes ``config.json`` + ``model.safetensors`` with DeepSpec's Gemma4 key set (see module doc)."""
     path = os.fspath(path)
     out_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else draft.dtype))
-    cfg = gemma4_draft_config_to_hf(draft.config)
+    cfg = draft.config.to_hf_dict()
     tensors = {k: (v if v.dtype == out_dtype else v.astype(out_dtype)) for k, v in gemma4_draft_tensors(draft).items()}
     save_shards(tensors, path, max_shard_bytes=max_shard_bytes)
     cfg["dtype"] = dtype_name(out_dtype)

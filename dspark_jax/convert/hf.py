@@ -21,7 +21,6 @@ from dspark_jax.convert.safetensors_io import CheckpointError, checkpoint_files,
 from dspark_jax.targets.qwen3 import Qwen3ForCausalLM
 from dspark_jax.targets.registry import family_of, family_of_model
 
-
 # ---- load -------------------------------------------------------------------------------------
 
 def load_target(path: str | os.PathLike, dtype="float32", *, sharding: ShardingFn | None = None,

@@ -6,6 +6,7 @@ import json
 import os
 from typing import Iterator, Mapping
 
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
@@ -75,12 +76,11 @@ class TensorHandle:
                 return _read_raw(self.path, self.key)
             return self._handle.get_tensor(self.key)
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{self.path}: cannot read tensor {self.key!r} (truncated or corrupt?): {e}") from None
+            raise CheckpointError(f"{self.path}: cannot read tensor {self.key!r} (truncated or corrupt?): "
+                                  f"{e}") from None
 
 
 def _raw_dtypes() -> dict:
-    import ml_dtypes
-
     return {"F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2)}
 
 

@@ -19,19 +19,25 @@ survival (``k < m``), ``valid [M, Bs]`` (position proposed, ``k < L``, in a non-
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
-import time
 from typing import Any, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from dspark_jax.decode.metrics import accepted_drafts_from_outcome
+from dspark_jax.decode.speculative import spec_slot_engine
 from dspark_jax.drafts.temperatures import (  # noqa: F401  (part of this module's API, as before)
-    TEMPERATURES_FILE, attach_saved_temperatures, attach_temperatures, check_temperatures, load_temperatures,
-    save_temperatures)
+    TEMPERATURES_FILE,
+    attach_saved_temperatures,
+    attach_temperatures,
+    check_temperatures,
+    load_temperatures,
+    resolve_temperatures,
+    save_temperatures,
+)
 
 ECE_BINS = 20   # spec §4.7
 
@@ -220,21 +226,6 @@ def reliability_diagram(z, labels, valid, temperatures, path: str, positions: Se
     return path
 
 
-def resolve_temperatures(calibration, draft) -> tuple[float, ...] | None:
-    """``speculative_generate``'s ``calibration=``: None -> the draft's attached temperatures (or none);
-    False -> none; a path -> :func:`load_temperatures`; a sequence -> those temperatures."""
-    if calibration is None:
-        temps = getattr(draft, "sts_temperatures", None)
-        return None if temps is None else tuple(temps)
-    if calibration is False:
-        return None
-    if isinstance(calibration, (str, os.PathLike)):
-        return load_temperatures(calibration)
-    if calibration is True:
-        raise ValueError("calibration=True is ambiguous: pass None (the draft's own), a path or temperatures")
-    return check_temperatures(calibration, "calibration")
-
-
 # ---- recorded rounds -> samples -----------------------------------------------------------------------------
 
 def rounds_to_samples(rounds: dict[str, np.ndarray]):
@@ -260,8 +251,6 @@ def record_rounds(target, draft, prompts: list[list[int]], *, max_new_tokens: in
     """Runs full-block speculative decoding (threshold 0, no scheduler, raw confidences) over ``prompts`` through
     a slot engine of ``batch_size`` slots (continuous batching; prompt ``i`` samples with request id ``i``) and
     returns the per-round arrays of :func:`rounds_to_samples` plus ``prompt_index [N]``, in prompt order."""
-    from dspark_jax.decode.speculative import spec_slot_engine
-
     if not draft.config.has_confidence:
         raise ValueError("calibration needs a draft with a confidence head")
     if not prompts:
@@ -274,8 +263,6 @@ def record_rounds(target, draft, prompts: list[list[int]], *, max_new_tokens: in
         engine.submit(i, p, tag=i)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(prompts), desc="calibrate", unit="prompt", file=sys.stderr)
     results = {}
     for i, res in engine.run():
@@ -353,94 +340,7 @@ def format_report(report: list[dict[str, Any]]) -> str:
 
 # ---- command line ----------------------------------------------------------------------------------------------
 
-def cmd_calibrate(args) -> int:
-    """Fits STS temperatures for a draft's confidence head on held-out prompts; saves them beside the draft."""
-    import jax
-
-    import dspark_jax as dj
-    from dspark_jax.decode.synthetic import resolve_stop_ids
-    from dspark_jax.eval import datasets as D
-
-    try:
-        names = D.resolve_names(args.data, args.datasets)
-    except D.DatasetError as e:
-        raise SystemExit(f"error: {e}") from None
-    if not names:
-        raise SystemExit(f"error: no dataset in {args.data!r}; pass --datasets")
-    target = dj.load_target(args.target, dtype=args.dtype)
-    tok = getattr(target, "tokenizer", None)
-    if tok is None or not getattr(tok, "chat_template", None):
-        raise SystemExit(f"error: the target directory {args.target!r} has no tokenizer with a chat template")
-    draft = dj.load_draft(args.draft, dtype=args.draft_dtype)
-    if not draft.config.has_confidence:
-        raise SystemExit("error: this draft has no confidence head; there is nothing to calibrate")
-    prompts: list[list[int]] = []
-    for name in names:
-        texts = D.load_prompts(args.data, name, args.max_samples, args.seed)
-        prompts += [D.chat_prompt_ids(tok, t) for t in texts]
-    if not prompts:
-        raise SystemExit("error: the selected datasets hold no prompts")
-    print(f"[calibrate] {len(prompts)} prompts from {', '.join(names)}; full-block decoding at temperature "
-          f"{args.temperature}, {args.max_new_tokens} new tokens")
-    t0 = time.perf_counter()
-    rounds = record_rounds(target, draft, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
-                           stop_token_ids=resolve_stop_ids(target, args.target), progress=not args.no_progress)
-    res = fit_from_rounds(rounds, holdout=args.holdout, seed=args.seed)
-    if jax.process_index() != 0:  # several processes run the same (small) job; one writes
-        return 0
-    report_dir = args.report_dir or os.path.join(args.draft, "calibration")
-    os.makedirs(report_dir, exist_ok=True)
-    np.savez_compressed(os.path.join(report_dir, "rounds.npz"), **rounds)
-    z, lab, val = rounds_to_samples(rounds)
-    png = reliability_diagram(z, lab, val, res.temperatures, os.path.join(report_dir, "reliability.png"))
-    summary = {"draft": os.path.abspath(args.draft), "target": os.path.abspath(args.target), "datasets": names,
-               "prompts": len(prompts), "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
-               "holdout": args.holdout, "fit_rounds": res.fit_rounds, "eval_rounds": res.eval_rounds,
-               "temperatures": list(res.temperatures), "positions": res.report,
-               "backend": jax.default_backend(), "seconds": time.perf_counter() - t0}
-    with open(os.path.join(report_dir, "calibration.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    print(format_report(res.report))
-    if args.no_save:
-        print("[calibrate] --no-save: temperatures not written")
-    else:
-        dest = save_temperatures(args.save_to or args.draft, res.temperatures,
-                                 {"fit_rounds": res.fit_rounds, "datasets": names})
-        print(f"[calibrate] wrote {dest} (dj.load_draft applies it)")
-    print(f"[calibrate] report: {os.path.join(report_dir, 'calibration.json')}" + (f", {png}" if png else ""))
-    return 0
-
-
-def add_calibrate_parser(sub) -> None:
-    p = sub.add_parser("calibrate", help="fit STS temperatures for the draft's confidence head",
-                       description=cmd_calibrate.__doc__)
-    p.add_argument("--target", required=True, help="HF target directory (with tokenizer and chat template)")
-    p.add_argument("--draft", required=True, help="DSpark draft directory (with a confidence head)")
-    p.add_argument("--data", required=True, help="directory of DeepSpec-format <dataset>.jsonl prompt files "
-                                                 "(held out from training)")
-    p.add_argument("--datasets", default=None, help="comma-separated names (default: DeepSpec's list, those present)")
-    p.add_argument("--max-samples", type=int, default=32, help="prompts per dataset (default 32)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0, the paper's)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="slots: prompts decoding at once, a finished one's slot taking the next (default 8)")
-    p.add_argument("--holdout", type=float, default=0.5,
-                   help="share of prompts held out to report ECE/AUC after fitting (default 0.5)")
-    p.add_argument("--seed", type=int, default=980406)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="target dtype")
-    p.add_argument("--draft-dtype", default=None, choices=["float32", "bfloat16"])
-    p.add_argument("--save-to", default=None, help="where sts_temperatures.json goes (default: the draft directory)")
-    p.add_argument("--report-dir", default=None,
-                   help="calibration.json, rounds.npz, reliability.png (default <draft>/calibration)")
-    p.add_argument("--no-save", action="store_true", help="report only; do not write the temperatures")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_calibrate)
-
-
 __all__ = ["ece", "auc", "cumulative", "fit_sts", "calibration_report", "reliability_bins", "reliability_diagram",
            "save_temperatures", "load_temperatures", "attach_temperatures", "attach_saved_temperatures",
            "resolve_temperatures", "rounds_to_samples", "record_rounds", "fit_from_rounds", "CalibrationResult",
-           "format_report", "cmd_calibrate", "add_calibrate_parser", "TEMPERATURES_FILE", "default_grid"]
+           "format_report", "TEMPERATURES_FILE", "default_grid"]

@@ -71,7 +71,8 @@ class RoundCounts:
 
 
 def accepted_drafts_from_outcome(round_outcome: np.ndarray) -> np.ndarray:
-    """``[B, rounds, K]`` per-slot accepted flags (``GenerationOutput.stats['_round_outcome']``) -> m ``[B, rounds]``."""
+    """``[B, rounds, K]`` per-slot accepted flags (``GenerationOutput.stats['_round_outcome']``) -> m
+    ``[B, rounds]``."""
     return np.asarray(round_outcome).astype(np.int64).sum(axis=-1)
 
 

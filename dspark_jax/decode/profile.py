@@ -20,6 +20,7 @@ kernels): a dip makes the break stop early. ``shape="monotone"`` (running maximu
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -27,7 +28,27 @@ import sys
 import time
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from dspark_jax.convert.deepspec import load_draft
+from dspark_jax.convert.hf import load_target
+from dspark_jax.decode.ragged import ragged_buckets
+from dspark_jax.decode.sampling import SamplingConfig, request_keys
+from dspark_jax.decode.scheduler import SchedulePolicy
+from dspark_jax.decode.spec_loop import (
+    SpecSettings,
+    draft_verify_round,
+    drafts_per_round,
+    head_for_loop,
+    init_rows,
+    loop_state,
+    plain_run,
+)
+from dspark_jax.nn.static_graph import split_static
 
 
 def default_token_counts(max_tokens: int) -> list[int]:
@@ -48,10 +69,6 @@ def measure_sps(target, token_counts: Sequence[int], *, context: int = 128, warm
                 seed: int = 0, progress: bool = False, log=None) -> list[dict[str, Any]]:
     """Times one verify step per B in ``token_counts``. Returns ``[{tokens, seconds (median), seconds_all,
     sps, compile_seconds}]`` in the order given."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
     counts = [int(b) for b in token_counts]
     if not counts or min(counts) < 1:
         raise ValueError(f"token counts must be >= 1, got {list(token_counts)}")
@@ -72,8 +89,6 @@ def measure_sps(target, token_counts: Sequence[int], *, context: int = 128, warm
     results = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(counts), desc="profile", unit="B", file=sys.stderr)
     for b in counts:
         cache = target.init_cache(b, context + 8)
@@ -153,8 +168,6 @@ def sps_table(measured: Sequence[dict[str, Any]], bmax: int | None = None, shape
 def profile_target(target, token_counts: Sequence[int], *, context: int = 128, warmup: int = 2, repeats: int = 5,
                    seed: int = 0, progress: bool = False, log=None) -> dict[str, Any]:
     """Measures and returns the JSON-ready profile (measured points, monotone and raw tables, device)."""
-    import jax
-
     measured = measure_sps(target, token_counts, context=context, warmup=warmup, repeats=repeats, seed=seed,
                            progress=progress, log=log)
     cfg = target.config
@@ -198,20 +211,9 @@ def profile_rounds(target, draft, batch: int, *, context: int = 128, warmup: int
     padded forward runs, so no round verifies slower than padded at the same lengths. ``sps_table`` (rounds per
     second by verified tokens B, anchors included) is the lower convex hull of the plan's step times (see
     :func:`sps_table`); ``plain_sps`` is plain steps per second. Returns the JSON-ready profile."""
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-
-    from dspark_jax.decode.ragged import ragged_buckets
-    from dspark_jax.decode.sampling import SamplingConfig, request_keys
-    from dspark_jax.decode.scheduler import SchedulePolicy
-    from dspark_jax.decode.spec_loop import (SpecSettings, draft_verify_round, drafts_per_round, head_for_loop,
-                                             init_rows, loop_state, plain_run)
-    from dspark_jax.nn.static_graph import split_static
-
-    if draft.config.is_eagle3:
-        raise ValueError("a round profile needs a DSpark / DFlash draft (the schedulers need a confidence head)")
+    if not draft.supports_plain_runs:
+        raise ValueError(f"a round profile needs a DSpark / DFlash draft (the schedulers drive block drafts), got "
+                         f"{type(draft).__name__}")
     if batch < 1 or context < 1 or rounds < 1 or warmup < 0 or repeats < 1:
         raise ValueError("batch, context, rounds and repeats must be >= 1 and warmup >= 0")
     bs = drafts_per_round(draft.config)
@@ -357,8 +359,6 @@ def plot_profile(profile: dict[str, Any], path: str, log=print) -> str | None:
 def cmd_profile(args) -> int:
     """Measures what the schedulers need: with --draft, whole decode rounds of the engine (--batch rows) per
     verified-token count and the plain step; without, the target's verify steps/second SPS(B) alone."""
-    import dspark_jax as dj
-
     if args.tokens:
         try:
             counts = sorted({int(t) for t in args.tokens.split(",") if t.strip()})
@@ -366,10 +366,10 @@ def cmd_profile(args) -> int:
             raise SystemExit(f"error: --tokens must be comma-separated integers, got {args.tokens!r}") from None
     else:
         counts = default_token_counts(args.max_tokens)
-    target = dj.load_target(args.target, dtype=args.dtype)
+    target = load_target(args.target, dtype=args.dtype)
     try:
         if args.draft:
-            draft = dj.load_draft(args.draft, target=target)
+            draft = load_draft(args.draft, target=target)
             prof = profile_rounds(target, draft, args.batch, context=args.context, warmup=args.warmup,
                                   repeats=args.repeats, temperature=args.temperature, seed=args.seed, log=print)
         else:
@@ -377,7 +377,6 @@ def cmd_profile(args) -> int:
                                   seed=args.seed, progress=not args.no_progress, log=print)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    import jax
 
     if jax.process_index() != 0:  # every process measures its own devices; process 0's table is written
         return 0

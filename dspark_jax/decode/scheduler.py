@@ -46,11 +46,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 
 # ---- input checks (host side, only when the inputs are concrete) ---------------------------------------
 
@@ -447,8 +447,6 @@ def load_round_profile(path) -> dict:
     """``{sps, plain_sps, verify_buckets, batch}`` of a profile JSON. A round profile (format
     ``dspark-round-v1``) has all four; an older forward-only table (``dspark-sps-v1`` or a bare list) has
     ``plain_sps = verify_buckets = batch = None`` (no switch-off: that table does not price the draft's work)."""
-    import json
-
     with open(path, encoding="utf-8") as f:
         obj = json.load(f)
     table = obj.get("sps_table") if isinstance(obj, dict) else obj
@@ -477,5 +475,5 @@ def expected_throughput(confidences, lengths, sps, active=None) -> jax.Array:
 Scheduler = PrefixScheduler | ZeroOverheadScheduler
 
 __all__ = ["SchedulePolicy", "prefix_schedule", "zos_schedule", "zos_capacity", "top_k_lengths",
-           "cumulative_acceptance", "check_confidences", "check_sps", "PrefixScheduler", "ZeroOverheadScheduler", "load_sps",
-           "load_round_profile", "expected_throughput", "Scheduler"]
+           "cumulative_acceptance", "check_confidences", "check_sps", "PrefixScheduler", "ZeroOverheadScheduler",
+           "load_sps", "load_round_profile", "expected_throughput", "Scheduler"]

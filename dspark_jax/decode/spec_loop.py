@@ -44,53 +44,15 @@ class SpecSettings:
 
 
 def drafts_per_round(cfg) -> int:
-    return cfg.ttt_length if cfg.is_eagle3 else cfg.block_size
+    return cfg.drafts_per_round
 
 
-# ---- drafter adapters: how each draft family ingests the prompt, proposes, and absorbs a commit --------
-# DSpark/DFlash state: (cache, pending taps [B, Bs+1, Lt*H], pending count [B]); the verified rows' taps wait
-# as pending context until the next proposal consumes them. Eagle3 state: (cache, last_hidden [B, H]); the
-# committed positions are written into its cache right away, paired with the tokens that follow them.
-
-def _ingest_prompt(draft, cache, taps, ids, lengths, first):
-    if draft.config.is_eagle3:
-        nxt = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-        nxt = jnp.where(jnp.arange(ids.shape[1])[None, :] == (lengths - 1)[:, None], first[:, None], nxt)
-        cache, last = draft.extend(cache, taps, nxt, lengths)
-        return (cache, last)
-    bs = draft.config.block_size
-    _, cache = draft.block_hidden(cache, taps, lengths, first)  # the block output is unused: context only
-    return (cache, jnp.zeros((ids.shape[0], bs + 1, taps.shape[-1]), taps.dtype), jnp.zeros_like(lengths))
-
-
-def _propose(draft, dstate, anchor, key, sampling, stop_ids, head_hv=None):
-    """-> (tokens [B, L], logits [B, L, V], confidence logits or None, max usable length [B], cache after)."""
-    if draft.config.is_eagle3:
-        cache, last = dstate
-        prop = draft.propose(cache, last, key, sampling, stop_token_ids=stop_ids)
-        return prop.tokens, prop.logits, None, prop.num_proposed, prop.cache
-    cache, pend, count = dstate
-    prop = draft.propose(cache, pend, count, anchor, key, sampling, head_hv=head_hv)
-    return prop.tokens, prop.logits, prop.confidence_logits, None, prop.cache
-
-
-def _absorb_commit(draft, dstate, cache_after, verify_taps, committed, n_rows, active):
-    """The verified rows ``0..n_rows-1`` (x_start and accepted drafts) become draft context."""
-    if draft.config.is_eagle3:
-        _, last = dstate
-        new_cache, new_last = draft.extend(cache_after, verify_taps, jnp.maximum(committed, 0), n_rows, last)
-        cache = new_cache.with_lengths(jnp.where(active, new_cache.lengths, dstate[0].lengths))
-        return (cache, jnp.where(active[:, None], new_last, last))
-    cache, pend, count = dstate
-    cache = cache_after.with_lengths(jnp.where(active, cache_after.lengths, cache.lengths))
-    return (cache, jnp.where(active[:, None, None], verify_taps, pend), jnp.where(active, n_rows, count))
-
+# Each draft family implements the loop's interface (drafts/common.py): its per-row state after the prompt, a
+# round's proposal, absorbing what the round committed, its context length. The loop never asks which family.
 
 def draft_context_len(draft, dstate):
     """Draft cache length + pending rows (== start, spec §8.12)."""
-    if draft.config.is_eagle3:
-        return dstate[0].lengths, jnp.zeros_like(dstate[0].lengths)
-    return dstate[0].lengths, dstate[2]
+    return draft.context_lengths(dstate)
 
 
 def confidences(conf_logits, temperatures):
@@ -130,7 +92,8 @@ def init_rows(target, draft, ids, lengths, req_keys, settings: SpecSettings) -> 
     stop_arr = jnp.asarray(settings.stop_ids if settings.stop_ids else (-2,), jnp.int32)
     pre = prefill_target(target, ids, lengths, settings.target_capacity, tap_layer_ids=cfg.target_layer_ids)
     first = sample_rows(pre.logits[:, 0], req_keys, jnp.zeros((batch,), jnp.int32), settings.sampling)
-    dstate = _ingest_prompt(draft, draft.init_cache(batch, settings.draft_capacity), pre.taps, ids, lengths, first)
+    dstate = draft.loop_state_after_prompt(draft.init_cache(batch, settings.draft_capacity), pre.taps, ids, lengths,
+                                           first)
     out = jnp.full((batch, max_new + bs + 1), -1, jnp.int32).at[:, 0].set(first)
     n_out = jnp.ones((batch,), jnp.int32)
     stats = dict(accept=jnp.zeros((batch, max_rounds), jnp.int32), proposed=jnp.zeros((batch, max_rounds), jnp.int32),
@@ -180,9 +143,8 @@ def plain_run(target, draft, c: dict, settings: SpecSettings, steps, run_while=N
     batch, out_width = c["out"].shape
     stop_arr = jnp.asarray(settings.stop_ids if settings.stop_ids else (-2,), jnp.int32)
     rows = jnp.arange(batch)
-    d_cache, pend, count = c["dstate"]
-    width = pend.shape[1] + min(sched.off_rounds[1], settings.max_new_tokens)
-    buf = jnp.zeros((batch, width, pend.shape[2]), pend.dtype).at[:, :pend.shape[1]].set(pend)
+    buf, count = draft.plain_tap_buffer(c["dstate"], min(sched.off_rounds[1], settings.max_new_tokens))
+    width = buf.shape[1]
     keys = c["keys"]
 
     def cond(carry):
@@ -209,15 +171,13 @@ def plain_run(target, draft, c: dict, settings: SpecSettings, steps, run_while=N
     i, t_cache, anchor, out, n_out, done, row_rnd, buf, n_buf = jax.lax.while_loop(cond, body, init)
 
     def finish(c):
-        # context only (the block output is unused): the draft cache then holds every committed position but the
-        # anchor
-        _, d_cache_new = draft.block_hidden(d_cache, buf, n_buf, anchor)
+        dstate = draft.absorb_plain_run(c["dstate"], buf, n_buf, anchor)
         r0, st = c["row_rnd"], c["stats"]
         j = jnp.arange(st["accept"].shape[1])[None, :]
         ran = (j >= r0[:, None]) & (j < row_rnd[:, None])              # the rounds each row ran in this run
         stats = dict(st, accept=jnp.where(ran, 1, st["accept"]), plain=st["plain"] | ran)
         return dict(c, rnd=c["rnd"] + i, row_rnd=row_rnd, t_cache=t_cache,
-                    dstate=(d_cache_new, jnp.zeros_like(pend), jnp.zeros_like(count)), anchor=anchor, out=out,
+                    dstate=dstate, anchor=anchor, out=out,
                     n_out=n_out, done=done, stats=stats, sched=sched.after_plain(c["sched"], i))
 
     # zero steps (a speculative round follows): nothing ran, the state is unchanged
@@ -240,8 +200,8 @@ def draft_verify_round(target, draft, c: dict, settings: SpecSettings, sched_arg
     k_prop, k_ver = split_keys(_round_keys(c["keys"], c["row_rnd"]), 2)
     active = ~c["done"]
     start = c["t_cache"].lengths
-    tokens, logits, conf, usable, d_cache_after = _propose(draft, c["dstate"], c["anchor"], k_prop,
-                                                           settings.sampling, settings.stop_ids, head_hv)
+    prop = draft.propose_round(c["dstate"], c["anchor"], k_prop, settings.sampling, settings.stop_ids, head_hv)
+    tokens, logits, conf, usable = prop.tokens, prop.logits, prop.confidence_logits, prop.usable
     conf_p = confidences(conf, conf_temps)
     sched_state = c["sched"]
     if sched is not None:
@@ -284,7 +244,7 @@ def draft_verify_round(target, draft, c: dict, settings: SpecSettings, sched_arg
     t_cache = v_cache.with_lengths(jnp.where(active, start + n_commit, start))
     if sched is not None:      # the switch-off rule learns from what this round committed (past for the next)
         sched_state = sched.after_round(sched_state, n_commit, L, active, sched_args)
-    dstate = _absorb_commit(draft, c["dstate"], d_cache_after, v_taps, committed, n_commit, active)
+    dstate = draft.absorb_commit(c["dstate"], prop.cache, v_taps, committed, n_commit, active)
     r, st = c["row_rnd"], c["stats"]
     at = jnp.where(active, r, st["accept"].shape[1])                  # out of range for finished rows: dropped
     conf_rec = conf_p if conf_p is not None else jnp.zeros((batch, bs))
@@ -308,8 +268,8 @@ def loop_state(rows: dict, settings: SpecSettings, bs: int) -> dict:
 
 
 def head_for_loop(draft):
-    """DSpark / DFlash base logits are B * Bs rows per round: contract them against a [H, V] copy made once."""
-    return None if draft.config.is_eagle3 else draft.decode_head()
+    """The draft's ``[H, V]`` head for the loop's proposals, made once outside the loop body (or None)."""
+    return draft.loop_head()
 
 
 __all__ = ["SpecSettings", "drafts_per_round", "draft_context_len", "init_rows", "spec_round", "plain_run",

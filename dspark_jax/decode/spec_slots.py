@@ -19,8 +19,15 @@ import numpy as np
 
 from dspark_jax.decode.sampling import request_keys
 from dspark_jax.decode.slots import SlotEngine, bucketed_indices, take_rows
-from dspark_jax.decode.spec_loop import (SpecSettings, draft_context_len, drafts_per_round, head_for_loop, init_rows,
-                                         loop_state, spec_round)
+from dspark_jax.decode.spec_loop import (
+    SpecSettings,
+    draft_context_len,
+    drafts_per_round,
+    head_for_loop,
+    init_rows,
+    loop_state,
+    spec_round,
+)
 from dspark_jax.nn.static_graph import split_static
 
 
@@ -28,7 +35,8 @@ from dspark_jax.nn.static_graph import split_static
 class SpecResult:
     """One request's speculative decoding: new tokens ``[n]``; per round of the request, ``accept`` (m+1, or m on
     a stop), ``proposed`` (L), ``conf`` / ``conf_logits`` ``[rounds, Bs]``, ``outcome`` (accepted flags), ``plain``
-    (a plain decoding step); ``invariants``: target cache length, draft cache length, pending rows and prompt length at the end."""
+    (a plain decoding step); ``invariants``: target cache length, draft cache length, pending rows and prompt length
+    at the end."""
 
     tokens: np.ndarray
     accept: np.ndarray

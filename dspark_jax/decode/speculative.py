@@ -14,16 +14,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from dspark_jax.config import next_bucket
-from dspark_jax.decode.calibrate import resolve_temperatures
+from dspark_jax.decode.metrics import round_counts, summarize
 from dspark_jax.decode.output import GenerationOutput
 from dspark_jax.decode.prompts import check_request_ids, encode_prompts, pad_batch
 from dspark_jax.decode.ragged import ragged_buckets
 from dspark_jax.decode.sampling import SamplingConfig, request_keys
-from dspark_jax.decode.scheduler import PrefixScheduler, ZeroOverheadScheduler, check_sps
-from dspark_jax.decode.spec_loop import (SpecSettings, draft_context_len, drafts_per_round, head_for_loop, init_rows,
-                                         loop_state, spec_round)
+from dspark_jax.decode.scheduler import (
+    PrefixScheduler,
+    ZeroOverheadScheduler,
+    check_sps,
+)
+from dspark_jax.decode.spec_loop import (
+    SpecSettings,
+    draft_context_len,
+    drafts_per_round,
+    head_for_loop,
+    init_rows,
+    loop_state,
+    spec_round,
+)
 from dspark_jax.decode.spec_slots import SpecSlotEngine
-from dspark_jax.decode.metrics import round_counts, summarize
+from dspark_jax.drafts.temperatures import resolve_temperatures
 from dspark_jax.nn.static_graph import split_static
 
 

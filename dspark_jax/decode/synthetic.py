@@ -31,6 +31,20 @@ import sys
 import time
 from typing import Any, Callable
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from dspark_jax import distributed
+from dspark_jax.config import next_bucket
+from dspark_jax.convert.deepspec import load_draft
+from dspark_jax.convert.hf import load_target
+from dspark_jax.decode.autoregressive import slot_engine
+from dspark_jax.decode.compile_timer import CompileTimer
+from dspark_jax.decode.jsonl_shards import fold_shards, shard_path
+from dspark_jax.decode.speculative import spec_slot_engine
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -366,9 +380,6 @@ def add_turn(c: Conversation, tokens, tokenizer, stop_ids: tuple[int, ...]) -> N
 
 def engine_factory(target, draft, settings: GenSettings, stop_ids: tuple[int, ...]):
     """``make(max_prompt_len, num_slots) -> SlotEngine``: plain, or speculative with ``draft``."""
-    from dspark_jax.decode.autoregressive import slot_engine
-    from dspark_jax.decode.speculative import spec_slot_engine
-
     kw = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
               top_p=settings.top_p, stop_token_ids=stop_ids, seed=settings.seed)
 
@@ -395,8 +406,6 @@ def regenerate(convs: list[Conversation], make_engine, tokenizer, *, num_slots: 
     turns; one that outgrows the engine waits, no new conversation starts, and once the engine has drained it is
     rebuilt for the larger bucket (at most log2(limit) rebuilds, each one compile). A failing engine call fails
     only the requests that cannot run alone: those in flight are retried one by one on a 1-slot engine."""
-    from dspark_jax.config import next_bucket
-
     todo = collections.deque(convs)
     deferred: list[tuple[Conversation, list[int]]] = []   # prompts waiting for a larger engine
     outstanding: dict[int, tuple[Conversation, list[int]]] = {}   # submitted, not yet finished
@@ -504,10 +513,6 @@ def generate_data(target, draft, input_path: str | os.PathLike, output_path: str
     ``p`` takes conversations ``p, p + P, ...`` of those left to do. A turn samples with its own key (the seed and
     :func:`request_id`), so records are the same for any process count. The report then counts the records and
     tokens of all processes."""
-    from dspark_jax import distributed
-    from dspark_jax.decode.compile_timer import CompileTimer
-    from dspark_jax.decode.jsonl_shards import fold_shards, shard_path
-
     main = process_index == 0
     if getattr(target, "tokenizer", None) is None:
         raise ValueError("the target has no tokenizer: generate-data needs the tokenizer files and chat template "
@@ -577,9 +582,6 @@ def generate_data(target, draft, input_path: str | os.PathLike, output_path: str
 
 def _sum_over_processes(report: RunReport) -> None:
     """Makes ``report``'s per-process counts (records, tokens, seconds) the run's totals, on every process."""
-    import numpy as np
-    from jax.experimental import multihost_utils
-
     for fields, dtype in ((("success", "errors", "new_tokens"), np.int32),
                           (("seconds", "compile_seconds"), np.float32)):
         mine = np.asarray([getattr(report, f) for f in fields], dtype)
@@ -591,7 +593,6 @@ def _sum_over_processes(report: RunReport) -> None:
 def _progress(total: int, enabled: bool):
     if not enabled or total == 0:
         return None
-    from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="generate-data", unit="conv", file=sys.stderr)
 
@@ -600,23 +601,20 @@ def _progress(total: int, enabled: bool):
 
 def cmd_generate_data(args) -> int:
     """Regenerates every assistant turn of a JSONL dataset with the target (speculative with --draft)."""
-    import dspark_jax as dj
-
     if not os.path.isfile(args.input):
         raise SystemExit(f"error: --input {args.input!r} does not exist")
     try:
         check_writable(args.output)
     except OSError as e:
         raise SystemExit(f"error: {e}") from None
-    target = dj.load_target(args.target, dtype=args.dtype)
+    target = load_target(args.target, dtype=args.dtype)
     if getattr(target, "tokenizer", None) is None:
         raise SystemExit(f"error: the target directory {args.target!r} has no tokenizer; generate-data renders "
                          "conversations with its chat template")
-    draft = dj.load_draft(args.draft) if args.draft else None
+    draft = load_draft(args.draft) if args.draft else None
     settings = GenSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
                            max_prompt_tokens=args.max_prompt_tokens, refill_at=args.refill_at)
-    import jax
 
     t0 = time.perf_counter()
     try:

@@ -26,8 +26,32 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from dspark_jax.config import tiny_qwen3_config
+from dspark_jax.convert.deepspec import load_draft
+from dspark_jax.convert.hf import load_target, save_target
+from dspark_jax.decode import calibrate as C
+from dspark_jax.decode.synthetic import GenSettings, generate_data, resolve_stop_ids
+from dspark_jax.demo.corpus import build_corpus
+from dspark_jax.demo.report import write_report
+from dspark_jax.eval import datasets as D
+from dspark_jax.eval.run import EvalSettings, evaluate
+from dspark_jax.targets.deepseek_v3_config import tiny_deepseek_v3_config
+from dspark_jax.targets.registry import build_target
+from dspark_jax.testing import build_chat_tokenizer
+from dspark_jax.train.config import load_train_config
+from dspark_jax.train.data import read_jsonl
+from dspark_jax.train.pretrain import fit_target
+from dspark_jax.train.trainer import Trainer, write_cache_for_config
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 MASK_TOKEN = "<|mask|>"
@@ -149,8 +173,6 @@ class Demo:
 
     # ---- stages -----------------------------------------------------------------------------------------
     def corpus(self) -> str:
-        from dspark_jax.demo.corpus import build_corpus
-
         key = self.s.key("conversations")
         path = os.path.join(self.work, "corpus")
         if not self._done("corpus", key):
@@ -162,13 +184,6 @@ class Demo:
         return path
 
     def target(self) -> str:
-        import numpy as np
-
-        import dspark_jax as dj
-        from dspark_jax.testing import build_chat_tokenizer
-        from dspark_jax.train.data import read_jsonl
-        from dspark_jax.train.pretrain import fit_target
-
         s = self.s
         fields = ("conversations", "vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "max_length",
                   "target_steps", "target_batch", "target_lr", "seed")
@@ -186,7 +201,7 @@ class Demo:
         tok = build_chat_tokenizer(texts, s.vocab_size, reserved=(MASK_TOKEN,))
         samples, stats = read_jsonl(train, tok, "qwen", s.max_length, min_loss_tokens=1)
         cfg = _target_config(s, eos=tok.convert_tokens_to_ids("<|im_end|>"))
-        target = dj.build_target(cfg, dtype="float32", seed=s.seed)
+        target = build_target(cfg, dtype="float32", seed=s.seed)
         n_tok = int(sum(len(x["input_ids"]) for x in samples))
         self.log(f"[demo] target: {sum(int(np.prod(x.shape)) for x in _leaves(target)) / 1e6:.2f}M parameters "
                  f"(H={s.hidden_size}, {s.num_layers} layers, V={s.vocab_size}); training {s.target_steps} steps on "
@@ -194,7 +209,7 @@ class Demo:
         losses = fit_target(target, samples, steps=s.target_steps, lr=s.target_lr, batch_size=s.target_batch,
                             max_length=s.max_length, buckets=(s.max_length,), seed=s.seed, progress=self.progress,
                             compiler_options=self.compiler_options)
-        dj.save_target(target, path)
+        save_target(target, path)
         tok.save_pretrained(path)
         info = {"first_loss": losses[0], "last_loss": float(np.mean(losses[-10:])), "samples": len(samples),
                 "tokens": n_tok, "mask_token_id": tok.convert_tokens_to_ids(MASK_TOKEN)}
@@ -203,9 +218,6 @@ class Demo:
         return path
 
     def data(self) -> str:
-        import dspark_jax as dj
-        from dspark_jax.decode.synthetic import GenSettings, generate_data
-
         s = self.s
         key = s.key("regen_conversations", "regen_new_tokens", "seed") + self._stage_key("target")
         path = os.path.join(self.work, "data")
@@ -219,7 +231,7 @@ class Demo:
                 if i >= s.regen_conversations:
                     break
                 g.write(line)
-        target = dj.load_target(os.path.join(self.work, "target"))
+        target = load_target(os.path.join(self.work, "target"))
         gs = GenSettings(max_new_tokens=s.regen_new_tokens, temperature=0.7, top_k=20, top_p=0.8, seed=s.seed,
                          batch_size=s.regen_batch)
         report = generate_data(target, None, src, out, gs, target_dir=os.path.join(self.work, "target"),
@@ -236,8 +248,6 @@ class Demo:
     def draft_config(self, kind: str, cache_dir: str | None = None):
         """``kind``'s training config; ``cache_dir``: train from that offline target cache (see
         :meth:`feature_cache`) instead of running the target in every step."""
-        from dspark_jax.train.config import load_train_config
-
         s = self.s
         with open(os.path.join(self.work, "target", "stage.json")) as f:
             mask_id = json.load(f)["mask_token_id"]
@@ -273,8 +283,6 @@ class Demo:
         the target runs over the data once per tap set instead of once per training step of every draft
         (DSpark and DFlash share one; 0.15 -> 0.10 s per DSpark step on the 2-core CPU). fp32 features are
         the online step's numbers, so training from it gives the online run's losses."""
-        from dspark_jax.train.trainer import write_cache_for_config
-
         cfg = self.draft_config(kind)
         taps = tuple(cfg.draft.target_layer_ids)
         name = "cache-" + "-".join(str(t) for t in taps)
@@ -295,8 +303,6 @@ class Demo:
         return path
 
     def drafts(self, kinds=DRAFT_KINDS) -> dict[str, str]:
-        from dspark_jax.train.trainer import Trainer
-
         out = {}
         for kind in kinds:
             stage = os.path.join("drafts", kind)
@@ -339,11 +345,6 @@ class Demo:
         does not use: full-block greedy rounds are recorded, temperatures are fitted on half the prompts and
         ECE/AUC reported on the other half; ``sts_temperatures.json`` is written beside the draft (``dj.load_draft``
         applies it) with the reliability diagram and ``calibration.json`` in ``<work>/calibration``."""
-        import dspark_jax as dj
-        from dspark_jax.decode import calibrate as C
-        from dspark_jax.decode.synthetic import resolve_stop_ids
-        from dspark_jax.eval import datasets as D
-
         if "dspark" not in drafts:
             return None
         s = self.s
@@ -357,8 +358,8 @@ class Demo:
         self._fresh(stage, key)
         data_dir = self.eval_data()
         target_dir = os.path.join(self.work, "target")
-        target = dj.load_target(target_dir)
-        draft = dj.load_draft(drafts["dspark"], dtype="float32")
+        target = load_target(target_dir)
+        draft = load_draft(drafts["dspark"], dtype="float32")
         evaluated = set(D.load_prompts(data_dir, "heldout", s.eval_samples, s.seed))
         texts = [t for t in D.read_first_turns(os.path.join(data_dir, "heldout.jsonl")) if t not in evaluated]
         prompts = [D.chat_prompt_ids(target.tokenizer, t) for t in texts[:s.calib_samples]]
@@ -377,8 +378,8 @@ class Demo:
             json.dump(summary, f, indent=2)
         self._finish(stage, key, {"temperatures": list(res.temperatures)})
         for e in res.report:
-            self.log(f"[demo] position {e['position']}: T={e.get('temperature') or 0:.2f} ECE {e['ece_before'] * 100:.1f}%"
-                     f" -> {e['ece_after'] * 100:.1f}%, AUC {e['auc_before'] or 0:.3f}")
+            self.log(f"[demo] position {e['position']}: T={e.get('temperature') or 0:.2f} "
+                     f"ECE {e['ece_before'] * 100:.1f}% -> {e['ece_after'] * 100:.1f}%, AUC {e['auc_before'] or 0:.3f}")
         return summary
 
     def evaluate(self, drafts: dict[str, str]) -> dict[str, Any]:
@@ -420,7 +421,6 @@ class Demo:
         if calibration is not None:
             results["calibration"] = calibration
         results["timings"] = {**self.timings, "total": time.perf_counter() - t0}
-        from dspark_jax.demo.report import write_report
 
         paths = write_report(results, os.path.join(self.work, "eval"), log=self.log)
         self.log(f"[demo] done in {results['timings']['total']:.0f}s; results in {', '.join(paths)}")
@@ -429,9 +429,6 @@ class Demo:
 
 def _target_config(s: DemoSettings, eos: int):
     """The demo target's architecture: ``s``'s width and depth in ``s.target_family``."""
-    from dspark_jax.config import tiny_qwen3_config
-    from dspark_jax.targets.deepseek_v3_config import tiny_deepseek_v3_config
-
     common = dict(vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=3 * s.hidden_size,
                   num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads, max_position_embeddings=1024,
                   initializer_range=0.02, eos_token_id=eos)
@@ -450,14 +447,11 @@ def _evaluate_drafts(target_dir: str, data_dir: str, drafts: dict[str, str], s: 
                      batch_sizes: tuple[int, ...], progress: bool, log: Callable[[str], None]):
     """Greedy evaluation of every draft at ``batch_sizes`` on the three sets: ({kind: {"batch<b>": result}}, log
     lines)."""
-    import dspark_jax as dj
-    from dspark_jax.eval.run import EvalSettings, evaluate
-
-    target = dj.load_target(target_dir)
+    target = load_target(target_dir)
     out: dict[str, dict[str, Any]] = {}
     lines: list[str] = []
     for kind, ddir in drafts.items():
-        draft = dj.load_draft(ddir, dtype="float32")
+        draft = load_draft(ddir, dtype="float32")
         out[kind] = {}
         for b in batch_sizes:
             es = EvalSettings(max_new_tokens=s.eval_new_tokens, temperature=0.0, batch_size=b,
@@ -485,10 +479,6 @@ def _run_pinned(cores, target_dir, data_dir, drafts, s, batch_sizes, progress):
     """:func:`_evaluate_drafts` in a fresh Python process pinned to ``cores`` (it pins itself before anything
     creates JAX's CPU client, which sizes its thread pool from the affinity; a subprocess rather than
     multiprocessing, which would re-import the caller's main script, or a fork of this multithreaded one)."""
-    import subprocess
-    import sys
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="dspark-eval-") as tmp:
         args_path, out_path = os.path.join(tmp, "args.json"), os.path.join(tmp, "out.json")
         with open(args_path, "w") as f:
@@ -516,15 +506,10 @@ def _pinned_eval_main(args_path: str, out_path: str) -> None:
 
 
 def _one_device():
-    import jax
-
     return jax.devices()[:1]
 
 
 def _leaves(module):
-    import jax
-    from flax import nnx
-
     return jax.tree.leaves(nnx.state(module, nnx.Param))
 
 
@@ -532,7 +517,6 @@ __all__ = ["Demo", "DemoInterrupted", "DemoSettings", "FULL", "QUICK", "DRAFT_KI
 
 
 if __name__ == "__main__":  # the pinned batch-1 evaluation child (see _run_pinned)
-    import sys
 
     if len(sys.argv) != 5 or sys.argv[1] != "--pinned-eval":
         raise SystemExit("usage: python -m dspark_jax.demo.pipeline --pinned-eval CORES ARGS.json OUT.json (internal)")

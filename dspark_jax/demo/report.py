@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from dspark_jax.decode.calibrate import format_report
+
 PAPER_NOTE = ("Paper (Table 1, Qwen3-4B/8B/14B, T=1): τ(DSpark) > τ(DFlash) > τ(Eagle3) on every benchmark; "
               "DSpark/DFlash = 1.16-1.18 averaged over benchmarks.")
 
@@ -59,8 +61,6 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", PAPER_NOTE]
     cal = results.get("calibration")
     if cal:
-        from dspark_jax.decode.calibrate import format_report
-
         lines += ["", f"Confidence calibration of the dspark draft (STS, fitted on {cal['fit_rounds']} rounds, "
                       f"reported on {cal['eval_rounds']} rounds of other held-out prompts):", "",
                   format_report(cal["positions"])]

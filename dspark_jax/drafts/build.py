@@ -7,6 +7,18 @@ from flax import nnx
 
 from dspark_jax.drafts.config import DraftConfig
 from dspark_jax.drafts.dspark import DSparkDraft
+from dspark_jax.drafts.eagle3 import Eagle3Draft
+from dspark_jax.drafts.gemma4 import Gemma4DSparkDraft, Gemma4Eagle3Draft, bind_gemma4
+from dspark_jax.targets.gemma4_config import Gemma4Config
+
+DRAFT_CLASSES = {arch: cls for cls in (DSparkDraft, Eagle3Draft, Gemma4DSparkDraft, Gemma4Eagle3Draft)
+                 for arch in cls.architectures}
+"""A bound draft config's ``architecture`` -> the draft family's class."""
+
+
+def draft_class(config: DraftConfig):
+    """The class that builds a bound ``config``'s draft."""
+    return DRAFT_CLASSES[config.architecture]
 
 
 def build_draft(target, config: DraftConfig, *, seed: int = 0, dtype=None, param_dtype=None,
@@ -20,19 +32,8 @@ def build_draft(target, config: DraftConfig, *, seed: int = 0, dtype=None, param
     param_dtype="float32"``: the optimizer updates fp32 weights and each matmul casts them to bf16."""
     if not isinstance(config, DraftConfig):
         raise TypeError(f"config must be a DraftConfig, got {type(config).__name__}")
-    from dspark_jax.targets.gemma4_config import Gemma4Config
-
-    if isinstance(target.config, Gemma4Config):
-        from dspark_jax.drafts.gemma4 import Gemma4DSparkDraft, Gemma4Eagle3Draft, bind_gemma4
-
-        cfg = bind_gemma4(config, target.config)
-        cls = Gemma4Eagle3Draft if cfg.is_eagle3 else Gemma4DSparkDraft
-    elif (cfg := config.bind(target.config)).is_eagle3:
-        from dspark_jax.drafts.eagle3 import Eagle3Draft
-
-        cls = Eagle3Draft
-    else:
-        cls = DSparkDraft
+    cfg = bind_gemma4(config, target.config) if isinstance(target.config, Gemma4Config) else config.bind(target.config)
+    cls = draft_class(cfg)
     draft = cls(cfg, dtype=dtype or target.dtype, param_dtype=param_dtype, attention_impl=attention_impl,
                 rngs=nnx.Rngs(seed))
     embed = target.embed_tokens.embedding[...]

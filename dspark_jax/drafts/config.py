@@ -14,14 +14,20 @@ import os
 from typing import Any, Mapping
 
 from dspark_jax.config import ConfigError, TargetConfig, read_config_json
+from dspark_jax.drafts.gemma4_config import (  # noqa: F401  (the Gemma4 drafts' names, also importable from here)
+    GEMMA4_ARCHITECTURES,
+    GEMMA4_DSPARK_ARCH,
+    GEMMA4_EAGLE3_ARCH,
+    gemma4_draft_config_to_hf,
+    gemma4_draft_fields_from_hf,
+)
 
 DSPARK_ARCH = "Qwen3DSparkModel"
 EAGLE3_ARCH = "Qwen3Eagle3Model"
-# Gemma4 drafts (drafts/gemma4.py): same DSpark/DFlash semantics; arch is a Gemma4Config
-GEMMA4_DSPARK_ARCH = "Gemma4DSparkModel"
-GEMMA4_EAGLE3_ARCH = "Gemma4Eagle3Model"
-GEMMA4_ARCHITECTURES = (GEMMA4_DSPARK_ARCH, GEMMA4_EAGLE3_ARCH)
 ARCHITECTURES = (DSPARK_ARCH, EAGLE3_ARCH, *GEMMA4_ARCHITECTURES)
+# a draft config's architecture once bound to a Gemma4 target (DeepSpec names the Gemma4 drafts apart)
+GEMMA4_ARCH_OF = {DSPARK_ARCH: GEMMA4_DSPARK_ARCH, EAGLE3_ARCH: GEMMA4_EAGLE3_ARCH,
+                  GEMMA4_DSPARK_ARCH: GEMMA4_DSPARK_ARCH, GEMMA4_EAGLE3_ARCH: GEMMA4_EAGLE3_ARCH}
 MARKOV_TYPES = ("vanilla", "gated", "rnn")
 # Eagle3 layer variants (DRAFT_FORMATS §1.5 / §2.4). Both: [emb ; hidden] (2H) into q/k/v, residual on the
 # un-normalised hidden, pre-norm output fed back, logits = lm_head(norm(h)).
@@ -139,6 +145,16 @@ class DraftConfig:
         return self.architecture in (EAGLE3_ARCH, GEMMA4_EAGLE3_ARCH)
 
     @property
+    def family(self) -> str:
+        """How the draft drafts and trains: ``"eagle3"`` (chain drafting, TTT) or ``"block"`` (DSpark / DFlash)."""
+        return "eagle3" if self.is_eagle3 else "block"
+
+    @property
+    def drafts_per_round(self) -> int:
+        """Drafted tokens per round: Eagle3 chains ``ttt_length`` tokens, block drafts fill ``block_size`` slots."""
+        return self.ttt_length if self.is_eagle3 else self.block_size
+
+    @property
     def has_markov(self) -> bool:
         return not self.is_eagle3 and self.markov_rank > 0
 
@@ -194,7 +210,8 @@ class DraftConfig:
             if -1 in ids:
                 raise ConfigError(f"{where}: Eagle3 target_layer_ids may not include -1")
             if self.eagle3_variant == EAGLE3_DEEPSPEC and len(ids) != 5:
-                raise ConfigError(f"{where}: Eagle3 target_layer_ids must hold exactly 5 ids (DeepSpec), got {list(ids)}")
+                raise ConfigError(f"{where}: Eagle3 target_layer_ids must hold exactly 5 ids (DeepSpec), got "
+                                  f"{list(ids)}")
         else:
             if self.markov_rank < 0:
                 raise ConfigError(f"{where}: markov_rank must be >= 0, got {self.markov_rank}")
@@ -215,7 +232,8 @@ class DraftConfig:
             if not dv or any(b <= a for a, b in zip(dv, dv[1:])) or dv[0] < 0:
                 raise ConfigError(f"{where}: draft_vocab must be non-empty, strictly ascending target ids >= 0")
             if self.arch is not None and dv[-1] >= self.arch.vocab_size:
-                raise ConfigError(f"{where}: draft_vocab holds id {dv[-1]} outside the vocab [0, {self.arch.vocab_size})")
+                raise ConfigError(f"{where}: draft_vocab holds id {dv[-1]} outside the vocab "
+                                  f"[0, {self.arch.vocab_size})")
         if self.num_target_layers is not None and ids[-1] >= self.num_target_layers - 1:
             raise ConfigError(
                 f"{where}: target_layer_ids {list(ids)} must stay below the target's last layer "
@@ -260,9 +278,10 @@ class DraftConfig:
     def from_hf_dict(cls, d: Mapping[str, Any], where: str = "config.json") -> "DraftConfig":
         d = dict(d)
         if (d.get("architectures") or [None])[0] in GEMMA4_ARCHITECTURES:
-            from dspark_jax.drafts.gemma4_config import gemma4_draft_config_from_hf
-
-            return gemma4_draft_config_from_hf(d, where)
+            try:
+                return cls(**gemma4_draft_fields_from_hf(d, where))
+            except ConfigError as e:
+                raise ConfigError(str(e).replace("DraftConfig", where, 1)) from None
         archs = d.get("architectures") or []
         if not archs:
             raise ConfigError(f"{where}: missing 'architectures' (expected one of {ARCHITECTURES})")
@@ -282,7 +301,8 @@ class DraftConfig:
         arch = TargetConfig.from_hf_dict(arch_dict, where=where)
         known = _ARCH_KEYS | set(_DSPARK_KEYS) | set(_EAGLE3_KEYS) | {"sample_from_anchor"}
         extra = {k: v for k, v in d.items() if k not in known}
-        kw: dict[str, Any] = dict(architecture=architecture, target_layer_ids=tuple(int(i) for i in d["target_layer_ids"]),
+        kw: dict[str, Any] = dict(architecture=architecture,
+                                  target_layer_ids=tuple(int(i) for i in d["target_layer_ids"]),
                                   num_target_layers=d.get("num_target_layers"), arch=arch,
                                   num_draft_layers=arch.num_hidden_layers, extra_json=json.dumps(extra, sort_keys=True),
                                   dtype=str(d.get("dtype") or d.get("torch_dtype") or "bfloat16"))
@@ -317,8 +337,8 @@ class DraftConfig:
         if self.arch is None:
             raise ConfigError("DraftConfig.arch is unset: bind it to a target first (dj.build_draft does)")
         if self.architecture in GEMMA4_ARCHITECTURES:
-            from dspark_jax.drafts.gemma4_config import gemma4_draft_config_to_hf
-
+            if self.slot_convention != ANCHOR_FIRST or self.draft_vocab is not None:
+                raise ConfigError("a Gemma4DSparkModel config.json holds anchor-first, full-vocab drafts only")
             return gemma4_draft_config_to_hf(self)
         if self.eagle3_variant != EAGLE3_DEEPSPEC:
             raise ConfigError("a DeepSpec config.json cannot hold a Llama-style Eagle3 draft (no q_norm/k_norm; "
@@ -335,16 +355,22 @@ class DraftConfig:
         if self.num_target_layers is not None:
             d["num_target_layers"] = self.num_target_layers
         d["target_layer_ids"] = list(self.target_layer_ids)
+        d.update(self.family_fields())
+        return d
+
+    def family_fields(self) -> dict[str, Any]:
+        """The config.json keys of the draft's family, as DeepSpec names them (Eagle3: TTT; block drafts: block,
+        mask, anchors and heads)."""
         if self.is_eagle3:
-            d.update(ttt_length=self.ttt_length, step_loss_decay=self.step_loss_decay,
-                     draft_num_hidden_layers=self.num_draft_layers)
+            d: dict[str, Any] = dict(ttt_length=self.ttt_length, step_loss_decay=self.step_loss_decay,
+                                     draft_num_hidden_layers=self.num_draft_layers)
             if self.target_model_name_or_path is not None:
                 d["target_model_name_or_path"] = self.target_model_name_or_path
             return d
         if self.draft_vocab is not None:
             raise ConfigError("a DeepSpec config.json cannot hold a pruned draft vocabulary (draft_vocab); write "
                               "the draft in the speculators format (dspark convert draft --to speculators)")
-        d.update(block_size=self.num_block_slots, mask_token_id=self.mask_token_id, num_anchors=self.num_anchors,
+        d = dict(block_size=self.num_block_slots, mask_token_id=self.mask_token_id, num_anchors=self.num_anchors,
                  enable_confidence_head=self.enable_confidence_head, markov_rank=self.markov_rank)
         if self.slot_convention == BONUS_ANCHOR:
             d["sample_from_anchor"] = False

@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dspark_jax import kernels
 from dspark_jax.cache import KVCache
 from dspark_jax.decode.sampling import SamplingConfig, sample_tokens, split_keys
-from dspark_jax import kernels
 from dspark_jax.drafts.backbone import DraftLayer
-from dspark_jax.drafts.common import DraftBase
-from dspark_jax.drafts.config import DraftConfig
+from dspark_jax.drafts.common import DraftBase, RoundProposal
+from dspark_jax.drafts.config import DSPARK_ARCH, DraftConfig
 from dspark_jax.drafts.heads import ConfidenceHead, MarkovHead
 from dspark_jax.nn.frozen import Frozen
 from dspark_jax.nn.linear import linear
@@ -68,9 +68,25 @@ class Proposal:
     cache: KVCache
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockDraftState:
+    """A block draft's state in the decode loop: the verified rows' taps wait as pending context until the next
+    proposal consumes them.
+
+    cache: the draft's KV cache (context up to ``lengths``); pending ``[B, P, Lt*H]`` taps of the positions
+    ``lengths .. lengths + count - 1`` (rest padding); count ``[B]`` int32."""
+
+    cache: KVCache
+    pending: jax.Array
+    count: jax.Array
+
+
 class DSparkDraft(DraftBase):
     """DSpark / DFlash draft for a Qwen3(-MoE) target. ``config`` must be bound (``config.arch`` set)."""
 
+    architectures = (DSPARK_ARCH,)
+    supports_plain_runs = True
     # what a family variant swaps (Gemma4: its norm and its sandwich-norm layer); everything else is shared
     norm_class = RMSNorm
     layer_class = DraftLayer
@@ -79,8 +95,7 @@ class DSparkDraft(DraftBase):
                  rngs: nnx.Rngs | None = None):
         if config.arch is None:
             raise ValueError("DraftConfig.arch is unset: use dj.build_draft(target, config) or config.bind(target)")
-        if config.is_eagle3:
-            raise ValueError("DSparkDraft is for Qwen3DSparkModel configs; use Eagle3Draft")
+        self.check_architecture(config)
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         param_dtype = dtype if param_dtype is None else param_dtype
         arch = config.arch
@@ -289,6 +304,45 @@ class DSparkDraft(DraftBase):
         toks, logits, prevs = jnp.moveaxis(toks, 0, 1), jnp.moveaxis(logits, 0, 1), jnp.moveaxis(prevs, 0, 1)
         return Proposal(tokens=toks, logits=logits, confidence_logits=self.confidence(out, prevs),
                         block_hidden=out, cache=cache)
+
+    # ---- the decode loop's interface (drafts/common.py) ---------------------------------------------------
+    def loop_state_after_prompt(self, cache: KVCache, taps, ids, lengths, first) -> BlockDraftState:
+        """The prompt's taps ``[B, P, Lt*H]`` become context (the block output is unused); nothing pending."""
+        bs = self.config.block_size
+        _, cache = self.block_hidden(cache, taps, lengths, first)
+        return BlockDraftState(cache, jnp.zeros((ids.shape[0], bs + 1, taps.shape[-1]), taps.dtype),
+                               jnp.zeros_like(lengths))
+
+    def propose_round(self, state: BlockDraftState, anchor, key, sampling, stop_ids, head_hv=None) -> RoundProposal:
+        prop = self.propose(state.cache, state.pending, state.count, anchor, key, sampling, head_hv=head_hv)
+        return RoundProposal(prop.tokens, prop.logits, prop.confidence_logits, None, prop.cache)
+
+    def absorb_commit(self, state: BlockDraftState, cache_after, verify_taps, committed, n_rows,
+                      active) -> BlockDraftState:
+        """The verified rows ``0..n_rows-1`` (x_start and the accepted drafts) wait as pending context."""
+        cache = cache_after.with_lengths(jnp.where(active, cache_after.lengths, state.cache.lengths))
+        return BlockDraftState(cache, jnp.where(active[:, None, None], verify_taps, state.pending),
+                               jnp.where(active, n_rows, state.count))
+
+    def context_lengths(self, state: BlockDraftState):
+        return state.cache.lengths, state.count
+
+    def loop_head(self) -> jax.Array:
+        """The base logits are ``B * Bs`` rows per round: contract them against a ``[H, V]`` copy made once."""
+        return self.decode_head()
+
+    def plain_tap_buffer(self, state: BlockDraftState, extra: int):
+        """-> (buffer ``[B, P + extra, Lt*H]`` holding the pending taps first, their count ``[B]``): plain decoding
+        steps append their anchors' taps after them."""
+        pend = state.pending
+        buf = jnp.zeros((pend.shape[0], pend.shape[1] + extra, pend.shape[2]), pend.dtype)
+        return buf.at[:, :pend.shape[1]].set(pend), state.count
+
+    def absorb_plain_run(self, state: BlockDraftState, buffer, count, anchor) -> BlockDraftState:
+        """Ingests a plain run's buffered taps in one context pass (the block output is unused): the cache then
+        holds every committed position but the anchor."""
+        _, cache = self.block_hidden(state.cache, buffer, count, anchor)
+        return BlockDraftState(cache, jnp.zeros_like(state.pending), jnp.zeros_like(state.count))
 
 
 REMAT_POLICIES: dict[str, str] = {

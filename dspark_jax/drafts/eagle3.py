@@ -33,8 +33,8 @@ from dspark_jax import kernels
 from dspark_jax.cache import KVCache, causal_cache_mask, write_rows
 from dspark_jax.config import TargetConfig
 from dspark_jax.decode.sampling import SamplingConfig, sample_tokens, split_keys
-from dspark_jax.drafts.common import DraftBase
-from dspark_jax.drafts.config import EAGLE3_DEEPSPEC, DraftConfig
+from dspark_jax.drafts.common import DraftBase, RoundProposal
+from dspark_jax.drafts.config import EAGLE3_ARCH, EAGLE3_DEEPSPEC, DraftConfig
 from dspark_jax.nn.attention import Attention
 from dspark_jax.nn.frozen import Frozen
 from dspark_jax.nn.linear import linear
@@ -85,6 +85,17 @@ class Eagle3Proposal:
     block_hidden: jax.Array
     cache: KVCache
     num_proposed: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Eagle3State:
+    """An Eagle3 draft's state in the decode loop: committed positions are written into its cache right away,
+    paired with the tokens that follow them; last_hidden ``[B, H]`` is the pre-norm output of the last one, which
+    the next chain starts from."""
+
+    cache: KVCache
+    last_hidden: jax.Array
 
 
 class Eagle3Attention(Attention):
@@ -204,6 +215,7 @@ class Eagle3Draft(DraftBase):
     attention, any number of taps; its pruned ``[Vd, H]`` lm_head is held scattered into ``[V, H]`` with the
     draft vocabulary in ``config.draft_vocab``, which proposals are restricted to)."""
 
+    architectures = (EAGLE3_ARCH,)
     norm_class = RMSNorm     # a family variant (Gemma4) swaps the norm and, via make_layer, the layer
 
     def make_layer(self, arch, **kwargs):
@@ -213,8 +225,7 @@ class Eagle3Draft(DraftBase):
                  rngs: nnx.Rngs | None = None):
         if config.arch is None:
             raise ValueError("DraftConfig.arch is unset: use dj.build_draft(target, config) or config.bind(target)")
-        if not config.is_eagle3:
-            raise ValueError(f"Eagle3Draft is for Qwen3Eagle3Model configs, got {config.architecture!r}")
+        self.check_architecture(config)
         llama = config.eagle3_variant != EAGLE3_DEEPSPEC
         if config.num_taps != EAGLE3_NUM_TAPS and not llama:
             raise ValueError(f"Eagle3 expects exactly {EAGLE3_NUM_TAPS} target_layer_ids, got "
@@ -425,6 +436,27 @@ class Eagle3Draft(DraftBase):
             num = jnp.where(is_stop.any(axis=1), first + 1, num)
         return Eagle3Proposal(tokens=toks, logits=logits, confidence_logits=None, block_hidden=normed,
                               cache=cache.with_lengths(c0), num_proposed=num)
+
+    # ---- the decode loop's interface (drafts/common.py) ---------------------------------------------------
+    def loop_state_after_prompt(self, cache: KVCache, taps, ids, lengths, first) -> Eagle3State:
+        """Position ``p`` of the prompt is paired with the token at ``p+1``; the last one with ``first``."""
+        nxt = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+        nxt = jnp.where(jnp.arange(ids.shape[1])[None, :] == (lengths - 1)[:, None], first[:, None], nxt)
+        return Eagle3State(*self.extend(cache, taps, nxt, lengths))
+
+    def propose_round(self, state: Eagle3State, anchor, key, sampling, stop_ids, head_hv=None) -> RoundProposal:
+        prop = self.propose(state.cache, state.last_hidden, key, sampling, stop_token_ids=stop_ids)
+        return RoundProposal(prop.tokens, prop.logits, None, prop.num_proposed, prop.cache)
+
+    def absorb_commit(self, state: Eagle3State, cache_after, verify_taps, committed, n_rows, active) -> Eagle3State:
+        """The verified rows' taps are written into the cache at once, each paired with the committed token after
+        it."""
+        cache, last = self.extend(cache_after, verify_taps, jnp.maximum(committed, 0), n_rows, state.last_hidden)
+        cache = cache.with_lengths(jnp.where(active, cache.lengths, state.cache.lengths))
+        return Eagle3State(cache, jnp.where(active[:, None], last, state.last_hidden))
+
+    def context_lengths(self, state: Eagle3State):
+        return state.cache.lengths, jnp.zeros_like(state.cache.lengths)
 
 
 def _check_shape(name: str, x, want: tuple) -> None:

@@ -30,20 +30,25 @@ from flax import nnx
 from dspark_jax.cache import KVCache
 from dspark_jax.config import ConfigError
 from dspark_jax.drafts.backbone import draft_attention
-from dspark_jax.drafts.config import GEMMA4_ARCHITECTURES, GEMMA4_DSPARK_ARCH, GEMMA4_EAGLE3_ARCH, DraftConfig
+from dspark_jax.drafts.config import (
+    GEMMA4_ARCH_OF,
+    GEMMA4_ARCHITECTURES,
+    GEMMA4_DSPARK_ARCH,
+    GEMMA4_EAGLE3_ARCH,
+    DraftConfig,
+)
 from dspark_jax.drafts.dspark import DSparkDraft
 from dspark_jax.drafts.eagle3 import EAGLE3_NUM_TAPS, Eagle3Draft
+from dspark_jax.drafts.gemma4_config import gemma4_draft_arch
 from dspark_jax.nn.frozen import Frozen
-from dspark_jax.targets.gemma4 import Gemma4Attention, Gemma4MLP, GemmaRMSNorm, gemma4_inv_freq, softcap
+from dspark_jax.targets.gemma4 import (
+    Gemma4Attention,
+    Gemma4MLP,
+    GemmaRMSNorm,
+    gemma4_inv_freq,
+    softcap,
+)
 from dspark_jax.targets.gemma4_config import Gemma4Config
-
-
-def gemma4_draft_arch(target: Gemma4Config, num_layers: int) -> Gemma4Config:
-    """The draft's architecture: DeepSpec's deep copy of the target text config with its overrides."""
-    return target.replace(num_hidden_layers=num_layers, layer_types=("full_attention",) * num_layers,
-                          tie_word_embeddings=False, enable_moe_block=False, num_experts=0, top_k_experts=0,
-                          moe_intermediate_size=0, hidden_size_per_layer_input=0, num_kv_shared_layers=0,
-                          model_type="gemma4_text")
 
 
 def bind_gemma4(config: DraftConfig, target: Gemma4Config) -> DraftConfig:
@@ -65,8 +70,8 @@ def bind_gemma4(config: DraftConfig, target: Gemma4Config) -> DraftConfig:
         arch = config.arch
     elif config.arch is not None:
         raise ConfigError("a Gemma4 target needs a draft whose arch is a Gemma4Config (or None)")
-    name = GEMMA4_EAGLE3_ARCH if config.is_eagle3 else GEMMA4_DSPARK_ARCH
-    return dataclasses.replace(config, arch=arch, num_target_layers=t, architecture=name)
+    return dataclasses.replace(config, arch=arch, num_target_layers=t,
+                               architecture=GEMMA4_ARCH_OF[config.architecture])
 
 
 def is_gemma4_draft_config(config: DraftConfig) -> bool:
@@ -107,6 +112,7 @@ class Gemma4DraftLayer(nnx.Module):
 class Gemma4DSparkDraft(DSparkDraft):
     """DSpark / DFlash draft for a Gemma4 target. ``config`` must be bound (``config.arch`` a Gemma4Config)."""
 
+    architectures = (GEMMA4_DSPARK_ARCH,)
     norm_class = GemmaRMSNorm
     layer_class = Gemma4DraftLayer
 
@@ -115,8 +121,6 @@ class Gemma4DSparkDraft(DSparkDraft):
         if not isinstance(config.arch, Gemma4Config):
             raise ValueError("Gemma4DSparkDraft needs a bound config whose arch is a Gemma4Config "
                              "(use dj.build_draft(gemma4_target, config))")
-        if config.is_eagle3:
-            raise ValueError("Gemma4DSparkDraft is for DSpark / DFlash configs")
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
 
     def init_rope(self) -> None:
@@ -188,6 +192,7 @@ class Gemma4Eagle3Draft(Eagle3Draft):
     """Eagle3 draft for a Gemma4 target (TTT training, chain drafting and caches as :class:`Eagle3Draft`);
     scaled embedding, softcapped draft and target logits, full-attention RoPE and geometry."""
 
+    architectures = (GEMMA4_EAGLE3_ARCH,)
     norm_class = GemmaRMSNorm
 
     def make_layer(self, arch, **kwargs):
@@ -195,8 +200,9 @@ class Gemma4Eagle3Draft(Eagle3Draft):
 
     def __init__(self, config: DraftConfig, *, dtype=jnp.float32, param_dtype=None, attention_impl: str = "auto",
                  rngs: nnx.Rngs | None = None):
-        if not isinstance(config.arch, Gemma4Config) or not config.is_eagle3:
+        if not isinstance(config.arch, Gemma4Config):
             raise ValueError("Gemma4Eagle3Draft needs a bound Eagle3 config whose arch is a Gemma4Config")
+        self.check_architecture(config)
         if config.num_taps != EAGLE3_NUM_TAPS or any(i < 0 for i in config.target_layer_ids):
             raise ValueError(f"Eagle3 expects exactly {EAGLE3_NUM_TAPS} non-negative target_layer_ids, got "
                              f"{list(config.target_layer_ids)}")

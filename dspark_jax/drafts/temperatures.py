@@ -69,3 +69,18 @@ def attach_saved_temperatures(draft, draft_dir: str | os.PathLike):
                 raise ValueError(f"{path}: {len(temps)} temperatures for a draft with block_size {want}")
             attach_temperatures(draft, temps)
     return draft
+
+
+def resolve_temperatures(calibration, draft) -> tuple[float, ...] | None:
+    """``speculative_generate``'s ``calibration=``: None -> the draft's attached temperatures (or none);
+    False -> none; a path -> :func:`load_temperatures`; a sequence -> those temperatures."""
+    if calibration is None:
+        temps = getattr(draft, "sts_temperatures", None)
+        return None if temps is None else tuple(temps)
+    if calibration is False:
+        return None
+    if isinstance(calibration, (str, os.PathLike)):
+        return load_temperatures(calibration)
+    if calibration is True:
+        raise ValueError("calibration=True is ambiguous: pass None (the draft's own), a path or temperatures")
+    return check_temperatures(calibration, "calibration")

@@ -13,6 +13,8 @@ import json
 import os
 import random
 
+from dspark_jax.decode.synthetic import render_chat
+
 # DeepSpec eval.py TASKS: (name, cap) in its default order.
 DEFAULT_TASKS: tuple[tuple[str, int], ...] = (
     ("gsm8k", 500), ("math500", 500), ("aime25", 30), ("humaneval", 164), ("mbpp", 256),
@@ -115,8 +117,6 @@ def load_prompts(data_dir: str | os.PathLike, name: str, max_samples: int | None
 
 def chat_prompt_ids(tokenizer, user_text: str) -> list[int]:
     """The user turn rendered with the chat template (no system prompt, generation prompt, thinking off)."""
-    from dspark_jax.decode.synthetic import render_chat
-
     return render_chat(tokenizer, [{"role": "user", "content": user_text}])
 
 

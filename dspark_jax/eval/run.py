@@ -22,12 +22,25 @@ import sys
 import time
 from typing import Any, Callable
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
 
+from dspark_jax import distributed
 from dspark_jax.convert.deepspec import load_draft
 from dspark_jax.convert.hf import load_target
+from dspark_jax.decode.autoregressive import slot_engine
+from dspark_jax.decode.compile_timer import CompileTimer
+from dspark_jax.decode.metrics import (
+    RoundCounts,
+    accepted_drafts_from_outcome,
+    round_counts,
+    summarize,
+)
+from dspark_jax.decode.scheduler import PrefixScheduler, ZeroOverheadScheduler, load_sps
+from dspark_jax.decode.speculative import spec_slot_engine
+from dspark_jax.decode.synthetic import resolve_stop_ids
 from dspark_jax.eval import datasets as D
-from dspark_jax.decode.metrics import RoundCounts, accepted_drafts_from_outcome, round_counts, summarize
 
 
 @dataclasses.dataclass
@@ -45,8 +58,7 @@ class EvalSettings:
 
 
 def drafts_per_round(draft) -> int:
-    cfg = draft.config
-    return cfg.ttt_length if cfg.is_eagle3 else cfg.block_size
+    return draft.config.drafts_per_round
 
 
 @dataclasses.dataclass
@@ -67,8 +79,6 @@ class _DatasetRun:
 def _run_engine(engine, prompts: list[list[int]], indices: list[int], warmup: bool, on_done):
     """Every prompt ``indices[i]`` through ``engine`` (request id = its index in the dataset). Returns ({index:
     result}, seconds, compile seconds); with ``warmup`` the seconds exclude compilation."""
-    from dspark_jax.decode.compile_timer import CompileTimer
-
     for i in indices:
         engine.submit(i, prompts[i], tag=i)
     results = {}
@@ -91,9 +101,6 @@ def evaluate_dataset(target, draft, name: str, prompts: list[list[int]], setting
     id ``i`` and the seed in both modes, so its tokens do not depend on the batching. On several processes this
     one runs prompts ``process_index::process_count`` (its rounds are keyed by sample index, for
     :func:`merge_runs`). ``on_done(n)`` counts finished generations (speculative and plain)."""
-    from dspark_jax.decode.autoregressive import slot_engine
-    from dspark_jax.decode.speculative import spec_slot_engine
-
     k = drafts_per_round(draft)
     run = _DatasetRun(counts=RoundCounts(k))
     mine = list(range(len(prompts)))[process_index::process_count]
@@ -185,8 +192,6 @@ def merge_runs(prefixes: list[str], max_positions: int) -> _DatasetRun:
 def _gather_run(run: _DatasetRun, name: str, parts_dir: str, process_index: int, process_count: int,
                 max_positions: int) -> _DatasetRun | None:
     """Every process writes its part; process 0 returns the merged run (the others None)."""
-    from dspark_jax import distributed
-
     os.makedirs(parts_dir, exist_ok=True)
     prefixes = [os.path.join(parts_dir, f"{name}.part-{p:05d}-of-{process_count:05d}") for p in range(process_count)]
     _write_part(run, prefixes[process_index])
@@ -228,10 +233,6 @@ def evaluate(target, draft, data_dir: str | os.PathLike, datasets: str | list[st
     process runs every ``process_count``-th prompt of each dataset, writes its part to ``rounds_dir`` (required
     then, on a file system all processes share), and process 0 merges the parts: its results are the run's
     (tokens/s per process), the others' have no dataset rows."""
-    import jax
-
-    from dspark_jax.decode.synthetic import resolve_stop_ids
-
     tok = getattr(target, "tokenizer", None)
     if tok is None:
         raise ValueError("the target has no tokenizer: eval renders prompts with the chat template; put the "
@@ -259,8 +260,6 @@ def evaluate(target, draft, data_dir: str | os.PathLike, datasets: str | list[st
     total = sum(len(p) for p in loaded.values())
     bar = None
     if progress and total:
-        from tqdm.auto import tqdm
-
         # each prompt runs twice, speculative then plain
         bar = tqdm(total=2 * total, desc="eval", unit="generation", file=sys.stderr)
     rows = []
@@ -372,8 +371,6 @@ def cmd_eval(args) -> int:
     draft = load_draft(args.draft, dtype=args.draft_dtype)
     scheduler = None
     if args.sps is not None:
-        from dspark_jax.decode.scheduler import PrefixScheduler, ZeroOverheadScheduler, load_sps
-
         try:
             table = load_sps(args.sps)
         except (OSError, ValueError) as e:
@@ -382,7 +379,6 @@ def cmd_eval(args) -> int:
     settings = EvalSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
                             max_samples=args.max_samples, warmup=not args.no_warmup, scheduler=scheduler)
-    import jax
 
     try:
         results = evaluate(target, draft, args.data_dir, names, settings, target_dir=args.target,

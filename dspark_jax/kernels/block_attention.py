@@ -125,9 +125,9 @@ def dspark_block_attention_split(q, k_ctx, v_ctx, k_blk, v_blk, anchors, block_k
 def dspark_block_attention(q, k, v, anchors, block_keep, scale, *, block_size: int, impl: str = "auto",
                            block_q: int | None = None, block_k: int | None = None, ctx_start=None):
     """Dispatches by ``impl`` (see :mod:`dspark_jax.kernels._dispatch`; XLA: :func:`dspark_block_attention_split`);
-    same contract as :func:`dspark_block_attention_reference`. ``block_q``/``block_k`` override the Pallas tile sizes (queries /
-    keys per tile). ``ctx_start``: packed rows (see :class:`DSparkBlockMask`); the Pallas kernel masks below it
-    but still visits those tiles."""
+    same contract as :func:`dspark_block_attention_reference`. ``block_q``/``block_k`` override the Pallas tile sizes
+    (queries / keys per tile). ``ctx_start``: packed rows (see :class:`DSparkBlockMask`); the Pallas kernel masks
+    below it but still visits those tiles."""
     kind, target = _dispatch.resolve(impl, "dspark_block_attention")
     if kind == "xla":
         _check(q, k, v, anchors, block_keep, block_size)

@@ -28,6 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from dspark_jax.kernels.vocab_loss_common import F32, _capped, _dot, _dot_nt, _sign
 
@@ -84,8 +85,6 @@ def _dense_fwd(hd, ht, u, w, w2, ids, cap):
 
 
 def _ct(c, like):
-    from jax.custom_derivatives import SymbolicZero
-
     return jnp.zeros(like.shape, F32) if c is None or isinstance(c, SymbolicZero) else c.astype(F32)
 
 

@@ -12,24 +12,30 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
 
-from dspark_jax.kernels.vocab_loss_common import (F32, _argmax_update, _capped, _dot, _dot_nt, _logit_grads, _online,
-                                                  _pass2_terms, _split_refs)
+from dspark_jax.kernels.vocab_loss_common import (
+    F32,
+    _argmax_update,
+    _capped,
+    _dot,
+    _dot_nt,
+    _logit_grads,
+    _online,
+    _pass2_terms,
+    _split_refs,
+)
 
 
 def _gpu_call(cfg, kernel, grid, out_shape):
     params = None
     if not cfg.interpret:
-        from jax.experimental.pallas import triton as pltr
-
         params = pltr.CompilerParams(num_warps=4, num_stages=2)
     return pl.pallas_call(kernel, grid=grid, out_shape=out_shape, interpret=cfg.interpret, compiler_params=params)
 
 
 def _gpu_load(ref, r0, nr, c0, nc, rmax, cmax, dtype=None):
     """Masked ``ref[r0:r0+nr, c0:c0+nc]`` (zeros outside ``[:rmax, :cmax]``)."""
-    from jax.experimental.pallas import triton as pltr
-
     rmask = (r0 + jnp.arange(nr)) < rmax
     cmask = (c0 + jnp.arange(nc)) < cmax
     return pltr.load(ref.at[pl.ds(r0, nr), pl.ds(c0, nc)], mask=rmask[:, None] & cmask[None, :], other=0)
@@ -37,8 +43,6 @@ def _gpu_load(ref, r0, nr, c0, nc, rmax, cmax, dtype=None):
 
 def _gpu_add(ref, r0, nr, c0, nc, rmax, cmax, val):
     """Masked ``ref[r0:r0+nr, c0:c0+nc] += val``."""
-    from jax.experimental.pallas import triton as pltr
-
     mask = ((r0 + jnp.arange(nr)) < rmax)[:, None] & ((c0 + jnp.arange(nc)) < cmax)[None, :]
     idx = (pl.ds(r0, nr), pl.ds(c0, nc))
     cur = pltr.load(ref.at[idx], mask=mask, other=0.0)
@@ -47,8 +51,6 @@ def _gpu_add(ref, r0, nr, c0, nc, rmax, cmax, val):
 
 def _gpu_zero(ref, r0, nr, rmax, width, hc):
     """Masked ``ref[r0:r0+nr, :width] = 0``."""
-    from jax.experimental.pallas import triton as pltr
-
     def body(k, c):
         c0 = k * hc
         mask = ((r0 + jnp.arange(nr)) < rmax)[:, None] & ((c0 + jnp.arange(hc)) < width)[None, :]

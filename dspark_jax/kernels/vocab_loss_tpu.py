@@ -12,16 +12,24 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
-from dspark_jax.kernels.vocab_loss_common import (F32, _argmax_update, _capped, _dot, _dot_nt, _logit_grads, _online,
-                                                  _pass2_terms, _split_refs)
+from dspark_jax.kernels.vocab_loss_common import (
+    F32,
+    _argmax_update,
+    _capped,
+    _dot,
+    _dot_nt,
+    _logit_grads,
+    _online,
+    _pass2_terms,
+    _split_refs,
+)
 
 LANES = 128          # per-row vectors are stored lane-replicated as [rows, 128]
 
 
 def _tpu_params(semantics):
-    from jax.experimental.pallas import tpu as pltpu
-
     cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
     return cls(dimension_semantics=semantics)
 

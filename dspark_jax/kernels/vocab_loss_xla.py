@@ -13,8 +13,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from dspark_jax.kernels.vocab_loss_common import (F32, _argmax_update, _capped, _dot, _dot_nt, _logit_grads, _online,
-                                                  _pass2_terms)
+from dspark_jax.kernels.vocab_loss_common import (
+    F32,
+    _argmax_update,
+    _capped,
+    _dot,
+    _dot_nt,
+    _logit_grads,
+    _online,
+    _pass2_terms,
+)
 
 
 def _as_bits(w):

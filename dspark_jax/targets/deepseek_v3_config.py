@@ -14,8 +14,16 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-from dspark_jax.config import (ConfigError, HFConfig, RopeConfig, TargetConfig, _rope_from_hf, check_positive_ints,
-                               jsonable_ids, token_ids)
+from dspark_jax.config import (
+    ConfigError,
+    HFConfig,
+    RopeConfig,
+    TargetConfig,
+    _rope_from_hf,
+    check_positive_ints,
+    jsonable_ids,
+    token_ids,
+)
 
 DEEPSEEK_V3_TYPES = ("deepseek_v3",)
 

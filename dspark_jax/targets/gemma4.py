@@ -37,9 +37,8 @@ from dspark_jax.nn.host import HostAttachment
 from dspark_jax.nn.linear import embed, linear
 from dspark_jax.nn.rope import apply_rope, rope_cos_sin
 from dspark_jax.nn.segments import causal_segment_mask
-from dspark_jax.targets.gemma4_config import Gemma4Config
 from dspark_jax.targets.base import TargetBase, TargetOutput, check_flat_inputs
-
+from dspark_jax.targets.gemma4_config import Gemma4Config
 
 # ---- numerics shared with the Gemma4 draft ----------------------------------------------------
 

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from dspark_jax.sharding import LogicalRules
@@ -88,8 +89,6 @@ def quarantine_incomplete_steps(directory: str | os.PathLike) -> list[str]:
                             "items); moved aside to %s and ignored", path, new)
                 moved.append(new)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("dspark_jax.checkpoint.quarantine")
     return moved
 

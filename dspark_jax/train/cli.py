@@ -23,15 +23,24 @@ import argparse
 import json
 import os
 
+import jax
+
 from dspark_jax.config import ConfigError
+from dspark_jax.distributed import (
+    DistributedError,
+    add_distributed_args,
+    config_from_args,
+    initialize,
+)
+from dspark_jax.train.config import list_presets, load_train_config
+from dspark_jax.train.memory import estimate_memory
+from dspark_jax.train.target_cache import CacheError
+from dspark_jax.train.trainer import Trainer, write_cache_for_config
 
 
 def _load(args):
     """The run's config, after which this process joins the multi-process run it names (config section, then
     flags), before anything starts the JAX backend."""
-    from dspark_jax.distributed import DistributedError, config_from_args, initialize
-    from dspark_jax.train.config import load_train_config
-
     cfg = load_train_config(args.config, args.overrides)
     try:
         joined = initialize(config_from_args(args, cfg.distributed))
@@ -46,10 +55,6 @@ def cmd_train(args) -> int:
     except (ConfigError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     if args.dry_run:
-        import jax
-
-        from dspark_jax.train.memory import estimate_memory
-
         n = args.num_devices or jax.device_count()
         try:
             report = estimate_memory(cfg, n, device=args.device)
@@ -64,7 +69,6 @@ def cmd_train(args) -> int:
                 json.dump({"mesh": report.mesh_shape, "num_devices": n, "bytes": report.rows,
                            "total": report.total, "params": report.counts}, f, indent=2)
         return 0
-    from dspark_jax.train.trainer import Trainer
 
     try:
         result = Trainer(cfg).run()
@@ -84,10 +88,6 @@ def cmd_prepare_cache(args) -> int:
         raise SystemExit(f"error: {e}") from None
     if cfg.data.cache_dir is not None:
         raise SystemExit("error: data.cache_dir is set: prepare-cache reads the JSONL files and writes --out")
-    import jax
-
-    from dspark_jax.train.target_cache import CacheError
-    from dspark_jax.train.trainer import write_cache_for_config
 
     try:
         manifest = write_cache_for_config(cfg, args.out, batch_size=args.batch_size, overwrite=args.overwrite)
@@ -100,9 +100,6 @@ def cmd_prepare_cache(args) -> int:
 
 
 def add_train_parsers(sub) -> None:
-    from dspark_jax.distributed import add_distributed_args
-    from dspark_jax.train.config import list_presets
-
     presets = ", ".join(list_presets())
     p = sub.add_parser("train", help="train a DSpark / DFlash / Eagle3 draft",
                        description=f"Train a draft. Presets: {presets}. Overrides: dotted key=value (YAML values), "

@@ -26,9 +26,10 @@ from typing import Any, Mapping, Sequence, Union
 
 import yaml
 
-from dspark_jax.config import ConfigError, RopeConfig, TargetConfig
+from dspark_jax.config import ConfigError, RopeConfig, TargetConfig, tiny_qwen3_config
 from dspark_jax.distributed import DistributedConfig, DistributedError
 from dspark_jax.sharding import DEFAULT_RULES, LogicalRules
+from dspark_jax.targets.registry import family_of
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 """Where the packaged presets live (``dspark_jax/configs``; the repo's ``configs/`` links here)."""
@@ -318,8 +319,6 @@ def validate(cfg: TrainConfig) -> None:
 def target_config_for(section: TargetSection):
     """The config of a random target (``section.path`` is None): a :class:`TargetConfig`, or a known target's own
     family config (``deepseek-v3``)."""
-    from dspark_jax.config import tiny_qwen3_config
-
     if section.arch == "tiny":
         base = dict(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, initializer_range=0.05,
@@ -331,8 +330,6 @@ def target_config_for(section: TargetSection):
     if section.arch in KNOWN_TARGETS:
         known = KNOWN_TARGETS[section.arch]
         if known.get("model_type", "qwen3") != "qwen3":
-            from dspark_jax.targets.registry import family_of
-
             return family_of(known["model_type"]).config_class(**known)
         return TargetConfig(**{**_QWEN3_COMMON, **known})
     raise ConfigError(f"target.arch={section.arch!r} is not 'tiny' or one of {sorted(KNOWN_TARGETS)}")

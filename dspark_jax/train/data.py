@@ -21,7 +21,8 @@ Batching (:class:`InputPipeline`): epoch ``e`` uses the first ``G*floor(N/G)`` e
 Yielded step ``k`` covers rows ``[j*M, (j+1)*M)`` of its epoch's order (``M`` = micro batch size, global over
 processes); process ``r`` of ``P`` takes every ``P``-th of those rows starting at ``r`` - the same rows the
 reference's strided distributed sampler gives rank ``r`` - unless given ``row_positions``: the trainer passes the
-rows its devices hold in the mesh, so the global batch is the same for 1 or N processes. Each step is zero-padded on the right to the smallest
+rows its devices hold in the mesh, so the global batch is the same for 1 or N processes. Each step is zero-padded on
+the right to the smallest
 bucket length that holds the longest sequence of the whole global step, so all processes agree on the
 shape and a jitted step compiles at most ``len(buckets)`` times. The iterator state is the next step index,
 which does not depend on the process count.
@@ -36,6 +37,7 @@ share a row is fixed for the run; each epoch shuffles the rows.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import json
@@ -46,6 +48,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
+import jax
 import numpy as np
 
 __all__ = [
@@ -432,8 +435,6 @@ def pack_rows(lengths: Sequence[int] | np.ndarray, capacity: int) -> list[np.nda
     that still fits it (ties: the older row), else into a new row. Deterministic. Returns one ``int64`` array of
     sequence indices per row, ascending within a row (the order the row lays them out), rows in creation order.
     """
-    import bisect
-
     lengths = np.asarray(lengths, np.int64)
     if len(lengths) and (lengths.min() < 1 or lengths.max() > capacity):
         raise ValueError(f"sequence lengths must lie in [1, {capacity}], got [{lengths.min()}, {lengths.max()}]")
@@ -533,8 +534,6 @@ class EpochSampler:
 
 
 def _default_process() -> tuple[int, int]:
-    import jax
-
     return jax.process_index(), jax.process_count()
 
 

@@ -13,7 +13,8 @@ The vocab reductions come either from materialised ``[T,B,S,V]`` logits (the ref
 ``vocab_chunk``, from hidden states through ``kernels.vocab_loss.soft_vocab_loss`` (``impl``: ``xla`` = the
 chunked ``lax.scan`` of ``kernels/vocab_loss_chunked.py``, with running max/sum, rematerialised in the backward
 pass; ``pallas`` = the fused vocab-loss kernels with soft targets; ``auto`` = Pallas on TPU/GPU). All three
-per-position terms map onto the kernel: soft CE against the target's distribution, the L1 between the softmaxes, the argmax match. Nothing of
+per-position terms map onto the kernel: soft CE against the target's distribution, the L1 between the softmaxes, the
+argmax match. Nothing of
 Eagle3's stays on the XLA path: a pruned draft vocabulary (SpecForge ``d2t``/``t2d``) lives in
 ``config.draft_vocab`` and only restricts proposals; in training the loss runs over the full ``[V, H]``
 ``lm_head`` (the pruned rows scattered into it), identically on both paths, and the step weights / masking are

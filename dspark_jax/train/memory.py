@@ -27,9 +27,12 @@ from flax import nnx
 
 from dspark_jax.config import ConfigError, TargetConfig
 from dspark_jax.drafts.build import build_draft
-from dspark_jax.targets.registry import build_target
-from dspark_jax.train.config import TrainConfig, target_config_for
+from dspark_jax.nn.frozen import Frozen
 from dspark_jax.sharding import MESH_AXES, LogicalRules
+from dspark_jax.targets.registry import build_target, target_config_from_json
+from dspark_jax.train.config import TrainConfig, target_config_for
+from dspark_jax.train.schedule import make_optimizer
+from dspark_jax.train.trainer import draft_config_for
 
 # HBM per chip, GiB (vendor figures), to flag what does not fit.
 DEVICE_MEMORY_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "h100": 80, "h200": 141, "a100": 80, "b200": 192,
@@ -129,13 +132,18 @@ def activation_terms(cfg: TrainConfig, t: TargetConfig, draft_cfg, mesh_shape: M
     terms["target features (taps + last hidden)"] = outputs
     terms["target forward temporaries (one layer)"] = layer_tmp if online else 0
     nh_l = nh // tp or 1
-    if draft_cfg.is_eagle3:
+
+    # the draft's terms, by family
+    def eagle3_terms() -> int:
+        """Eagle3 (TTT over every position): -> labelled logit rows."""
         steps = draft_cfg.ttt_length
         per_layer = b * steps * (s * (2 * h * 6 + (nh + 2 * nkv) * hd * 2 + a.intermediate_size * 3) * c_bytes
                                  + nh_l * s * (s + steps) * 4 * 2)
         terms["draft residuals (fwd+bwd)"] = per_layer + b * s * (lt * h + h) * c_bytes
-        logit_rows = b * s * steps
-    else:
+        return b * s * steps
+
+    def block_terms() -> int:
+        """DSpark / DFlash (anchored blocks): -> labelled logit rows."""
         q_tok = draft_cfg.num_anchors * draft_cfg.num_block_slots
         inter_l = a.intermediate_size // tp or 1
         full = b * (q_tok * (6 * h + (nh + 2 * nkv) * hd + 3 * inter_l) + s * 4 * nkv * hd) * c_bytes
@@ -150,7 +158,9 @@ def activation_terms(cfg: TrainConfig, t: TargetConfig, draft_cfg, mesh_shape: M
         else:
             attn = 3 * b * nh_l * q_tok * s * 4 * layers
         terms[f"draft attention ({'flash kernel' if path == 'pallas' else 'XLA scores'})"] = attn
-        logit_rows = b * draft_cfg.num_anchors * draft_cfg.block_size
+        return b * draft_cfg.num_anchors * draft_cfg.block_size
+
+    logit_rows = {"eagle3": eagle3_terms, "block": block_terms}[draft_cfg.family]()
     v = a.vocab_size
     if path == "pallas" and o.vocab_chunk:
         loss = logit_rows * (3 * h + 2 * (draft_cfg.markov_rank or 1)) * 4
@@ -192,8 +202,10 @@ def step_flops(cfg: TrainConfig, t: TargetConfig, draft_cfg, online: bool = True
     dims = target_layer_dims(t)
     target = 2.0 * dims["matmul"] * s + 2.0 * t.num_hidden_layers * s * s * dims["heads"] * (dims["qk"] + dims["v"])
     flops = target if online else 0.0
-    if draft_cfg.is_eagle3:
-        return flops
+    return flops + _DRAFT_STEP_FLOPS[draft_cfg.family](cfg, draft_cfg, s, path)
+
+
+def _block_draft_step_flops(cfg: TrainConfig, draft_cfg, s: int, path: str) -> float:
     a = draft_cfg.arch
     h, nh, nkv, hd = a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim
     q = draft_cfg.num_anchors * draft_cfg.num_block_slots
@@ -202,9 +214,13 @@ def step_flops(cfg: TrainConfig, t: TargetConfig, draft_cfg, online: bool = True
     d_proj = h * (nh + 2 * nkv) * hd + nh * hd * h + 3 * h * a.intermediate_size
     ctx = s if path == "xla" else s / 2
     layer = 2.0 * (d_proj * q + 2 * h * nkv * hd * s + 2 * 2 * q * ctx * nh * hd)
-    flops += 3.0 * draft_cfg.num_draft_layers * layer + 2 * 2.0 * s * lt * h * h
+    flops = 3.0 * draft_cfg.num_draft_layers * layer + 2 * 2.0 * s * lt * h * h
     flops += 2.0 * rows * v * (3 * h + 3 * r)          # draft + target logits, Markov bias; dh, du, dW2
     return flops
+
+
+# the draft's matmul FLOPs per sequence, by family (Eagle3's are not modelled: its step counts the target only)
+_DRAFT_STEP_FLOPS = {"block": _block_draft_step_flops, "eagle3": lambda cfg, draft_cfg, s, path: 0.0}
 
 
 @dataclasses.dataclass
@@ -248,16 +264,11 @@ def estimate_memory(cfg: TrainConfig, num_devices: int, rules: LogicalRules | No
 
     ``rules`` place the target (default :class:`LogicalRules`); the draft follows ``cfg.mesh.draft_sharding``.
     ``device`` (``v5e``, ``h100``, ``cpu``, ...) picks the kernel path that run takes (:func:`kernel_path`)."""
-    from dspark_jax.train.schedule import make_optimizer
-    from dspark_jax.train.trainer import draft_config_for
-
     rules = rules or LogicalRules()
     draft_rules = cfg.mesh.draft_rules()
     shape = mesh_shape_for(cfg, num_devices)
     mesh = _ShapeMesh(shape)
     if cfg.target.path is not None:
-        from dspark_jax.targets.registry import target_config_from_json
-
         tcfg = target_config_from_json(cfg.target.path)
         if not isinstance(tcfg, TargetConfig) and not hasattr(tcfg, "active_matmul_params"):
             # target_layer_dims models Qwen3 and DeepSeek-V3 layers; Gemma4's differ layer by layer
@@ -269,8 +280,6 @@ def estimate_memory(cfg: TrainConfig, num_devices: int, rules: LogicalRules | No
     compute = "float32" if cfg.optim.precision == "fp32" else "bfloat16"
 
     def build():
-        from dspark_jax.nn.frozen import Frozen
-
         target = build_target(tcfg, dtype=cfg.target.dtype)
         draft = build_draft(target, dcfg, dtype=compute, param_dtype="float32")
         for _, var in nnx.iter_graph(draft):  # as the trainer stores them: compute dtype, no master copy

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm.auto import tqdm
 
 from dspark_jax.train.data import InputPipeline
 
@@ -67,8 +68,6 @@ def fit_target(target: nnx.Module, samples: Sequence[Mapping[str, np.ndarray]], 
     it = iter(pipe)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=steps, desc="pretrain target", unit="step", leave=False)
     losses = []
     for s in range(steps):

@@ -16,7 +16,7 @@ One call of the step function is one *micro-step* on one global batch::
     1. target(input_ids, tap_layer_ids=draft.config.target_layer_ids) -> taps [B,S,Lt*H], last_hidden [B,S,H]
        (the "online features" of spec §3.2, computed in the step instead of read from a cache)
     2. DSpark / DFlash: anchors from sample_anchors(loss_mask, N, fold_in(rng, step)); train_forward; dspark_loss
-       Eagle3 (draft.config.is_eagle3): train_forward (TTT); eagle3_loss
+       Eagle3: train_forward (TTT); eagle3_loss (the family's objective, train/objectives.py, chosen once)
     3. grads w.r.t. params only; optimizer.update (with optax.MultiSteps it accumulates and updates every k-th call)
 
 Packed rows (``data.packing``, DSpark / DFlash only): a batch with ``segment_ids`` holds several conversations
@@ -29,7 +29,7 @@ sequence on every device), which is spec §3.4's all-reduced ``Wsum`` per micro-
 averages micro-steps, which is DeepSpec's ``/ grad_accum``.
 
 Sharding (DESIGN §3): with a ``mesh``, parameters, optimizer moments and frozen arrays are placed by their
-``logical_axes`` metadata through :func:`~dspark_jax.train.mesh.sharding_fn` (the optimizer's ``mu``/``nu``
+``logical_axes`` metadata through :func:`~dspark_jax.sharding.sharding_fn` (the optimizer's ``mu``/``nu``
 and accumulated gradients are ``nnx.Param`` trees with the same metadata, so they shard like the parameters);
 scalars and the rng are replicated; batch arrays shard their batch dimension over ``("data", "fsdp")``; the
 target's parameters follow the same rules. The mesh axes are ``Auto``, so XLA propagates these shardings
@@ -58,10 +58,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dspark_jax.drafts.dspark import REMAT_POLICIES
-from dspark_jax.train.anchors import sample_anchors
-from dspark_jax.train.eagle3_loss import eagle3_loss
-from dspark_jax.train.loss import dspark_loss
 from dspark_jax.sharding import LogicalRules, sharding_fn
+from dspark_jax.train.objectives import StepInputs, objective_for
 from dspark_jax.train.schedule import optimizer_update_count
 
 BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
@@ -249,14 +247,16 @@ def make_train_step(target: nnx.Module, draft: nnx.Module, optimizer: optax.Grad
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r} is not one of {tuple(REMAT_POLICIES)}")
     materialize = vocab_chunk is None
+    objective = objective_for(cfg)
     feature_sharding = None if mesh is None else batch_sharding(mesh)
 
     def step(state: TrainState, target_state, batch):
         input_ids = batch["input_ids"].astype(jnp.int32)
         loss_mask = batch["loss_mask"]
         segment_ids, positions = batch.get("segment_ids"), batch.get("positions")
-        if segment_ids is not None and cfg.is_eagle3:
-            raise ValueError("packed batches (segment_ids) are for DSpark / DFlash drafts, not Eagle3")
+        if segment_ids is not None and not objective.packs_rows:
+            raise ValueError("packed batches (segment_ids) are for DSpark / DFlash drafts, not "
+                             f"{type(draft).__name__}")
         if segment_ids is not None and positions is None:
             raise ValueError("a packed batch needs 'positions' with its 'segment_ids'")
         attention_mask = batch.get("attention_mask")
@@ -276,25 +276,13 @@ def make_train_step(target: nnx.Module, draft: nnx.Module, optimizer: optax.Grad
             taps = jax.lax.with_sharding_constraint(taps, feature_sharding)
             last_hidden = jax.lax.with_sharding_constraint(last_hidden, feature_sharding)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        extra = {}
-        if cfg.is_eagle3:
-            def forward(model):
-                return model.train_forward(input_ids, loss_mask, taps, last_hidden, attention_mask,
-                                           materialize_logits=materialize)
-            loss_of = eagle3_loss
-        else:
-            anchors, keep = sample_anchors(loss_mask, n_anchors, key, segment_ids)
-            extra["anchors_per_seq"] = jnp.mean(jnp.sum(keep, axis=1).astype(jnp.float32))
-            packed = {} if segment_ids is None else dict(segment_ids=segment_ids, positions=positions)
-
-            def forward(model):  # the loss works from the hidden states (vocab_loss_dense when unchunked)
-                return model.train_forward(input_ids, loss_mask, taps, last_hidden, anchors, keep,
-                                           materialize_logits=False, remat=remat, **packed)
-            loss_of = dspark_loss
+        inputs = StepInputs(input_ids, loss_mask, taps, last_hidden, attention_mask, segment_ids, positions)
+        forward, extra = objective.forward(inputs, key=key, num_anchors=n_anchors, remat=remat,
+                                           materialize=materialize)
 
         def loss_fn(params):
             model = nnx.merge(draft_graphdef, params, state.frozen)
-            return loss_of(forward(model), cfg, vocab_chunk=vocab_chunk)
+            return objective.loss(forward(model), cfg, vocab_chunk=vocab_chunk)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         metrics = dict(metrics)
@@ -326,6 +314,6 @@ def make_train_step(target: nnx.Module, draft: nnx.Module, optimizer: optax.Grad
     return step_fn
 
 
-__all__ = ["TrainState", "BATCH_AXES", "split_draft", "init_train_state", "abstract_train_state",
-           "FEATURE_KEYS", "logical_shardings", "batch_sharding", "process_batch_rows", "shard_batch", "shard_train_state", "shard_target_state",
-           "target_features", "make_train_step"]
+__all__ = ["TrainState", "BATCH_AXES", "split_draft", "init_train_state", "abstract_train_state", "FEATURE_KEYS",
+           "logical_shardings", "batch_sharding", "process_batch_rows", "shard_batch", "shard_train_state",
+           "shard_target_state", "target_features", "make_train_step"]

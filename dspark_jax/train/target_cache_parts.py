@@ -18,8 +18,15 @@ import shutil
 
 import numpy as np
 
-from dspark_jax.train.target_cache import (_INDEX_DTYPE, INDEX_FILE, MANIFEST_FILE, CacheError, CacheManifest,
-                                           _atomic_write, shard_file_name)
+from dspark_jax.train.target_cache_format import (
+    _INDEX_DTYPE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    CacheError,
+    CacheManifest,
+    _atomic_write,
+    shard_file_name,
+)
 
 
 def part_directory(directory: str | os.PathLike, process_index: int, process_count: int) -> str:

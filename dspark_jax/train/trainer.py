@@ -42,13 +42,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 
+from dspark_jax import distributed
 from dspark_jax.config import ConfigError, TargetConfig
 from dspark_jax.convert.deepspec import load_draft, save_draft
-from dspark_jax.convert.hf import load_target, save_target
+from dspark_jax.convert.hf import load_target, load_tokenizer, save_target
 from dspark_jax.drafts.build import build_draft
+from dspark_jax.drafts.config import DSPARK_ARCH, EAGLE3_ARCH, DraftConfig
+from dspark_jax.nn.frozen import Frozen
+from dspark_jax.sharding import make_mesh, sharding_fn
 from dspark_jax.targets.registry import build_target
-from dspark_jax.train.config import TrainConfig, dump_config, target_config_for
+from dspark_jax.testing import build_chat_tokenizer
+from dspark_jax.train.checkpoint import TrainCheckpointManager, sharded_abstract_state
+from dspark_jax.train.config import (
+    MeshSection,
+    TrainConfig,
+    dump_config,
+    target_config_for,
+)
+from dspark_jax.train.data import InputPipeline, read_jsonl
+from dspark_jax.train.objectives import objective_for
+from dspark_jax.train.pretrain import fit_target
+from dspark_jax.train.schedule import dspark_lr_schedule, make_optimizer
+from dspark_jax.train.step import (
+    init_train_state,
+    make_train_step,
+    process_batch_rows,
+    shard_target_state,
+    shard_train_state,
+    split_draft,
+)
+from dspark_jax.train.target_cache import TargetCache, write_target_cache
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +96,6 @@ def write_cache_for_config(cfg, directory: str, *, batch_size: int = 16, hidden_
     several processes each writes the batches dealt to it and process 0 merges them into one cache.
     ``echo``: the trainer's input messages (default: its own). Returns the
     :class:`~dspark_jax.train.target_cache.CacheManifest`."""
-    from dspark_jax import distributed
-    from dspark_jax.train.config import MeshSection
-    from dspark_jax.train.target_cache import write_target_cache
-
     distributed.initialize(cfg.distributed)  # before jax.process_count() starts the backend
     devices = None
     if jax.process_count() > 1:
@@ -110,8 +132,6 @@ def _peak_tflops(cfg: TrainConfig) -> float | None:
 
 def draft_config_for(cfg: TrainConfig, target_cfg: TargetConfig):
     """The :class:`~dspark_jax.drafts.config.DraftConfig` of the run's draft section (unbound)."""
-    from dspark_jax.drafts.config import DSPARK_ARCH, EAGLE3_ARCH, DraftConfig
-
     d = cfg.draft
     dtype = "float32" if cfg.optim.precision == "fp32" else "bfloat16"
     common = dict(target_layer_ids=tuple(d.target_layer_ids), num_draft_layers=d.num_draft_layers, dtype=dtype,
@@ -188,8 +208,6 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, devices=None, echo: Callable[[str], None] | None = None,
                  compiler_options: dict | None = None, inputs_only: bool = False):
-        from dspark_jax import distributed
-
         self.compiler_options = compiler_options
         distributed.initialize(cfg.distributed)  # no-op when the CLI already did (or when not distributed)
         self.cfg = cfg
@@ -197,7 +215,6 @@ class Trainer:
         self.echo = echo or (print if self.is_main else (lambda *_: None))
         self.out_dir = os.path.abspath(cfg.output_dir)
         os.makedirs(self.out_dir, exist_ok=True)
-        from dspark_jax.sharding import make_mesh
 
         try:
             self.mesh = make_mesh(cfg.mesh.shape(), devices=devices)
@@ -213,8 +230,6 @@ class Trainer:
 
     # ---- assembly ---------------------------------------------------------------------------------------
     def _build_target(self):
-        from dspark_jax.sharding import sharding_fn
-
         t = self.cfg.target
         dtype = "float32" if self.cfg.optim.precision == "fp32" and t.dtype == "float32" else t.dtype
         if t.path is not None:
@@ -233,13 +248,9 @@ class Trainer:
         self.target_cfg = self.target.config
 
     def _build_tokenizer_and_samples(self):
-        from dspark_jax.train.data import read_jsonl
-
         d = self.cfg.data
         self.cache = None
         if d.cache_dir is not None:
-            from dspark_jax.train.target_cache import TargetCache
-
             self.cache = TargetCache(d.cache_dir)
             self.cache.check_compatible(target_layer_ids=tuple(self.cfg.draft.target_layer_ids),
                                         hidden_size=self.target_cfg.hidden_size,
@@ -274,8 +285,6 @@ class Trainer:
     def _load_tokenizer(self, files):
         d, t = self.cfg.data, self.cfg.target
         if d.tokenizer is not None:
-            from dspark_jax.convert.hf import load_tokenizer
-
             return load_tokenizer(d.tokenizer)
         if t.path is not None:
             tok = self.target.tokenizer
@@ -283,7 +292,6 @@ class Trainer:
                 raise ConfigError(f"target {t.path} has no tokenizer files: set data.tokenizer")
             return tok
         # random tiny target: a byte-level BPE trained on the conversations' text (deterministic)
-        from dspark_jax.testing import build_chat_tokenizer
 
         corpus = []
         for f in files:
@@ -303,8 +311,6 @@ class Trainer:
         t = self.cfg.target
         if not self.random_target:
             return
-        from dspark_jax import distributed
-        from dspark_jax.train.pretrain import fit_target
 
         target_dir = os.path.join(self.out_dir, "target")
         done_marker = os.path.join(target_dir, "pretrain.json")
@@ -346,7 +352,6 @@ class Trainer:
             self.draft = build_draft(self.target, dcfg, seed=cfg.draft.seed, dtype=compute, param_dtype="float32")
         # frozen embed / lm_head copies of the target: never updated, so no fp32 master; keep them in the compute
         # dtype (half the memory of the largest draft arrays in bf16 runs)
-        from dspark_jax.nn.frozen import Frozen
 
         for _, var in nnx.iter_graph(self.draft):
             if isinstance(var, Frozen) and var.get_value().dtype != jnp.dtype(compute):
@@ -356,10 +361,6 @@ class Trainer:
                   f"fp32 master weights")
 
     def _build_pipeline_and_step(self):
-        from dspark_jax.train.data import InputPipeline
-        from dspark_jax.train.schedule import dspark_lr_schedule, make_optimizer
-        from dspark_jax.train.step import make_train_step, process_batch_rows, shard_target_state
-
         cfg, o = self.cfg, self.cfg.optim
         micro = o.micro_batch_size or o.global_batch_size
         ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -383,7 +384,8 @@ class Trainer:
         rows = len(self.pipeline.samples)
         if cfg.data.packing:
             self.echo(f"[train] packing: {len(self.samples)} conversations into {rows} rows of "
-                      f"{cfg.data.max_length} tokens (padding {self.pipeline.padding_fraction():.1%} of the first epoch)")
+                      f"{cfg.data.max_length} tokens (padding {self.pipeline.padding_fraction():.1%} of the first "
+                      "epoch)")
         self.grad_accum = o.global_batch_size // micro
         self.total_updates = o.epochs * (rows // o.global_batch_size)
         self.total_steps = self.total_updates * self.grad_accum
@@ -403,23 +405,16 @@ class Trainer:
 
     # ---- state ----------------------------------------------------------------------------------------
     def initial_state(self):
-        from dspark_jax.train.step import init_train_state, shard_train_state
-
         return shard_train_state(init_train_state(self.draft, self.optimizer, seed=self.cfg.optim.seed), self.mesh,
                                  self.draft_rules)
 
     def checkpoint_manager(self):
-        from dspark_jax.train.checkpoint import TrainCheckpointManager
-
         c = self.cfg.checkpoint
         return TrainCheckpointManager(os.path.join(self.out_dir, "checkpoints"), max_to_keep=c.keep,
                                       save_every=c.every, async_save=c.async_save)
 
     def export_draft(self, state, path: str | None = None) -> str:
         """Writes the draft with ``state``'s weights in DeepSpec's format (default ``<output_dir>/draft``)."""
-        from dspark_jax import distributed
-        from dspark_jax.train.step import split_draft
-
         graphdef, _, _ = split_draft(self.draft)
         # every process takes part in gathering the shards; only process 0 writes
         draft = nnx.merge(graphdef, _to_host(state.params), _to_host(state.frozen))
@@ -439,8 +434,6 @@ class Trainer:
         state, it = self.initial_state(), self.pipeline.iterator()
         start = 0
         if ckpt.latest_step() is not None:
-            from dspark_jax.train.checkpoint import sharded_abstract_state
-
             state, extra = ckpt.restore(sharded_abstract_state(self.draft, self.optimizer, self.mesh,
                                                                self.draft_rules))
             try:
@@ -454,8 +447,6 @@ class Trainer:
         stop = _StopFlag()
         bar = None
         if cfg.log.progress and self.is_main:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=self.total_steps, initial=min(start, self.total_steps), desc=f"train {cfg.draft.kind}",
                        unit="step", dynamic_ncols=True)
         self.echo(f"[train] {self.total_steps} micro-steps ({self.total_updates} updates x {self.grad_accum} "
@@ -468,7 +459,7 @@ class Trainer:
         t_last = time.perf_counter()
         step = start
         stopped = False
-        eagle = self.draft.config.is_eagle3
+        objective = objective_for(self.draft.config)
         try:
             with stop:
                 while step < self.total_steps:
@@ -489,8 +480,8 @@ class Trainer:
                                     "epoch": (s - 1) // self.pipeline.steps_per_epoch,
                                     **{k: float(v) for k, v in m.items()}}
                             rows = self.pipeline.sampler.micro_batch_size
-                            block_tokens = (ctx * self.draft.config.ttt_length if eagle else
-                                            line.get("anchors_per_seq", 0.0) * rows * self.draft.config.block_size)
+                            block_tokens = objective.trained_tokens(self.draft.config, ctx,
+                                                                    line.get("anchors_per_seq", 0.0), rows)
                             tokens += ctx
                             flop_sum += self.flops(ctx, block_tokens)
                             lines.append(line)
@@ -528,7 +519,6 @@ def _to_host(tree):
     """``tree``'s arrays as numpy, whole (gathered from every process when sharded across hosts)."""
     if all(x.is_fully_addressable for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)):
         return jax.device_get(tree)
-    from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(tree, tiled=True)
 
@@ -555,7 +545,6 @@ class _StopFlag:
             return self.requested
         if step % every:
             return False
-        from jax.experimental import multihost_utils
 
         flags = multihost_utils.process_allgather(np.asarray(self.requested))
         if np.any(flags) and not self.requested:

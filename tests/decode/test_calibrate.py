@@ -12,6 +12,7 @@ import pytest
 import dspark_jax as dj
 from dspark_jax.config import TargetConfig
 from dspark_jax.decode import calibrate as C
+from dspark_jax.eval.calibrate import add_calibrate_parser
 from dspark_jax.decode.scheduler import PrefixScheduler
 from dspark_jax.testing import build_chat_tokenizer, make_bigram, make_oracle_draft
 
@@ -217,7 +218,7 @@ def calib_dirs(tmp_path_factory):
 def test_calibrate_cli_end_to_end(calib_dirs, tmp_path, capsys):
     tdir, ddir, data = calib_dirs
     parser = argparse.ArgumentParser()
-    C.add_calibrate_parser(parser.add_subparsers(dest="command", required=True))
+    add_calibrate_parser(parser.add_subparsers(dest="command", required=True))
     report_dir = tmp_path / "rep"
     args = parser.parse_args(["calibrate", "--target", tdir, "--draft", ddir, "--data", data, "--datasets",
                               "mt-bench", "--max-new-tokens", "16", "--batch-size", "3", "--seed", "0",

@@ -26,9 +26,18 @@ from typing import Any, Mapping
 from dspark_jax.config import ConfigError, read_config_json
 from dspark_jax.convert.families import algorithm_of, draft_family
 from dspark_jax.convert.formats import deepspec, specforge, speculators, zlab
-from dspark_jax.convert.formats.common import (DEFAULT_EAGLE3_TOKENS, DEFAULT_NUM_ANCHORS, FORMAT_LABELS, FORMATS,
-                                               SHARED, DraftCheckpoint, DraftFormat, ExportOptions, FormatError,
-                                               refuse)
+from dspark_jax.convert.formats.common import (
+    DEFAULT_EAGLE3_TOKENS,
+    DEFAULT_NUM_ANCHORS,
+    FORMAT_LABELS,
+    FORMATS,
+    SHARED,
+    DraftCheckpoint,
+    DraftFormat,
+    ExportOptions,
+    FormatError,
+    refuse,
+)
 from dspark_jax.convert.formats.describe import describe, format_description
 from dspark_jax.convert.formats.load import check_fits, load_checkpoint, target_source
 from dspark_jax.convert.formats.specforge import SPECFORGE_DSPARK_ARCH, SPECFORGE_EAGLE3_ARCH

@@ -8,9 +8,19 @@ import os
 from typing import Any, Mapping
 
 from dspark_jax.convert.families import algorithm_of
-from dspark_jax.convert.formats.common import (SHARED, DraftCheckpoint, DraftFormat, ExportOptions, check_tensors,
-                                               deepspec_tensors, file_listing, handle_lazy, out_dtype, refuse,
-                                               write_dir)
+from dspark_jax.convert.formats.common import (
+    SHARED,
+    DraftCheckpoint,
+    DraftFormat,
+    ExportOptions,
+    check_tensors,
+    deepspec_tensors,
+    file_listing,
+    handle_lazy,
+    out_dtype,
+    refuse,
+    write_dir,
+)
 from dspark_jax.convert.safetensors_io import CheckpointError
 from dspark_jax.drafts import config as dcfg
 from dspark_jax.drafts.config import BONUS_ANCHOR, EAGLE3_LLAMA, LAYER_OUTPUT, DraftConfig

@@ -11,16 +11,45 @@ import numpy as np
 
 from dspark_jax.config import ConfigError
 from dspark_jax.convert.families import BLOCK, EAGLE3, draft_family
-from dspark_jax.convert.formats.common import (DEFAULT_EAGLE3_TOKENS, DEFAULT_NUM_ANCHORS, MARKOV_KEYS,
-                                               DraftCheckpoint, DraftFormat, ExportOptions, FormatError, Lazy,
-                                               arch_config, backbone_dict, bool_field, check_tensors,
-                                               deepspec_tensors, file_listing, finish_shared, handle_lazy, ids_field,
-                                               llama_backbone, make_config, out_dtype, read_vocab_tables, refuse,
-                                               scatter, vocab_tables, write_dir)
+from dspark_jax.convert.formats.common import (
+    DEFAULT_EAGLE3_TOKENS,
+    DEFAULT_NUM_ANCHORS,
+    MARKOV_KEYS,
+    DraftCheckpoint,
+    DraftFormat,
+    ExportOptions,
+    FormatError,
+    Lazy,
+    arch_config,
+    backbone_dict,
+    bool_field,
+    check_tensors,
+    deepspec_tensors,
+    file_listing,
+    finish_shared,
+    handle_lazy,
+    ids_field,
+    llama_backbone,
+    make_config,
+    out_dtype,
+    read_vocab_tables,
+    refuse,
+    scatter,
+    vocab_tables,
+    write_dir,
+)
 from dspark_jax.convert.formats.zlab import NO_VOCAB_TABLES, plan_bonus_anchor, write_shared, zlab_config
 from dspark_jax.convert.safetensors_io import CheckpointError
-from dspark_jax.drafts.config import (ANCHOR_FIRST, BONUS_ANCHOR, DSPARK_ARCH, EAGLE3_ARCH, EAGLE3_LLAMA,
-                                      LAYER_OUTPUT, DraftConfig, specforge_eagle3_layer_ids)
+from dspark_jax.drafts.config import (
+    ANCHOR_FIRST,
+    BONUS_ANCHOR,
+    DSPARK_ARCH,
+    EAGLE3_ARCH,
+    EAGLE3_LLAMA,
+    LAYER_OUTPUT,
+    DraftConfig,
+    specforge_eagle3_layer_ids,
+)
 from dspark_jax.targets.registry import target_config_from_json
 
 NAME = "specforge"

@@ -10,14 +10,42 @@ import numpy as np
 
 from dspark_jax.config import ConfigError
 from dspark_jax.convert.families import BLOCK, EAGLE3, draft_family
-from dspark_jax.convert.formats.common import (DEFAULT_EAGLE3_TOKENS, DEFAULT_NUM_ANCHORS, DraftCheckpoint,
-                                               DraftFormat, ExportOptions, FormatError, arch_config, backbone_dict,
-                                               bool_field, check_tensors, deepspec_tensors, finish_shared,
-                                               handle_lazy, ids_field, llama_backbone, make_config, out_dtype,
-                                               read_vocab_tables, refuse, scatter, vocab_tables, write_dir)
+from dspark_jax.convert.formats.common import (
+    DEFAULT_EAGLE3_TOKENS,
+    DEFAULT_NUM_ANCHORS,
+    DraftCheckpoint,
+    DraftFormat,
+    ExportOptions,
+    FormatError,
+    arch_config,
+    backbone_dict,
+    bool_field,
+    check_tensors,
+    deepspec_tensors,
+    finish_shared,
+    handle_lazy,
+    ids_field,
+    llama_backbone,
+    make_config,
+    out_dtype,
+    read_vocab_tables,
+    refuse,
+    scatter,
+    vocab_tables,
+    write_dir,
+)
 from dspark_jax.convert.safetensors_io import CheckpointError
-from dspark_jax.drafts.config import (ANCHOR_FIRST, BONUS_ANCHOR, DSPARK_ARCH, EAGLE3_ARCH, EAGLE3_DEEPSPEC,
-                                      EAGLE3_LLAMA, LAYER_INPUT, DraftConfig, layer_ids_from)
+from dspark_jax.drafts.config import (
+    ANCHOR_FIRST,
+    BONUS_ANCHOR,
+    DSPARK_ARCH,
+    EAGLE3_ARCH,
+    EAGLE3_DEEPSPEC,
+    EAGLE3_LLAMA,
+    LAYER_INPUT,
+    DraftConfig,
+    layer_ids_from,
+)
 
 NAME = "speculators"
 SPECULATORS_VERSION = "0.7.0"

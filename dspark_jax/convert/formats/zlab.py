@@ -8,10 +8,23 @@ from typing import Any, Callable, Mapping
 
 from dspark_jax.config import ConfigError
 from dspark_jax.convert.families import BLOCK, EAGLE3, draft_family
-from dspark_jax.convert.formats.common import (DEFAULT_NUM_ANCHORS, SHARED, DraftCheckpoint, DraftFormat,
-                                               ExportOptions, FormatError, arch_config, backbone_dict,
-                                               deepspec_tensors, finish_shared, ids_field, make_config, out_dtype,
-                                               refuse, write_dir)
+from dspark_jax.convert.formats.common import (
+    DEFAULT_NUM_ANCHORS,
+    SHARED,
+    DraftCheckpoint,
+    DraftFormat,
+    ExportOptions,
+    FormatError,
+    arch_config,
+    backbone_dict,
+    deepspec_tensors,
+    finish_shared,
+    ids_field,
+    make_config,
+    out_dtype,
+    refuse,
+    write_dir,
+)
 from dspark_jax.drafts.config import BONUS_ANCHOR, DSPARK_ARCH, LAYER_OUTPUT, DraftConfig
 
 NAME = "zlab"
