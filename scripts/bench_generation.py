@@ -19,13 +19,11 @@ the ratio, and checks that both modes produce the same tokens.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
 
-import jax
 import numpy as np
+from _bench_common import add_options, machine, parser, write_json
+from _bench_jax import device_kind, random_qwen3_config, spread_taps
 
 import dspark_jax as dj
 from dspark_jax.testing import make_cycle_target, make_oracle_draft
@@ -65,30 +63,21 @@ def run_continuous(target, draft, prompts, slots, refill_at, shrink, kw):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=256)
-    ap.add_argument("--slots", default="16,32")
+    ap = parser(__doc__)
+    add_options(ap, requests=256, slots="16,32")
     ap.add_argument("--refill-at", type=int, default=None, help="default max(1, slots // 8)")
-    ap.add_argument("--min-len", type=int, default=16)
-    ap.add_argument("--max-len", type=int, default=512)
+    add_options(ap, min_len=16, max_len=512)
     ap.add_argument("--median-len", type=float, default=64)
     ap.add_argument("--sigma", type=float, default=0.9, help="log-normal sigma of the output lengths")
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=1024)
+    add_options(ap, prompt_len=32, hidden=256, layers=8, vocab=1024)
     ap.add_argument("--draft", default="oracle", choices=["oracle", "random", "none"],
                     help="speculative rows: an oracle DSpark draft, a random one, or none (plain only)")
-    ap.add_argument("--block-size", type=int, default=4)
-    ap.add_argument("--json-out")
+    add_options(ap, block_size=4, json_out=None)
     args = ap.parse_args(argv)
     if args.vocab <= args.max_len:
         ap.error("--vocab must exceed --max-len (the cycle sets lengths up to vocab - 1)")
     h = args.hidden
-    cfg = dj.TargetConfig(model_type="qwen3", vocab_size=args.vocab, hidden_size=h, intermediate_size=3 * h,
-                          num_hidden_layers=args.layers, num_attention_heads=max(1, h // 64),
-                          num_key_value_heads=max(1, h // 128), head_dim=64, eos_token_id=0)
-    target = dj.build_target(cfg, seed=0)
+    target = dj.build_target(random_qwen3_config(h, args.layers, args.vocab, eos_token_id=0), seed=0)
     rng = np.random.default_rng(1)
     order = rng.permutation(args.vocab)
     make_cycle_target(target, order)
@@ -98,11 +87,11 @@ def main(argv=None):
     useful = int(lengths.sum())
     print(f"{args.requests} requests, output lengths {lengths.min()}-{lengths.max()} (median {np.median(lengths):.0f}, "
           f"mean {lengths.mean():.1f}, {useful} tokens); target H={h} x {args.layers} layers, V={args.vocab}; "
-          f"{jax.devices()[0].device_kind}, {platform.processor() or platform.machine()}")
+          f"{device_kind()}, {machine()}")
     loops = [("plain", None)]
     if args.draft != "none":
         dcfg = dj.DraftConfig(block_size=args.block_size, mask_token_id=args.vocab - 1,
-                              target_layer_ids=tuple(int(i) for i in np.linspace(0, args.layers - 2, 3).round()),
+                              target_layer_ids=spread_taps(args.layers, 0),
                               markov_rank=args.vocab, num_draft_layers=1)
         draft = dj.build_draft(target, dcfg, seed=3)
         if args.draft == "oracle":
@@ -137,9 +126,7 @@ def main(argv=None):
                       f"{c['tokens_per_s']:.0f} tok/s, utilisation {c['utilisation']:.1%}, {c['prompt_passes']} "
                       f"prompt passes | {c['speedup']:.2f}x", flush=True)
             rows.append(row)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"args": vars(args), "lengths": lengths.tolist(), "rows": rows}, f, indent=2)
+    write_json(args.json_out, {"args": vars(args), "lengths": lengths.tolist(), "rows": rows})
 
 
 if __name__ == "__main__":

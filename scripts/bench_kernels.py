@@ -18,15 +18,13 @@ mode, so the numbers only show that the script works: timings need a GPU or TPU.
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _bench_common import parser, write_json
+from _bench_jax import median_time
 
 from dspark_jax import kernels
 
@@ -47,14 +45,7 @@ def device_peak():
 
 
 def timeit(fn, *args, iters: int) -> float:
-    out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_time(lambda: fn(*args), iters)[1]
 
 
 def block_shapes(kind: str):
@@ -129,8 +120,23 @@ def bench_ragged(shape, dtype, iters, peak_bw):
     return res
 
 
+def block_line(r, peak_flops) -> str:
+    return (f"block  S={r['s']:5d} N={r['n']} Bs={r['bs']} h={r['nh']}/{r['nkv']}x{r['hd']}: "
+            f"fwd pallas {r['pallas_fwd_s'] * 1e3:9.3f} ms  xla {r['xla_fwd_s'] * 1e3:9.3f} ms "
+            f"(x{r['speedup_fwd']:.2f}) | fwd+bwd pallas {r['pallas_fwdbwd_s'] * 1e3:9.3f} ms  "
+            f"xla {r['xla_fwdbwd_s'] * 1e3:9.3f} ms (x{r['speedup_fwdbwd']:.2f}) | "
+            f"{r['pallas_fwd_tflops']:.3f}/{r['pallas_fwdbwd_tflops']:.3f} TFLOP/s"
+            + (f" = {r['pallas_fwd_pct_peak']:.1f}%/{r['pallas_fwdbwd_pct_peak']:.1f}% of peak" if peak_flops else ""))
+
+
+def ragged_line(r, peak_bw) -> str:
+    return (f"ragged rows={r['rows']:3d} x {r['tokens']} tok, cache {r['ctx']:5d}: "
+            f"pallas {r['pallas_s'] * 1e3:9.3f} ms  xla {r['xla_s'] * 1e3:9.3f} ms (x{r['speedup']:.2f}) | "
+            f"{r['pallas_GBps']:.1f} GB/s" + (f" = {r['pallas_pct_peak_bw']:.1f}% of peak" if peak_bw else ""))
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--kernel", choices=("block", "ragged", "all"), default="all")
     p.add_argument("--shapes", choices=("auto", "tiny", "realistic"), default="auto")
     p.add_argument("--dtype", default="bfloat16")
@@ -148,29 +154,17 @@ def main(argv=None):
     if not on_accel:
         print("NOTE: no GPU/TPU: the Pallas kernels run in interpret mode, so these timings say nothing about "
               "kernel speed; run on a GPU or TPU for real numbers.")
+    # kernel -> (its shapes, its benchmark, the peak it is held to, its printed line)
+    benches = {"block": (block_shapes, bench_block, peak_flops, block_line),
+               "ragged": (ragged_shapes, bench_ragged, peak_bw, ragged_line)}
     results = []
-    if a.kernel in ("block", "all"):
-        for shape in block_shapes(shapes):
-            r = bench_block(shape, dtype, iters, peak_flops)
-            results.append(r)
-            print(f"block  S={r['s']:5d} N={r['n']} Bs={r['bs']} h={r['nh']}/{r['nkv']}x{r['hd']}: "
-                  f"fwd pallas {r['pallas_fwd_s'] * 1e3:9.3f} ms  xla {r['xla_fwd_s'] * 1e3:9.3f} ms "
-                  f"(x{r['speedup_fwd']:.2f}) | fwd+bwd pallas {r['pallas_fwdbwd_s'] * 1e3:9.3f} ms  "
-                  f"xla {r['xla_fwdbwd_s'] * 1e3:9.3f} ms (x{r['speedup_fwdbwd']:.2f}) | "
-                  f"{r['pallas_fwd_tflops']:.3f}/{r['pallas_fwdbwd_tflops']:.3f} TFLOP/s"
-                  + (f" = {r['pallas_fwd_pct_peak']:.1f}%/{r['pallas_fwdbwd_pct_peak']:.1f}% of peak"
-                     if peak_flops else ""), flush=True)
-    if a.kernel in ("ragged", "all"):
-        for shape in ragged_shapes(shapes):
-            r = bench_ragged(shape, dtype, iters, peak_bw)
-            results.append(r)
-            print(f"ragged rows={r['rows']:3d} x {r['tokens']} tok, cache {r['ctx']:5d}: "
-                  f"pallas {r['pallas_s'] * 1e3:9.3f} ms  xla {r['xla_s'] * 1e3:9.3f} ms (x{r['speedup']:.2f}) | "
-                  f"{r['pallas_GBps']:.1f} GB/s" + (f" = {r['pallas_pct_peak_bw']:.1f}% of peak" if peak_bw else ""),
-                  flush=True)
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(dict(device=kind, backend=backend, shapes=shapes, results=results), fh, indent=1)
+    for name, (shapes_of, bench, peak, line) in benches.items():
+        if a.kernel in (name, "all"):
+            for shape in shapes_of(shapes):
+                r = bench(shape, dtype, iters, peak)
+                results.append(r)
+                print(line(r, peak), flush=True)
+    write_json(a.json, dict(device=kind, backend=backend, shapes=shapes, results=results), indent=1)
     return 0
 
 

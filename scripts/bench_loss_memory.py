@@ -9,14 +9,13 @@ and checks both paths give the same loss. Usage:
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _bench_common import add_options, machine, parser, write_json
+from _bench_jax import device_kind
 
 from dspark_jax.drafts.config import DraftConfig
 from dspark_jax.drafts.dspark import DraftTrainOutput
@@ -24,14 +23,10 @@ from dspark_jax.train.loss import dspark_loss
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab", type=int, default=151936)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--rank", type=int, default=256)
+    ap = parser(__doc__)
+    add_options(ap, vocab=151936, hidden=1024, rank=256)
     ap.add_argument("--blocks", type=int, default=128, help="N anchored blocks (one sequence)")
-    ap.add_argument("--block-size", type=int, default=7)
-    ap.add_argument("--chunk", type=int, default=8192)
-    ap.add_argument("--json-out", default=None)
+    add_options(ap, block_size=7, chunk=8192, json_out=None)
     args = ap.parse_args(argv)
     b, n, bs, h, v, r = 1, args.blocks, args.block_size, args.hidden, args.vocab, args.rank
     cfg = DraftConfig(block_size=bs, markov_rank=r)
@@ -66,16 +61,14 @@ def main(argv=None):
                          "loss": val, "seconds": time.perf_counter() - t0}
     names = list(results)
     a, c = results[names[0]], results[names[1]]
-    print(f"B={b} N={n} Bs={bs} H={h} V={v} r={r} on {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()})")
+    print(f"B={b} N={n} Bs={bs} H={h} V={v} r={r} on {device_kind()} ({machine()})")
     for name, res in results.items():
         print(f"  {name:>16}: temp {res['temp_bytes'] / 2**20:9.1f} MiB, loss {res['loss']:.6f}, "
               f"value+grad {res['seconds']:.2f}s")
     print(f"  peak temporaries: {a['temp_bytes'] / max(c['temp_bytes'], 1):.1f}x smaller with chunks; "
           f"|loss difference| = {abs(a['loss'] - c['loss']):.2e}")
     assert np.isclose(a["loss"], c["loss"], rtol=1e-5, atol=1e-5)
-    if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump({"args": vars(args), "results": results}, fh, indent=2)
+    write_json(args.json_out, {"args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

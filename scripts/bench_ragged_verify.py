@@ -10,36 +10,22 @@ anchor plus L drafts, for several L. Part 2 runs ``dj.speculative_generate`` end
 
 from __future__ import annotations
 
-import argparse
-import platform
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _bench_common import add_options, machine, parser
+from _bench_jax import median_time, random_qwen3_config
 
 import dspark_jax as dj
 from dspark_jax.decode.ragged import ragged_buckets, verify_forward
 from dspark_jax.testing import make_bigram, make_oracle_draft
 
 
-def _median_time(fn, repeats):
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _target(args):
-    cfg = dj.TargetConfig(model_type="qwen3", vocab_size=args.vocab, hidden_size=args.hidden,
-                          intermediate_size=args.hidden * 3, num_hidden_layers=args.layers,
-                          num_attention_heads=max(2, args.hidden // 64), num_key_value_heads=max(1, args.hidden // 128),
-                          head_dim=64, initializer_range=0.5)
-    return dj.build_target(cfg, seed=0)
+def _config(args):
+    """The random target of both tables (at least two query heads)."""
+    return random_qwen3_config(args.hidden, args.layers, args.vocab, min_heads=2, initializer_range=0.5)
 
 
 def verify_step_table(target, args):
@@ -55,12 +41,12 @@ def verify_step_table(target, args):
                                          return_logits=False).cache)(ctx)
         seq = jnp.asarray(rng.integers(0, args.vocab, size=(b, width)))
         padded = jax.jit(lambda c: target(seq, c, num_new=jnp.full((b,), width), tap_layer_ids=taps))
-        t_pad = _median_time(lambda: padded(cache), args.repeats)
+        t_pad = median_time(lambda: padded(cache), args.repeats)[1]
         buckets = ragged_buckets(b, width)
         ragged = jax.jit(lambda c, n: verify_forward(target, seq, n, c, taps, buckets))
         for lengths in (0, 1, 3, args.block_size):
             counts = jnp.full((b,), lengths + 1, jnp.int32)
-            t_rag = _median_time(lambda: ragged(cache, counts), args.repeats)
+            t_rag = median_time(lambda: ragged(cache, counts), args.repeats)[1]
             rows.append((b, lengths, b * (lengths + 1), t_pad * 1e3, t_rag * 1e3, t_pad / t_rag))
     print(f"\n### Verify step: padded [B, {width}] vs ragged (context {args.context} tokens, target H={args.hidden}, "
           f"{args.layers} layers, V={args.vocab})\n")
@@ -71,11 +57,7 @@ def verify_step_table(target, args):
 
 
 def end_to_end(args):
-    cfg = dj.TargetConfig(model_type="qwen3", vocab_size=args.vocab, hidden_size=args.hidden,
-                          intermediate_size=args.hidden * 3, num_hidden_layers=args.layers,
-                          num_attention_heads=max(2, args.hidden // 64), num_key_value_heads=max(1, args.hidden // 128),
-                          head_dim=64, initializer_range=0.5)
-    target = make_bigram(dj.build_target(cfg, seed=3))
+    target = make_bigram(dj.build_target(_config(args), seed=3))
     dcfg = dj.DraftConfig(block_size=args.block_size, mask_token_id=args.vocab - 1, target_layer_ids=(0, 1),
                           num_anchors=4, markov_rank=args.vocab, enable_confidence_head=True, num_draft_layers=2)
     # an imperfect oracle: the draft's bigram table is the target's, scaled, so acceptance is partial and the
@@ -101,22 +83,12 @@ def end_to_end(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--block-size", type=int, default=7)
-    ap.add_argument("--context", type=int, default=256)
-    ap.add_argument("--batch-sizes", default="8,32")
-    ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--threshold", type=float, default=0.5)
-    ap.add_argument("--oracle-scale", type=float, default=0.7)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--skip-end-to-end", action="store_true")
+    ap = parser(__doc__)
+    add_options(ap, hidden=256, layers=8, vocab=1024, block_size=7, context=256, batch_sizes="8,32", new_tokens=48,
+                threshold=0.5, oracle_scale=0.7, repeats=5, skip_end_to_end=False)
     args = ap.parse_args(argv)
-    print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} x {jax.devices()[0].platform}, "
-          f"jax {jax.__version__}")
-    verify_step_table(_target(args), args)
+    print(f"machine: {machine()}, {jax.device_count()} x {jax.devices()[0].platform}, jax {jax.__version__}")
+    verify_step_table(dj.build_target(_config(args), seed=0), args)
     if not args.skip_end_to_end:
         end_to_end(args)
 

@@ -33,6 +33,7 @@ import sys
 import time
 
 import numpy as np
+from _bench_common import add_qwen3_size_options, qwen3_size
 
 
 def parse_args(argv=None):
@@ -49,13 +50,7 @@ def parse_args(argv=None):
                    help="which table prices the simulated steps (default: --sps-shape); e.g. schedule with the "
                         "convex model, pay the raw measured times")
     s.add_argument("--target", default=None, help="HF target directory to profile (default: a random one)")
-    s.add_argument("--hidden-size", type=int, default=512)
-    s.add_argument("--num-layers", type=int, default=8)
-    s.add_argument("--num-heads", type=int, default=8)
-    s.add_argument("--num-kv-heads", type=int, default=4)
-    s.add_argument("--head-dim", type=int, default=64)
-    s.add_argument("--intermediate-size", type=int, default=1536)
-    s.add_argument("--vocab-size", type=int, default=32000)
+    add_qwen3_size_options(s)
     s.add_argument("--context", type=int, default=128, help="KV tokens per row when profiling")
     s.add_argument("--repeats", type=int, default=3, help="timed repeats per B when profiling")
     s.add_argument("--profile-out", default=None, help="save the measured profile JSON here")
@@ -121,10 +116,7 @@ def get_sps(args, bmax: int, log):
         target = dj.load_target(args.target)
         desc = os.path.abspath(args.target)
     else:
-        cfg = tiny_qwen3_config(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
-                                intermediate_size=args.intermediate_size, num_hidden_layers=args.num_layers,
-                                num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
-                                head_dim=args.head_dim, initializer_range=0.02)
+        cfg = tiny_qwen3_config(**qwen3_size(args), initializer_range=0.02)
         target = dj.build_target(cfg, seed=0)
         desc = (f"random Qwen3 H={args.hidden_size} layers={args.num_layers} heads={args.num_heads}/"
                 f"{args.num_kv_heads} inter={args.intermediate_size} V={args.vocab_size}, fp32")

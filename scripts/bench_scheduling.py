@@ -15,10 +15,7 @@ interleaved timed runs (median tokens/s). Each run decodes all ``--prompts`` pro
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,8 +24,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from _bench_common import add_options, machine, parser, write_json  # noqa: E402
+from _bench_jax import device_kind, random_qwen3_config, spread_taps  # noqa: E402
 
 import dspark_jax as dj  # noqa: E402
 from dspark_jax.decode.profile import profile_rounds  # noqa: E402
@@ -50,14 +48,11 @@ def demo_pair(demo_dir: str, n: int):
 def oracle_pair(n: int, hidden: int, layers: int, vocab: int, block: int, conf_logit: float, prompt_len: int):
     from dspark_jax.testing import make_cycle_target, make_oracle_draft
 
-    cfg = dj.TargetConfig(model_type="qwen3", vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden,
-                          num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                          num_key_value_heads=max(1, hidden // 128), head_dim=64, eos_token_id=0)
-    target = dj.build_target(cfg, seed=0)
+    target = dj.build_target(random_qwen3_config(hidden, layers, vocab, eos_token_id=0), seed=0)
     rng = np.random.default_rng(1)
     make_cycle_target(target, rng.permutation(vocab))
     dcfg = dj.DraftConfig(block_size=block, mask_token_id=vocab - 1,
-                          target_layer_ids=tuple(int(i) for i in np.linspace(0, layers - 2, 3).round()),
+                          target_layer_ids=spread_taps(layers, 0),
                           markov_rank=vocab, num_draft_layers=1, enable_confidence_head=True)
     draft = dj.build_draft(target, dcfg, seed=3)
     make_oracle_draft(target, draft, scale=50.0)
@@ -123,20 +118,12 @@ def run_batch(target, draft, prompts, batch, stops, max_new, repeats, context, l
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--pair", choices=["demo", "oracle"], required=True)
-    ap.add_argument("--demo-dir", default="demo_out")
-    ap.add_argument("--batches", default="1,4,8,16,32")
+    add_options(ap, demo_dir="demo_out", batches="1,4,8,16,32")
     ap.add_argument("--prompts", type=int, default=64, help="prompts decoded per batch size (in batches)")
-    ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--block-size", type=int, default=4)
-    ap.add_argument("--oracle-confidence-logit", type=float, default=3.0)
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--json-out")
+    add_options(ap, max_new_tokens=96, repeats=3, hidden=256, layers=8, vocab=1024, block_size=4,
+                oracle_confidence_logit=3.0, prompt_len=64, json_out=None)
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     n = args.prompts
@@ -148,7 +135,7 @@ def main(argv=None):
     context = int(np.median([len(p) for p in prompts])) + args.max_new_tokens // 2
     print(f"{args.pair} pair: target H={target.config.hidden_size} x {target.config.num_hidden_layers} layers, "
           f"V={target.config.vocab_size}; Bs={draft.config.block_size}; {len(prompts)} prompts; profile context "
-          f"{context}; {jax.devices()[0].device_kind}, {platform.processor() or platform.machine()}, "
+          f"{context}; {device_kind()}, {machine()}, "
           f"{os.cpu_count()} CPUs", flush=True)
     results = []
     print("| batch | row | tokens/s | x plain | tau | drafts / row-round | plain rounds |\n|---:|---|---:|---:|---:|---:|---:|")
@@ -165,9 +152,7 @@ def main(argv=None):
         res["zos_vs_best_baseline"] = res["rows"]["ZOS"]["tokens_per_s"] / best
         print(f"|  | prefix / max(plain, full) = {res['prefix_vs_best_baseline']:.3f}, ZOS: "
               f"{res['zos_vs_best_baseline']:.3f} | | | | | |", flush=True)
-    if args.json_out:
-        with open(args.json_out, "w", encoding="utf-8") as f:
-            json.dump({"pair": args.pair, "args": vars(args), "results": results}, f, indent=1)
+    write_json(args.json_out, {"pair": args.pair, "args": vars(args), "results": results}, indent=1)
 
 
 if __name__ == "__main__":

@@ -11,49 +11,24 @@ A trained pair replaces these once the demo/training issues land.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
-import statistics
-import time
 
-import jax
 import numpy as np
+from _bench_common import add_options, parser, write_json
+from _bench_jax import device_kind, median_time, random_qwen3_config, spread_taps
 
 import dspark_jax as dj
 from dspark_jax.testing import make_bigram, make_oracle_draft
 
 
-def _timed(fn, repeats):
-    fn()  # compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return out, statistics.median(times)
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--draft-layers", type=int, default=2)
-    ap.add_argument("--block-size", type=int, default=7)
-    ap.add_argument("--batch-sizes", default="1,8")
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json-out")
+    ap = parser(__doc__)
+    add_options(ap, hidden=256, layers=8, vocab=1024, draft_layers=2, block_size=7, batch_sizes="1,8", new_tokens=128,
+                prompt_len=32, temperature=0.0, repeats=3, json_out=None)
     args = ap.parse_args(argv)
     h, v = args.hidden, args.vocab
-    cfg = dj.TargetConfig(model_type="qwen3", vocab_size=v, hidden_size=h, intermediate_size=3 * h,
-                          num_hidden_layers=args.layers, num_attention_heads=max(1, h // 64),
-                          num_key_value_heads=max(1, h // 128), head_dim=64, initializer_range=0.1)
-    taps = tuple(int(i) for i in np.linspace(1, args.layers - 2, 3).round())
-    dcfg = dj.DraftConfig(block_size=args.block_size, mask_token_id=v - 1, target_layer_ids=taps,
+    cfg = random_qwen3_config(h, args.layers, v, initializer_range=0.1)
+    dcfg = dj.DraftConfig(block_size=args.block_size, mask_token_id=v - 1, target_layer_ids=spread_taps(args.layers, 1),
                           markov_rank=v, num_draft_layers=args.draft_layers)
     pairs = {}
     plain = dj.build_target(cfg, seed=0)
@@ -63,13 +38,13 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     rows = []
     print(f"target H={h} L={args.layers} V={v}; draft D={args.draft_layers} Bs={args.block_size} r={v}; "
-          f"T={args.temperature}; {args.new_tokens} new tokens; device {jax.devices()[0].device_kind}")
+          f"T={args.temperature}; {args.new_tokens} new tokens; device {device_kind()}")
     for name, (target, draft) in pairs.items():
         for b in (int(x) for x in args.batch_sizes.split(",")):
             prompts = rng.integers(0, v - 1, (b, args.prompt_len)).tolist()
             kw = dict(max_new_tokens=args.new_tokens, temperature=args.temperature, stop_token_ids=(), seed=0)
-            ar, t_ar = _timed(lambda: dj.generate(target, prompts, **kw), args.repeats)
-            sp, t_sp = _timed(lambda: dj.speculative_generate(target, draft, prompts, **kw), args.repeats)
+            ar, t_ar = median_time(lambda: dj.generate(target, prompts, **kw), args.repeats)
+            sp, t_sp = median_time(lambda: dj.speculative_generate(target, draft, prompts, **kw), args.repeats)
             same = bool((ar.tokens == sp.tokens).all()) if args.temperature == 0 else None
             row = {"pair": name, "batch": b, "plain_tok_s": b * args.new_tokens / t_ar,
                    "spec_tok_s": b * args.new_tokens / t_sp, "speedup": t_ar / t_sp, "tau": sp.stats["tau"],
@@ -78,9 +53,7 @@ def main(argv=None):
             print(f"  {name:>6} B={b:<3} plain {row['plain_tok_s']:8.1f} tok/s | speculative "
                   f"{row['spec_tok_s']:8.1f} tok/s | x{row['speedup']:.2f} | tau {row['tau']:.2f} | "
                   f"identical={same}")
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"args": vars(args), "machine": platform.platform(), "rows": rows}, f, indent=2)
+    write_json(args.json_out, {"args": vars(args), "machine": platform.platform(), "rows": rows})
 
 
 if __name__ == "__main__":

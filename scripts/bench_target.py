@@ -37,6 +37,8 @@ import sys
 import tempfile
 import time
 
+from _bench_common import add_qwen3_size_options, qwen3_size
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -44,13 +46,7 @@ def parse_args(argv=None):
                     "(greedy, fixed number of new tokens, no early stop). Each side runs in its own subprocess.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model (random weights, transformers Qwen3Config)")
-    g.add_argument("--hidden-size", type=int, default=512)
-    g.add_argument("--num-layers", type=int, default=8)
-    g.add_argument("--num-heads", type=int, default=8)
-    g.add_argument("--num-kv-heads", type=int, default=4)
-    g.add_argument("--head-dim", type=int, default=64)
-    g.add_argument("--intermediate-size", type=int, default=1536)
-    g.add_argument("--vocab-size", type=int, default=32000)
+    add_qwen3_size_options(g)
     g.add_argument("--model-seed", type=int, default=0, help="torch seed for the random weights")
     r = p.add_argument_group("run")
     r.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
@@ -129,8 +125,9 @@ def _timed(fn, repeats):
 # ---- workers (each in its own process) ------------------------------------------------------------
 
 def worker_ours(args, workdir):
-    import numpy as np
     import jax
+    import numpy as np
+
     import dspark_jax as dj
 
     prompts = np.load(os.path.join(workdir, "prompts.npz"))
@@ -227,10 +224,7 @@ def main(argv=None) -> int:
     # random checkpoint, saved the HF way
     torch.manual_seed(args.model_seed)
     cfg = transformers.Qwen3Config(
-        vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
-        num_key_value_heads=args.num_kv_heads, head_dim=args.head_dim,
-        max_position_embeddings=max(4096, args.prompt_len + args.new_tokens),
+        **qwen3_size(args), max_position_embeddings=max(4096, args.prompt_len + args.new_tokens),
         tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=0)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     hf = transformers.Qwen3ForCausalLM(cfg).to(dtype)

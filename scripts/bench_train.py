@@ -14,15 +14,14 @@ steps each (medians reported; the ratio is the median of the per-round ratios). 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 
 import jax
 import numpy as np
+from _bench_common import add_options, machine, parser, write_json
 
 
 def run_steps(trainer, state, it, steps: int):
@@ -79,12 +78,15 @@ def compare_packing(cfg, work: str, steps: int, warmup: int, rounds: int) -> dic
     return out
 
 
+def report(res: dict, json_out: str | None) -> None:
+    """Printed as indented JSON, and written to ``json_out`` if given."""
+    print(json.dumps(res, indent=2))
+    write_json(json_out, res)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="tiny")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--json-out", default=None)
+    ap = parser(__doc__)
+    add_options(ap, config="tiny", steps=40, warmup=5, json_out=None)
     ap.add_argument("--packing", action="store_true", help="unpacked vs data.packing=true instead")
     ap.add_argument("--rounds", type=int, default=5, help="--packing: alternating timing rounds")
     ap.add_argument("overrides", nargs="*")
@@ -103,26 +105,19 @@ def main(argv=None):
         cfg = cfg.with_overrides([f"optim.max_steps={args.steps * args.rounds + args.warmup}", "optim.epochs=1000"])
         res = {"config": args.config, "overrides": args.overrides, "devices": [d.device_kind for d in jax.devices()],
                "jax": jax.__version__, **compare_packing(cfg, work, args.steps, args.warmup, args.rounds)}
-        print(json.dumps(res, indent=2))
-        if args.json_out:
-            with open(args.json_out, "w") as f:
-                json.dump(res, f, indent=2)
-        return
+        return report(res, args.json_out)
     online = Trainer(cfg)
     t0 = time.perf_counter()
     write_target_cache(os.path.join(work, "cache"), online.samples, online.target,
                        target_layer_ids=tuple(cfg.draft.target_layer_ids), progress=False)
     cache_s = time.perf_counter() - t0
     offline = Trainer(cfg.with_overrides([f"data.cache_dir={work}/cache"]))
-    res = {"config": args.config, "overrides": args.overrides, "machine": platform.processor() or platform.machine(),
+    res = {"config": args.config, "overrides": args.overrides, "machine": machine(),
            "devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__,
            "cache_write_seconds": cache_s, "online": time_steps(online, args.steps, args.warmup),
            "offline": time_steps(offline, args.steps, args.warmup)}
     res["offline_over_online"] = res["offline"]["tokens_per_s"] / res["online"]["tokens_per_s"]
-    print(json.dumps(res, indent=2))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(res, f, indent=2)
+    report(res, args.json_out)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,12 @@ import argparse
 import inspect
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 import numpy as np
+from _bench_common import machine, parser, write_json
 
 WORKLOADS = {
     "h256": dict(target=dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
@@ -103,7 +103,7 @@ def run_local(args) -> dict:
     if args.dtype == "float32":
         jax.config.update("jax_default_matmul_precision", "highest")
     peak = matmul_peak_gflops(args.peak_n)
-    out = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    out = {"machine": machine(), "cpus": os.cpu_count(),
            "devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__, "dtype": args.dtype,
            "vocab_chunk": args.vocab_chunk, "matmul_peak_gflops": peak, "results": []}
     for name in args.workload:
@@ -220,13 +220,13 @@ def compare(args) -> dict:
         row["max_abs_loss_diff"] = float(np.max(np.abs(np.subtract(row["baseline"]["losses"][:n],
                                                                     row["current"]["losses"][:n]))))
         summary[name] = row
-    return {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "dtype": args.dtype,
+    return {"machine": machine(), "cpus": os.cpu_count(), "dtype": args.dtype,
             "vocab_chunk": args.vocab_chunk, "steps": args.steps,
             "matmul_peak_gflops": {w: runs[w]["matmul_peak_gflops"] for w in order}, "workloads": summary}
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--workload", nargs="+", default=["h256", "tiny"], choices=sorted(WORKLOADS))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -252,9 +252,7 @@ def main(argv=None):
             for k in ("baseline", "current"):
                 w[k].pop("losses")
         print(json.dumps(slim, indent=2))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(res, f, indent=2)
+    write_json(args.json_out, res)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ interpreter's, which copies operands per call, and its speed is not the kernel's
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib
 import time
 
 import jax
 import jax.numpy as jnp
+from _bench_common import add_options, parser
 
 from dspark_jax.kernels._dispatch import resolve
 
@@ -113,22 +113,13 @@ def speed_table(args, pallas_backend):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=2560)
-    ap.add_argument("--vocab", type=int, default=151936)
-    ap.add_argument("--rank", type=int, default=256)
-    ap.add_argument("--blocks", type=int, default=512)
-    ap.add_argument("--block-size", type=int, default=7)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap = parser(__doc__)
+    # the memory table's geometry (Qwen3-4B), then the small shape that the speed table runs
+    add_options(ap, hidden=2560, vocab=151936, rank=256, blocks=512, block_size=7, dtype="bfloat16")
     ap.add_argument("--chunk", type=int, default=8192, help="vocab chunk of the XLA scan")
     ap.add_argument("--skip-pallas-memory", action="store_true", help="skip the (slow to compile) Pallas plan")
-    ap.add_argument("--small-rows", type=int, default=7 * 37)
-    ap.add_argument("--small-hidden", type=int, default=256)
-    ap.add_argument("--small-vocab", type=int, default=4099)
-    ap.add_argument("--small-rank", type=int, default=64)
-    ap.add_argument("--chunk-small", type=int, default=1024)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--verbose", action="store_true")
+    add_options(ap, small_rows=7 * 37, small_hidden=256, small_vocab=4099, small_rank=64, chunk_small=1024, repeats=3,
+                verbose=False)
     args = ap.parse_args(argv)
     kind, target = resolve("pallas", "vocab_loss")
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, Pallas target {target}\n")

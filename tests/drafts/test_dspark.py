@@ -14,37 +14,26 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from draft_calls import SAMPLED, assert_forced_block_matches, assert_rounds_match, block_hidden, fwd, propose, rows
 from flax import nnx
 from scipy import stats
 
 from dspark_jax.config import ConfigError
-from dspark_jax.kernels._dispatch import resolve as resolve_impl
-from dspark_jax.decode.sampling import SamplingConfig
 from dspark_jax.drafts.backbone import training_mask
 from dspark_jax.drafts.build import build_draft
-from dspark_jax.train.anchors import sample_anchors
+from dspark_jax.kernels._dispatch import resolve as resolve_impl
 from dspark_jax.kernels.vocab_loss_chunked import slot_ce_l1_chunked
+from dspark_jax.train.anchors import sample_anchors
 from dspark_jax.train.loss import dspark_loss, slot_ce_l1_reference, slot_weights
 
 V, H, BS, N, R, MASK = 32, 16, 4, 3, 4, 31
 TAPS = (0, 1, 2)
 MARKOV_KINDS = ("vanilla", "gated", "rnn")
 ALL_KINDS = MARKOV_KINDS + ("dflash",)
-SAMPLED = SamplingConfig(temperature=1.0)
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-# ---- jitted entry points (compiled once per draft kind and shape, shared by all tests) ----------------------
-@nnx.jit(static_argnames=("materialize_logits",))
-def _train_forward(draft, ids, loss_mask, taps, last, anchors, keep, materialize_logits=True):
-    return draft.train_forward(ids, loss_mask, taps, last, anchors, keep, materialize_logits=materialize_logits)
-
-
-def fwd(draft, batch, anchors, keep, **kw):
-    return _train_forward(draft, batch["input_ids"], batch["loss_mask"], batch["target_hidden"],
-                          batch["target_last_hidden"], jnp.asarray(anchors, jnp.int32), jnp.asarray(keep), **kw)
-
-
+# ---- jitted loss and gradients (compiled once per draft kind and shape; the other calls are draft_calls.py's) ---
 @nnx.jit(static_argnames=("config", "vocab_chunk"))
 def _loss_and_grads(draft, config, ids, loss_mask, taps, last, anchors, keep, vocab_chunk=None):
     def f(m):
@@ -61,25 +50,9 @@ def loss_and_grads(draft, batch, anchors, keep, config=None, vocab_chunk=None):
                            jnp.asarray(keep), vocab_chunk=vocab_chunk)
 
 
-@nnx.jit(static_argnames=("sampling", "with_decode_head"))
-def propose(draft, cache, ctx_taps, ctx_count, anchor, key, sampling=SAMPLED, with_decode_head=False):
-    head_hv = draft.decode_head() if with_decode_head else None
-    return draft.propose(cache, ctx_taps, ctx_count, anchor, key, sampling, head_hv=head_hv)
-
-
-@nnx.jit
-def block_hidden(draft, cache, ctx_taps, ctx_count, anchor):
-    return draft.block_hidden(cache, ctx_taps, ctx_count, anchor)
-
-
 def flat(state) -> dict[str, np.ndarray]:
     """An nnx State as {'layers.0.self_attn.q_proj.kernel': array}."""
     return {".".join(str(p) for p in path): np.asarray(v[...]) for path, v in nnx.to_flat_state(state)}
-
-
-def rows(x, idx):
-    """x[b, idx[b]] for each row b."""
-    return jnp.take_along_axis(x, jnp.asarray(idx)[:, None], axis=1)[:, 0]
 
 
 def np_softmax(x):
@@ -263,26 +236,7 @@ def test_train_infer_consistency_empty_cache(drafts, batch):
 def test_train_infer_consistency_incremental_cache(drafts, batch):
     """The context arrives through the cache over 3 rounds with ragged per-row counts (one of them 0) and junk
     padding rows; every round's block equals the training block at anchor = that round's start."""
-    d = drafts["vanilla"]
-    taps, ids = batch["target_hidden"], batch["input_ids"]
-    counts = np.array([[3, 0, 5], [4, 5, 2]])             # per round (columns) and row; row starts 3,3,8 / 4,9,11
-    starts = np.cumsum(counts, axis=1)
-    out = fwd(d, batch, jnp.asarray(starts), jnp.ones((2, 3), bool))
-    p = 5
-    junk = 10.0 * np.random.default_rng(3).standard_normal((2, p, taps.shape[-1]), np.float32)
-    cache = d.init_cache(2, 16)
-    for r in range(3):
-        c = np.asarray(cache.lengths)
-        ctx = np.array(junk)
-        for b in range(2):
-            ctx[b, :counts[b, r]] = taps[b, c[b]:c[b] + counts[b, r]]
-        anchor = rows(ids, starts[:, r])
-        hid, cache = block_hidden(d, cache, jnp.asarray(ctx), jnp.asarray(counts[:, r]), anchor)
-        assert cache.lengths.tolist() == starts[:, r].tolist()
-        np.testing.assert_allclose(hid, out.draft_hidden[:, r], **TOL, err_msg=f"round {r}")
-        # same as one call with the whole context on an empty cache
-        whole, _ = block_hidden(d, d.init_cache(2, 16), taps[:, :11], jnp.asarray(starts[:, r]), anchor)
-        np.testing.assert_allclose(hid, whole, **TOL)
+    assert_rounds_match(drafts["vanilla"], batch, TOL)
 
 
 # ---- 4. spec §8.6 positions and labels ------------------------------------------------------------------------
@@ -408,28 +362,11 @@ def test_forced_proposal_equals_teacher_forced_block(kind, drafts, batch, tiny_t
     the training forward at that anchor then reproduces propose's hidden states, corrected logits and confidence,
     i.e. teacher forcing == the sequential sampler when the samples are the teacher tokens (rnn state included)."""
     d = drafts[kind]
-    ids0 = np.asarray(batch["input_ids"])
-    starts = np.array([5, 3])
-    anchor = jnp.asarray(ids0[[0, 1], starts])
-    prop = propose(d, d.init_cache(2, 16), batch["target_hidden"][:, :5], jnp.asarray(starts), anchor,
-                   jax.random.key(5), SAMPLED)
-    ids1 = ids0.copy()
-    for b in range(2):
-        ids1[b, starts[b] + 1:starts[b] + 1 + BS] = np.asarray(prop.tokens[b])
-    taps1, last1, _ = run_target(tiny_target, jnp.asarray(ids1))
+    prop, taps1, starts = assert_forced_block_matches(d, kind, batch, run_target, tiny_target, TOL)
     for b in range(2):                                   # causal target: the context rows did not move
         np.testing.assert_allclose(taps1[b, :starts[b]], batch["target_hidden"][b, :starts[b]], **TOL)
-    batch1 = dict(input_ids=jnp.asarray(ids1), loss_mask=jnp.ones((2, 12), jnp.int32), target_hidden=taps1,
-                  target_last_hidden=last1)
-    out = fwd(d, batch1, jnp.array([[5, 1, 7], [3, 8, 0]]), jnp.ones((2, 3), bool))
-    np.testing.assert_array_equal(out.target_ids[:, 0], prop.tokens)
-    np.testing.assert_allclose(out.draft_hidden[:, 0], prop.block_hidden, **TOL)
-    np.testing.assert_allclose(out.draft_logits[:, 0], prop.logits, **TOL)
     if kind == "dflash":
-        assert prop.confidence_logits is None and out.confidence_logits is None
         np.testing.assert_allclose(prop.logits, d.base_logits(prop.block_hidden), **TOL)
-    else:
-        np.testing.assert_allclose(out.confidence_logits[:, 0], prop.confidence_logits, **TOL)
     assert prop.cache.lengths.tolist() == starts.tolist()
 
 

@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from draft_calls import assert_forced_block_matches, assert_rounds_match, fwd, rows
 from flax import nnx
 
 import dspark_jax as dj
 from dspark_jax.config import ConfigError
-from dspark_jax.decode.sampling import SamplingConfig
 from dspark_jax.drafts.config import DraftConfig
 from dspark_jax.drafts.gemma4 import Gemma4DSparkDraft
 from dspark_jax.nn.frozen import Frozen
@@ -28,7 +28,6 @@ V, H, BS, N, R, MASK = 32, 16, 4, 3, 4, 31
 TAPS = (0, 1, 2)
 CAP = 5.0
 TOL = dict(atol=1e-5, rtol=1e-5)
-SAMPLED = SamplingConfig(temperature=1.0)
 LAYERS = ("sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention")
 
 
@@ -51,36 +50,6 @@ def draft_config(kind="vanilla", **changes) -> DraftConfig:
     return DraftConfig(**kw)
 
 
-@nnx.jit
-def _run_target(target, ids):
-    out = target(ids, tap_layer_ids=TAPS)
-    return out.taps, out.last_hidden, out.logits
-
-
-@nnx.jit(static_argnames=("materialize_logits",))
-def _train_forward(draft, ids, loss_mask, taps, last, anchors, keep, materialize_logits=True):
-    return draft.train_forward(ids, loss_mask, taps, last, anchors, keep, materialize_logits=materialize_logits)
-
-
-@nnx.jit
-def block_hidden(draft, cache, ctx_taps, ctx_count, anchor):
-    return draft.block_hidden(cache, ctx_taps, ctx_count, anchor)
-
-
-@nnx.jit(static_argnames=("sampling",))
-def propose(draft, cache, ctx_taps, ctx_count, anchor, key, sampling=SAMPLED):
-    return draft.propose(cache, ctx_taps, ctx_count, anchor, key, sampling)
-
-
-def fwd(draft, batch, anchors, keep):
-    return _train_forward(draft, batch["input_ids"], batch["loss_mask"], batch["target_hidden"],
-                          batch["target_last_hidden"], jnp.asarray(anchors, jnp.int32), jnp.asarray(keep))
-
-
-def rows(x, idx):
-    return jnp.take_along_axis(x, jnp.asarray(idx)[:, None], axis=1)[:, 0]
-
-
 @pytest.fixture(scope="module")
 def target():
     return dj.build_target(target_config(), seed=0)
@@ -92,11 +61,12 @@ def drafts(target):
 
 
 @pytest.fixture(scope="module")
-def batch(target):
+def batch(target, run_target):
+    """conftest.py's ``batch`` over this target (conftest's ``run_target`` taps layers (0, 1, 2) = TAPS)."""
     ids = jnp.asarray(np.random.default_rng(7).integers(0, MASK, (2, 12)), jnp.int32)
     loss_mask = jnp.array([[0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
                            [0, 0, 1, 1, 1, 0, 1, 1, 1, 1, 1, 0]], jnp.int32)
-    taps, last, logits = _run_target(target, ids)
+    taps, last, logits = run_target(target, ids)
     return dict(input_ids=ids, loss_mask=loss_mask, target_hidden=taps, target_last_hidden=last, logits=logits)
 
 
@@ -225,49 +195,13 @@ def test_labels_and_softcapped_aligned_target_logits(drafts, batch):
 
 # ---- spec §8.5 train/infer consistency -----------------------------------------------------------------------
 def test_train_infer_consistency_empty_and_incremental_cache(drafts, batch):
-    d = drafts["vanilla"]
-    taps, ids = batch["target_hidden"], batch["input_ids"]
-    counts = np.array([[3, 0, 5], [4, 5, 2]])
-    starts = np.cumsum(counts, axis=1)
-    out = fwd(d, batch, jnp.asarray(starts), jnp.ones((2, 3), bool))
-    junk = 10.0 * np.random.default_rng(3).standard_normal((2, 5, taps.shape[-1]), np.float32)
-    cache = d.init_cache(2, 16)
-    for r in range(3):
-        c = np.asarray(cache.lengths)
-        ctx = np.array(junk)
-        for b in range(2):
-            ctx[b, :counts[b, r]] = taps[b, c[b]:c[b] + counts[b, r]]
-        anchor = rows(ids, starts[:, r])
-        hid, cache = block_hidden(d, cache, jnp.asarray(ctx), jnp.asarray(counts[:, r]), anchor)
-        assert cache.lengths.tolist() == starts[:, r].tolist()
-        np.testing.assert_allclose(hid, out.draft_hidden[:, r], **TOL, err_msg=f"round {r}")
-        whole, _ = block_hidden(d, d.init_cache(2, 16), taps[:, :11], jnp.asarray(starts[:, r]), anchor)
-        np.testing.assert_allclose(hid, whole, **TOL)
+    assert_rounds_match(drafts["vanilla"], batch, TOL)
 
 
 # ---- spec §8.8 / §8.9: Markov consistency, confidence non-anticipation -----------------------------------------
 @pytest.mark.parametrize("kind", ["vanilla", "dflash"])
-def test_forced_proposal_equals_teacher_forced_block(kind, drafts, target, batch):
-    d = drafts[kind]
-    ids0 = np.asarray(batch["input_ids"])
-    starts = np.array([5, 3])
-    anchor = jnp.asarray(ids0[[0, 1], starts])
-    prop = propose(d, d.init_cache(2, 16), batch["target_hidden"][:, :5], jnp.asarray(starts), anchor,
-                   jax.random.key(5), SAMPLED)
-    ids1 = ids0.copy()
-    for b in range(2):
-        ids1[b, starts[b] + 1:starts[b] + 1 + BS] = np.asarray(prop.tokens[b])
-    taps1, last1, _ = _run_target(target, jnp.asarray(ids1))
-    batch1 = dict(input_ids=jnp.asarray(ids1), loss_mask=jnp.ones((2, 12), jnp.int32), target_hidden=taps1,
-                  target_last_hidden=last1)
-    out = fwd(d, batch1, jnp.array([[5, 1, 7], [3, 8, 0]]), jnp.ones((2, 3), bool))
-    np.testing.assert_array_equal(out.target_ids[:, 0], prop.tokens)
-    np.testing.assert_allclose(out.draft_hidden[:, 0], prop.block_hidden, **TOL)
-    np.testing.assert_allclose(out.draft_logits[:, 0], prop.logits, **TOL)
-    if kind == "dflash":
-        assert prop.confidence_logits is None and out.confidence_logits is None
-    else:
-        np.testing.assert_allclose(out.confidence_logits[:, 0], prop.confidence_logits, **TOL)
+def test_forced_proposal_equals_teacher_forced_block(kind, drafts, target, batch, run_target):
+    assert_forced_block_matches(drafts[kind], kind, batch, run_target, target, TOL)
 
 
 def test_confidence_is_non_anticipating(drafts, batch):

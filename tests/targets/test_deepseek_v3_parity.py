@@ -7,19 +7,20 @@ interleaved / rotate-half RoPE, dense-then-MoE / all-MoE layers, one / two share
 weight is perturbed away from its init and the selection bias (zeros at init) is random, so a mix-up shows.
 """
 
-import functools
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_parity import assert_decode_matches, assert_logits_and_taps_match, assert_round_trip, forward, hf_pairs
 from prefill_check import assert_prefill_matches_empty_cache_forward
 
 torch = pytest.importorskip("torch", reason="torch (test extra) runs the transformers reference")
 
-import dspark_jax as dj  # noqa: E402
 from flax import nnx  # noqa: E402
+
+import dspark_jax as dj  # noqa: E402
 from dspark_jax.config import ConfigError  # noqa: E402
 from dspark_jax.targets.deepseek_v3 import DeepseekV3ForCausalLM  # noqa: E402
 from dspark_jax.targets.deepseek_v3_config import DeepseekV3Config  # noqa: E402
@@ -54,56 +55,16 @@ def ds_pairs(tmp_path_factory):
     """kind -> (checkpoint dir, transformers model, our target loaded from that dir)."""
     from transformers import DeepseekV3ForCausalLM as HFDeepseek
 
-    out = {}
-    for i, kind in enumerate(KINDS):
-        torch.manual_seed(200 + i)
-        hf = HFDeepseek(_hf_config(kind)).eval()
-        hf.config._attn_implementation = "eager"
-        with torch.no_grad():
-            for name, p in hf.named_parameters():
-                if p.ndim == 1:
-                    p.add_(0.2 * torch.randn_like(p))
-            for name, b in hf.named_buffers():
-                if name.endswith("e_score_correction_bias"):
-                    b.copy_(0.3 * torch.randn_like(b))
-        path = tmp_path_factory.mktemp(f"deepseek_{kind}")
-        hf.save_pretrained(path)
-        out[kind] = (str(path), hf, dj.load_target(path))
-    return out
-
-
-@functools.partial(nnx.jit, static_argnames=("taps",))
-def _forward(target, ids, taps=()):
-    out = target(ids, tap_layer_ids=taps)
-    return out.logits, out.taps, out.last_hidden
-
-
-@nnx.jit
-def _extend(target, ids, cache, num_new):
-    out = target(ids, cache, num_new=num_new, tap_layer_ids=(1,))
-    return out.logits, out.taps, out.cache
-
-
-def _hf_forward(hf, ids):
-    with torch.no_grad():
-        return hf(torch.tensor(np.asarray(ids)), output_hidden_states=True)
+    # every 1-D weight moved off its init; the selection bias (zeros at init) random
+    return hf_pairs(tmp_path_factory, HFDeepseek, _hf_config, KINDS, 200, lambda p: p.add_(0.2 * torch.randn_like(p)),
+                    "e_score_correction_bias", lambda b: b.copy_(0.3 * torch.randn_like(b)))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_logits_and_taps_match_transformers(kind, ds_pairs):
     _, hf, target = ds_pairs[kind]
     assert isinstance(target, DeepseekV3ForCausalLM)
-    n = target.config.num_hidden_layers
-    ids = np.random.default_rng(1).integers(0, VOCAB, size=(2, 13))
-    ref = _hf_forward(hf, ids)
-    taps = (-1,) + tuple(range(n - 1))
-    logits, tapped, last_hidden = _forward(target, jnp.asarray(ids), taps=taps)
-    np.testing.assert_allclose(np.asarray(logits), ref.logits.numpy(), atol=TOL, rtol=0)
-    h = target.config.hidden_size
-    for j, layer_id in enumerate(taps):
-        np.testing.assert_allclose(np.asarray(tapped[..., j * h:(j + 1) * h]),
-                                   ref.hidden_states[layer_id + 1].numpy(), atol=TOL, rtol=0, err_msg=f"tap {layer_id}")
-    np.testing.assert_allclose(np.asarray(last_hidden), ref.hidden_states[-1].numpy(), atol=TOL, rtol=0)
+    assert_logits_and_taps_match(hf, target, np.random.default_rng(1).integers(0, VOCAB, size=(2, 13)), TOL)
 
 
 def test_group_limited_routing_and_bias_match_transformers(ds_pairs):
@@ -128,17 +89,7 @@ def test_absorbed_decode_equals_full_forward(kind, ds_pairs):
     """Token by token through the latent cache (one-token steps attend in the absorbed form)."""
     _, _, target = ds_pairs[kind]
     ids = jnp.asarray(np.random.default_rng(3).integers(0, VOCAB, size=(2, 14)))
-    full_logits, full_taps, _ = _forward(target, ids, taps=(1,))
-    one = jnp.ones((2,), jnp.int32)
-    cache = target.init_cache(2, 16)
-    logits, taps = [], []
-    for i in range(14):
-        lg, tp, cache = _extend(target, ids[:, i:i + 1], cache, one)
-        logits.append(lg)
-        taps.append(tp)
-    np.testing.assert_array_equal(np.asarray(cache.lengths), [14, 14])
-    np.testing.assert_allclose(np.concatenate(logits, 1), np.asarray(full_logits), atol=TOL, rtol=0)
-    np.testing.assert_allclose(np.concatenate(taps, 1), np.asarray(full_taps), atol=TOL, rtol=0)
+    assert_decode_matches(target, ids, TOL)
 
 
 def test_absorbed_and_expanded_attention_agree(ds_pairs):
@@ -227,7 +178,7 @@ def test_flat_ragged_verification_equals_full_forward(ds_pairs):
                                   layout=layout)
         for t in range(5):
             b, p = row[t], pos[t]
-            full = np.asarray(_forward(target, jnp.asarray(seqs[b][None, :p + 1]))[0][0, p])
+            full = np.asarray(forward(target, jnp.asarray(seqs[b][None, :p + 1]))[0][0, p])
             np.testing.assert_allclose(np.asarray(out.logits[t]), full, atol=TOL, rtol=0)
         np.testing.assert_array_equal(np.asarray(out.cache.lengths), lens)
         ext = target(jnp.asarray(np.stack([seqs[0][4:6], seqs[1][7:9]])), cache).cache
@@ -250,19 +201,10 @@ def test_greedy_generate_equals_transformers(kind, ds_pairs):
 @pytest.mark.parametrize("kind", KINDS)
 def test_save_load_round_trip_is_bit_identical(kind, ds_pairs, tmp_path):
     path, hf, target = ds_pairs[kind]
-    dj.save_target(target, tmp_path / "out")
-    again = dj.load_target(tmp_path / "out")
-    a, b = nnx.to_flat_state(nnx.state(target, nnx.Param)), nnx.to_flat_state(nnx.state(again, nnx.Param))
-    assert [p for p, _ in a] == [p for p, _ in b]
-    for (p, x), (_, y) in zip(a, b):
-        np.testing.assert_array_equal(np.asarray(x.get_value()), np.asarray(y.get_value()), err_msg=str(p))
-    assert again.config == target.config
     from transformers import DeepseekV3ForCausalLM as HFDeepseek
 
-    hf2 = HFDeepseek.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     ids = np.random.default_rng(5).integers(0, VOCAB, size=(1, 9))
-    np.testing.assert_allclose(_hf_forward(hf2, ids).logits.numpy(), _hf_forward(hf, ids).logits.numpy(),
-                               atol=1e-5, rtol=0)
+    assert_round_trip(target, hf, HFDeepseek, tmp_path / "out", ids)
 
 
 def test_mtp_layers_are_skipped_and_other_strays_refused(ds_pairs, tmp_path):
@@ -281,7 +223,7 @@ def test_mtp_layers_are_skipped_and_other_strays_refused(ds_pairs, tmp_path):
     loaded = dj.load_target(tmp_path)
     assert loaded.config.num_nextn_predict_layers == 1
     ids = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, size=(1, 6)))
-    np.testing.assert_array_equal(np.asarray(_forward(loaded, ids)[0]), np.asarray(_forward(target, ids)[0]))
+    np.testing.assert_array_equal(np.asarray(forward(loaded, ids)[0]), np.asarray(forward(target, ids)[0]))
     stray = {"model.layers.1.mlp.stray.weight": np.zeros(3, np.float32)}
     save_file(tensors | stray, str(tmp_path / "model.safetensors"))
     with pytest.raises(dj.CheckpointError, match="model.layers.1.mlp.stray.weight"):
@@ -294,9 +236,9 @@ def test_bf16_load_keeps_the_router_in_fp32(ds_pairs):
     assert t16.layers[0].mlp.gate.kernel[...].dtype == jnp.float32
     assert t16.layers[0].self_attn.kv_b_proj.kernel[...].dtype == jnp.bfloat16
     ids = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, size=(2, 9)))
-    l16 = _forward(t16, ids)[0]
+    l16 = forward(t16, ids)[0]
     assert l16.dtype == jnp.bfloat16
-    l32 = np.asarray(_forward(t32, ids)[0])
+    l32 = np.asarray(forward(t32, ids)[0])
     # a median, not a max: the tiny router's close top-k scores flip in bf16 for a few tokens (transformers in bf16
     # flips others), which moves those tokens' logits far by construction
     assert np.median(np.abs(np.asarray(l16.astype(jnp.float32)) - l32)) < 0.02 * np.abs(l32).max()
@@ -414,7 +356,8 @@ def test_fp8_block_quantized_checkpoint_loads_to_the_dequantized_weights(ds_pair
 def test_expert_parallel_forward_equals_unsharded(ds_pairs):
     """Loaded straight onto 8 devices as expert=4 x data=2 (each device holds 2 of the 8 routed experts, the batch
     split over data): logits equal the single-device model's, and greedy decoding through the latent cache too."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from dspark_jax.sharding import make_mesh, sharding_fn
 
@@ -428,9 +371,9 @@ def test_expert_parallel_forward_equals_unsharded(ds_pairs):
     assert experts.addressable_shards[0].data.shape[0] == 2
     ids = np.random.default_rng(7).integers(0, VOCAB, size=(4, 10))
     graphdef, state = nnx.split(sharded)
-    forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids).logits)
-    logits = forward(state, jax.device_put(jnp.asarray(ids), NamedSharding(mesh, P("data"))))
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(_forward(target, jnp.asarray(ids))[0]), atol=TOL,
+    sharded_forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids).logits)
+    logits = sharded_forward(state, jax.device_put(jnp.asarray(ids), NamedSharding(mesh, P("data"))))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(forward(target, jnp.asarray(ids))[0]), atol=TOL,
                                rtol=0)
     prompts = [list(map(int, r)) for r in ids[:2, :5]]
     np.testing.assert_array_equal(

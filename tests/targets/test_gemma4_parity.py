@@ -7,18 +7,17 @@ and the MoE branch. Every 1-D weight (norms,
 router scales) and every ``layer_scalar`` is perturbed away from its all-ones init so a mix-up shows.
 """
 
-import functools
 import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_parity import assert_decode_matches, assert_logits_and_taps_match, assert_round_trip, extend, forward, hf_pairs
 from prefill_check import assert_prefill_matches_empty_cache_forward
 
 torch = pytest.importorskip("torch", reason="torch (test extra) runs the transformers reference")
 
 import dspark_jax as dj  # noqa: E402
-from flax import nnx  # noqa: E402
 from dspark_jax.targets.gemma4 import Gemma4ForCausalLM  # noqa: E402
 from dspark_jax.targets.gemma4_config import Gemma4Config  # noqa: E402
 
@@ -55,57 +54,17 @@ def gemma4_pairs(tmp_path_factory):
     """kind -> (checkpoint dir, transformers model, our target loaded from that dir)."""
     from transformers import Gemma4ForCausalLM as HFGemma4
 
-    out = {}
-    for i, kind in enumerate(KINDS):
-        torch.manual_seed(100 + i)
-        hf = HFGemma4(_hf_config(kind)).eval()
-        hf.config._attn_implementation = "eager"
-        with torch.no_grad():
-            for _, p in hf.named_parameters():
-                if p.ndim == 1:
-                    p.mul_(1 + 0.3 * torch.randn_like(p))
-            for name, b in hf.named_buffers():
-                if name.endswith("layer_scalar"):
-                    b.uniform_(0.6, 1.4)
-        path = tmp_path_factory.mktemp(f"gemma4_{kind}")
-        hf.save_pretrained(path)
-        out[kind] = (str(path), hf, dj.load_target(path))
-    return out
-
-
-@functools.partial(nnx.jit, static_argnames=("taps",))
-def _forward(target, ids, taps=()):
-    out = target(ids, tap_layer_ids=taps)
-    return out.logits, out.taps, out.last_hidden
-
-
-@nnx.jit
-def _extend(target, ids, cache, num_new):
-    out = target(ids, cache, num_new=num_new, tap_layer_ids=(1,))
-    return out.logits, out.taps, out.cache
-
-
-def _hf_forward(hf, ids):
-    with torch.no_grad():
-        return hf(torch.tensor(np.asarray(ids)), output_hidden_states=True)
+    # every 1-D weight (norms, router scales) and every layer_scalar moved off its all-ones init
+    return hf_pairs(tmp_path_factory, HFGemma4, _hf_config, KINDS, 100, lambda p: p.mul_(1 + 0.3 * torch.randn_like(p)),
+                    "layer_scalar", lambda b: b.uniform_(0.6, 1.4))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_logits_and_taps_match_transformers(kind, gemma4_pairs):
     _, hf, target = gemma4_pairs[kind]
     assert isinstance(target, Gemma4ForCausalLM)
-    n = target.config.num_hidden_layers
     ids = np.random.default_rng(1).integers(0, target.config.vocab_size, size=(2, 13))
-    ref = _hf_forward(hf, ids)
-    taps = (-1,) + tuple(range(n - 1))
-    logits, tapped, last_hidden = _forward(target, jnp.asarray(ids), taps=taps)
-    np.testing.assert_allclose(np.asarray(logits), ref.logits.numpy(), atol=TOL, rtol=0)
-    h = target.config.hidden_size
-    for j, layer_id in enumerate(taps):
-        np.testing.assert_allclose(np.asarray(tapped[..., j * h:(j + 1) * h]),
-                                   ref.hidden_states[layer_id + 1].numpy(), atol=TOL, rtol=0, err_msg=f"tap {layer_id}")
-    # transformers' last hidden_states entry is the post-norm output
-    np.testing.assert_allclose(np.asarray(last_hidden), ref.hidden_states[-1].numpy(), atol=TOL, rtol=0)
+    logits = assert_logits_and_taps_match(hf, target, ids, TOL)
     cap = target.config.final_logit_softcapping
     if cap is not None:
         assert np.abs(np.asarray(logits)).max() < cap
@@ -115,17 +74,7 @@ def test_logits_and_taps_match_transformers(kind, gemma4_pairs):
 def test_cached_decode_past_the_window_equals_full_forward(kind, gemma4_pairs):
     _, _, target = gemma4_pairs[kind]
     ids = jnp.asarray(np.random.default_rng(3).integers(0, target.config.vocab_size, size=(2, 14)))
-    full_logits, full_taps, _ = _forward(target, ids, taps=(1,))
-    one = jnp.ones((2,), jnp.int32)
-    cache = target.init_cache(2, 16)
-    logits, taps = [], []
-    for i in range(14):                         # token by token: far past the 4-token window
-        lg, tp, cache = _extend(target, ids[:, i:i + 1], cache, one)
-        logits.append(lg)
-        taps.append(tp)
-    np.testing.assert_array_equal(np.asarray(cache.lengths), [14, 14])
-    np.testing.assert_allclose(np.concatenate(logits, 1), np.asarray(full_logits), atol=TOL, rtol=0)
-    np.testing.assert_allclose(np.concatenate(taps, 1), np.asarray(full_taps), atol=TOL, rtol=0)
+    assert_decode_matches(target, ids, TOL)   # far past the 4-token window
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -143,16 +92,16 @@ def test_cropped_and_reextended_cache_equals_fresh(gemma4_pairs):
     rng = np.random.default_rng(4)
     ids = np.asarray(rng.integers(0, 80, size=(2, 12)))
     cache = target.init_cache(2, 24)
-    _, _, cache = _extend(target, jnp.asarray(ids[:, :6]), cache, jnp.array([6, 6]))
-    _, _, cache = _extend(target, jnp.asarray(np.pad(ids[:, 6:8], ((0, 0), (0, 4)))), cache, jnp.array([2, 0]))
-    _, _, cache = _extend(target, jnp.asarray(rng.integers(0, 80, size=(2, 6))), cache, jnp.array([5, 6]))
+    _, _, cache = extend(target, jnp.asarray(ids[:, :6]), cache, jnp.array([6, 6]))
+    _, _, cache = extend(target, jnp.asarray(np.pad(ids[:, 6:8], ((0, 0), (0, 4)))), cache, jnp.array([2, 0]))
+    _, _, cache = extend(target, jnp.asarray(rng.integers(0, 80, size=(2, 6))), cache, jnp.array([5, 6]))
     cache = cache.crop(jnp.array([8, 6]))
     np.testing.assert_array_equal(np.asarray(cache.lengths), [8, 6])
     cont = np.zeros((2, 6), np.int32)
     cont[0, :4] = ids[0, 8:12]
     cont[1, :6] = ids[1, 6:12]
-    logits, _, cache = _extend(target, jnp.asarray(cont), cache, jnp.array([4, 6]))
-    full = np.asarray(_forward(target, jnp.asarray(ids))[0])
+    logits, _, cache = extend(target, jnp.asarray(cont), cache, jnp.array([4, 6]))
+    full = np.asarray(forward(target, jnp.asarray(ids))[0])
     np.testing.assert_allclose(np.asarray(logits[0, :4]), full[0, 8:12], atol=TOL, rtol=0)
     np.testing.assert_allclose(np.asarray(logits[1, :6]), full[1, 6:12], atol=TOL, rtol=0)
     np.testing.assert_array_equal(np.asarray(cache.lengths), [12, 12])
@@ -176,23 +125,10 @@ def test_greedy_generate_equals_transformers(kind, gemma4_pairs):
 @pytest.mark.parametrize("kind", KINDS)
 def test_save_load_round_trip_is_bit_identical(kind, gemma4_pairs, tmp_path):
     path, hf, target = gemma4_pairs[kind]
-    dj.save_target(target, tmp_path / "out")
-    again = dj.load_target(tmp_path / "out")
-    from flax import nnx
-
-    a, b = nnx.to_flat_state(nnx.state(target, nnx.Param)), nnx.to_flat_state(nnx.state(again, nnx.Param))
-    assert [p for p, _ in a] == [p for p, _ in b]
-    for (p, x), (_, y) in zip(a, b):
-        np.testing.assert_array_equal(np.asarray(x.get_value()), np.asarray(y.get_value()), err_msg=str(p))
-    assert again.config == target.config
-    # transformers reads what we wrote and computes the same logits
     from transformers import Gemma4ForCausalLM as HFGemma4
 
-    hf2 = HFGemma4.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     ids = np.random.default_rng(5).integers(0, 80, size=(1, 9))
-    with torch.no_grad():
-        np.testing.assert_allclose(_hf_forward(hf2, ids).logits.numpy(), _hf_forward(hf, ids).logits.numpy(),
-                                   atol=1e-5, rtol=0)
+    assert_round_trip(target, hf, HFGemma4, tmp_path / "out", ids)
 
 
 def test_config_json_round_trip_and_both_spellings(gemma4_pairs):
@@ -243,8 +179,8 @@ def test_multimodal_checkpoint_loads_its_text_decoder(gemma4_pairs, tmp_path):
     mm = dj.load_target(tmp_path)
     assert mm.config == target.config
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 80, size=(2, 13)))
-    np.testing.assert_array_equal(np.asarray(_forward(mm, ids, taps=(-1, 0, 1, 2, 3))[0]),
-                                  np.asarray(_forward(target, ids, taps=(-1, 0, 1, 2, 3))[0]))
+    np.testing.assert_array_equal(np.asarray(forward(mm, ids, taps=(-1, 0, 1, 2, 3))[0]),
+                                  np.asarray(forward(target, ids, taps=(-1, 0, 1, 2, 3))[0]))
 
 
 
@@ -254,7 +190,7 @@ def test_bf16_target_runs_close_to_fp32(gemma4_pairs):
     path, _, t32 = gemma4_pairs["ple_k_eq_v"]
     t16 = dj.load_target(path, dtype="bfloat16")
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 80, size=(2, 13)))
-    l16 = _forward(t16, ids, taps=(-1, 0, 1, 2, 3))[0]
+    l16 = forward(t16, ids, taps=(-1, 0, 1, 2, 3))[0]
     assert l16.dtype == jnp.bfloat16
-    l32 = np.asarray(_forward(t32, ids, taps=(-1, 0, 1, 2, 3))[0])
+    l32 = np.asarray(forward(t32, ids, taps=(-1, 0, 1, 2, 3))[0])
     assert np.abs(np.asarray(l16.astype(jnp.float32)) - l32).max() < 0.1 * np.abs(l32).max()
