@@ -53,7 +53,8 @@ def pieces(args) -> None:
     nl = args.target_layers
     hs = args.hidden_size
     cfg = tiny_qwen3_config(vocab_size=2048, hidden_size=hs, intermediate_size=3 * hs, num_hidden_layers=nl,
-                            num_attention_heads=2, num_key_value_heads=1, head_dim=hs // 2, max_position_embeddings=1024)
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=hs // 2,
+                            max_position_embeddings=1024)
     target = dj.build_target(cfg, dtype="float32")
     taps = (0, nl // 2 - 1, nl - 2)
     bs = args.block_size
@@ -143,8 +144,8 @@ def demo_pair(args) -> None:
             p_tok += int(g.lengths.sum())
             accepted += int(s.accept_lengths.sum())
             rounds += int((s.accept_lengths > 0).sum())
-        print(f"pass {i}: tau {accepted / rounds:.2f}; speculative {s_tok / s_sec:.0f} tok/s, plain {p_tok / p_sec:.0f} "
-              f"tok/s: {s_tok / s_sec / (p_tok / p_sec):.2f}x")
+        print(f"pass {i}: tau {accepted / rounds:.2f}; speculative {s_tok / s_sec:.0f} tok/s, "
+              f"plain {p_tok / p_sec:.0f} tok/s: {s_tok / s_sec / (p_tok / p_sec):.2f}x")
     p = prompts[0]
     secs = {}
     for n in (1, 96):

@@ -9,9 +9,9 @@ default ``refill_at`` and with ``refill_at=1, shrink=True`` (the drain policy: t
 slots each time half are free once the queue is empty).
 Speculative rows use a DSpark draft whose Markov head holds the target's bigram table (``make_oracle_draft``: every
 draft accepted, an upper bound on tau) with ``--draft oracle``, a random draft (tau ~ 1: the loop's cost) with
-``--draft random``. Each configuration runs once to compile and once timed (static and the policies interleaved). Reports tokens/s, slot utilisation
-(slot-steps that advanced a live request; a request's first token comes from its prompt pass in both modes) and
-the ratio, and checks that both modes produce the same tokens.
+``--draft random``. Each configuration runs once to compile and once timed (static and the policies interleaved).
+Reports tokens/s, slot utilisation (slot-steps that advanced a live request; a request's first token comes from its
+prompt pass in both modes) and the ratio, and checks that both modes produce the same tokens.
 
     python scripts/bench_generation.py [--requests 256] [--slots 16,32] [--hidden 256 --layers 8 --vocab 1024]
                                        [--draft oracle|random|none] [--block-size 4]

@@ -138,7 +138,8 @@ def main(argv=None):
           f"{context}; {device_kind()}, {machine()}, "
           f"{os.cpu_count()} CPUs", flush=True)
     results = []
-    print("| batch | row | tokens/s | x plain | tau | drafts / row-round | plain rounds |\n|---:|---|---:|---:|---:|---:|---:|")
+    print("| batch | row | tokens/s | x plain | tau | drafts / row-round | plain rounds |\n"
+          "|---:|---|---:|---:|---:|---:|---:|")
     for b in batches:
         res = run_batch(target, draft, prompts, b, stops, args.max_new_tokens, args.repeats, context,
                         log=lambda s: print(s, file=sys.stderr, flush=True))

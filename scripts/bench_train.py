@@ -8,8 +8,8 @@ after ``--warmup`` steps (compilation excluded). Tokens/s counts real (unpadded)
 
 ``--packing`` compares unpacked batches with ``data.packing=true`` instead (both online, same config): the
 padding fraction of the first epoch and tokens/s, the two interleaved in ``--rounds`` rounds of ``--steps``
-steps each (medians reported; the ratio is the median of the per-round ratios). A packed step holds more tokens per row but the same anchor budget per row.
-``--config`` also takes a run's ``config.yaml``.
+steps each (medians reported; the ratio is the median of the per-round ratios). A packed step holds more tokens
+per row but the same anchor budget per row. ``--config`` also takes a run's ``config.yaml``.
 """
 
 from __future__ import annotations

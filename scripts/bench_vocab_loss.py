@@ -8,9 +8,9 @@
 2. Values and time at a small shape: all paths run, max |difference| to the dense reference.
 
 Paths: ``dense`` = ``vocab_loss_reference`` ([rows, V] fp32 logits); ``xla (scan)`` = the autodiff'd chunked
-scan (``impl="xla"``, kernels/vocab_loss_chunked.py); ``fused (XLA driver)`` = the fused kernel's algorithm (two vocab passes,
-hand-written backward) as plain XLA ops (``vocab_loss_fused(backend="xla")``), which XLA's memory plan can see
-on any backend; ``pallas-<backend>`` = the Pallas kernels (on CPU in interpret mode: the plan is the
+scan (``impl="xla"``, kernels/vocab_loss_chunked.py); ``fused (XLA driver)`` = the fused kernel's algorithm (two
+vocab passes, hand-written backward) as plain XLA ops (``vocab_loss_fused(backend="xla")``), which XLA's memory plan
+can see on any backend; ``pallas-<backend>`` = the Pallas kernels (on CPU in interpret mode: the plan is the
 interpreter's, which copies operands per call, and its speed is not the kernel's). Usage::
 
     python scripts/bench_vocab_loss.py [--dtype bfloat16] [--chunk 8192] [--skip-pallas-memory]

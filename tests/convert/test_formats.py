@@ -426,7 +426,8 @@ def _retensor(path, drop=(), add=None):
     # mask token and vocab
     ("zlab", lambda c: c["dflash_config"].update(mask_token_id=V), "mask_token_id"),
     ("speculators", lambda c: c.update(draft_vocab_size=30), "no d2t"),
-    ("speculators", lambda c: c["transformer_layer_config"].update(vocab_size=40), "draft_vocab_size=32 < vocab_size=40"),
+    ("speculators", lambda c: c["transformer_layer_config"].update(vocab_size=40),
+     "draft_vocab_size=32 < vocab_size=40"),
     ("speculators", lambda c: c.update(speculators_model_type="medusa"), "speculators_model_type"),
     ("speculators", lambda c: c["transformer_layer_config"].update(layer_types=["sliding_attention"] * 2),
      "sliding_attention"),

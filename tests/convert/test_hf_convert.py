@@ -331,7 +331,8 @@ def test_index_names_missing_shard(jax_targets, tmp_path):
     out = dj.save_target(jax_targets["dense"], tmp_path / "sharded", max_shard_bytes=16 * 1024)
     shards = sorted(n for n in os.listdir(out) if n.endswith(".safetensors"))
     os.remove(os.path.join(out, shards[-1]))
-    with pytest.raises(dj.CheckpointError, match=f"index.json lists shard\\(s\\) that do not exist: \\['{shards[-1]}'\\]"):
+    with pytest.raises(dj.CheckpointError,
+                       match=f"index.json lists shard\\(s\\) that do not exist: \\['{shards[-1]}'\\]"):
         dj.load_target(out)
 
 

@@ -48,8 +48,8 @@ def _warp_by_full_sort(logits, cfg):
     return jnp.where(x < cutoff, -jnp.inf, x)
 
 
-@pytest.mark.parametrize("cfg", [SamplingConfig(0.7, 20, 0.8), SamplingConfig(1.0, 5, 0.5), SamplingConfig(1.3, 50, 0.95),
-                                 SamplingConfig(0.7, 3, 0.999)])
+@pytest.mark.parametrize("cfg", [SamplingConfig(0.7, 20, 0.8), SamplingConfig(1.0, 5, 0.5),
+                                 SamplingConfig(1.3, 50, 0.95), SamplingConfig(0.7, 3, 0.999)])
 def test_top_k_then_top_p_equals_the_full_sort(cfg):
     x = jax.random.normal(jax.random.key(cfg.top_k), (64, 1000)) * 3
     # ties at the k-th value: both survive the top-k filter and share the normaliser

@@ -190,7 +190,8 @@ def test_rows_decoded_together_are_independent_and_lossless(plain_target, draft_
                                   stop_token_ids=(), seed=3)
     for r, prompt in enumerate(prompts):
         samples = out.tokens[r::2, :2]
-        assert _chi_square_pvalue(samples, _first_tokens_distribution(plain_target, prompt, 2, SamplingConfig(1.0))) > ALPHA
+        assert _chi_square_pvalue(samples,
+                                  _first_tokens_distribution(plain_target, prompt, 2, SamplingConfig(1.0))) > ALPHA
 
 
 def test_bad_input(plain_target, bigram_target, draft_factory):
@@ -247,7 +248,8 @@ def test_eagle3_greedy_equals_target_greedy(deep_target):
 
 def test_eagle3_lossless_first_three_tokens(deep_target):
     samples = _sample_first_tokens(deep_target, _eagle3(deep_target), [3, 7, 1], SamplingConfig(1.0), seed=2)
-    assert _chi_square_pvalue(samples, _first_tokens_distribution(deep_target, [3, 7, 1], 3, SamplingConfig(1.0))) > ALPHA
+    assert _chi_square_pvalue(samples,
+                              _first_tokens_distribution(deep_target, [3, 7, 1], 3, SamplingConfig(1.0))) > ALPHA
 
 
 def test_invariants_hold_with_stop_tokens_inside_accepted_drafts(bigram_target, draft_factory):

@@ -49,7 +49,8 @@ B = {"conversations": [{"role": "user", "content": "What is the capital of Franc
                        {"role": "assistant", "content": "OLD"}]}
 C = {"turns": ["Two plus two?", "And three times three?"]}
 BAD_ROLE = {"id": "d", "conversations": [{"role": "bot", "content": "x"}]}
-ASSISTANT_FIRST = {"id": "e", "conversations": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}
+ASSISTANT_FIRST = {"id": "e",
+                   "conversations": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}
 LONG = {"id": "long", "conversations": [{"role": "user", "content": "sea " * 150}]}
 F = {"id": "f", "conversations": [{"role": "user", "content": "How are you today?"}]}
 ARGS = ["--batch-size", "2", "--max-new-tokens", "6", "--temperature", "0", "--max-prompt-tokens", "120",

@@ -140,8 +140,8 @@ def test_interrupted_draft_training_is_not_a_finished_stage(demo_run, tmp_path, 
             self.cfg = cfg
 
         def run(self):
-            return T.TrainResult(state=None, steps=3, history=[{"step": 3, "loss": 1.0}], output_dir=self.cfg.output_dir,
-                                 draft_dir=None, stopped_early=True)
+            return T.TrainResult(state=None, steps=3, history=[{"step": 3, "loss": 1.0}],
+                                 output_dir=self.cfg.output_dir, draft_dir=None, stopped_early=True)
 
     monkeypatch.setattr(T, "Trainer", Preempted)
     lines = []

@@ -118,7 +118,8 @@ def test_tiny_config_shapes(kind, drafts, batch):
         assert np.all(np.abs(np.asarray(k[:, :6])).sum(-1) > 0)   # the 6 context rows were written ...
         # ... and nothing past the block: the XLA path never stores block keys; the Pallas path keeps them as
         # scratch at [start, start + Bs) beyond the length, overwritten by the next round's context
-        past = 6 if resolve_impl(d.layers[0].self_attn.attention_impl, "ragged_attention")[0] == "xla" else 6 + d.config.num_block_slots
+        xla = resolve_impl(d.layers[0].self_attn.attention_impl, "ragged_attention")[0] == "xla"
+        past = 6 if xla else 6 + d.config.num_block_slots
         assert not np.any(np.asarray(k[:, past:])) and not np.any(np.asarray(v[:, past:]))
 
 
@@ -202,7 +203,8 @@ def test_dropped_blocks_see_nothing_and_stay_finite(kind, drafts, batch):
             assert x is None or np.all(np.isfinite(np.asarray(x))), f
         kp = np.asarray(keep)
         assert not np.asarray(out.eval_mask)[~kp].any()
-        np.testing.assert_array_equal(np.asarray(out.target_ids)[~kp], np.broadcast_to(ids[:, :1, None], (2, N, BS))[~kp])
+        np.testing.assert_array_equal(np.asarray(out.target_ids)[~kp],
+                                      np.broadcast_to(ids[:, :1, None], (2, N, BS))[~kp])
         # a dropped block is all MASK and its attention output is exactly 0, so every slot is
         # norm(embed(MASK) + MLPs): recompute that by hand
         h = d.embed(jnp.array([MASK]))
@@ -628,7 +630,8 @@ def test_chunked_reduction_with_vocab_padding():
 
     @jax.jit
     def both(*args):          # the gradients training needs: draft hidden, Markov u, W2 (lm_head is frozen)
-        return (jax.value_and_grad(ref, argnums=(0, 2, 4))(*args), jax.value_and_grad(chunked, argnums=(0, 2, 4))(*args))
+        return (jax.value_and_grad(ref, argnums=(0, 2, 4))(*args),
+                jax.value_and_grad(chunked, argnums=(0, 2, 4))(*args))
 
     (v_ref, g_ref), (v, g) = both(hd, ht, u, head, w2)
     assert float(v) == pytest.approx(float(v_ref), rel=1e-5)

@@ -1,6 +1,6 @@
-"""Gemma4 DSpark / DFlash / Eagle3 drafts (spec §2, §5) on a tiny fp32 Gemma4 target: checkpoint names, the §8 invariants
-(train/infer consistency, mask, positions and softcapped aligned targets, Markov/confidence consistency, frozen
-tensors) and greedy speculative decoding == target greedy decoding.
+"""Gemma4 DSpark / DFlash / Eagle3 drafts (spec §2, §5) on a tiny fp32 Gemma4 target: checkpoint names, the §8
+invariants (train/infer consistency, mask, positions and softcapped aligned targets, Markov/confidence consistency,
+frozen tensors) and greedy speculative decoding == target greedy decoding.
 
 Target: V=32, H=16, 5 layers (sliding / full, window 4), nh 2, sliding nkv/hd 1/8, full (global) nkv/hd 1/16
 with ``attention_k_eq_v``, per-layer inputs, softcap 5. Draft: taps [0,1,2], D=2, Bs=4, N=3, r=4, mask id 31.
@@ -57,7 +57,8 @@ def target():
 
 @pytest.fixture(scope="module")
 def drafts(target):
-    return {kind: dj.build_draft(target, draft_config(kind), seed=3 + i) for i, kind in enumerate(("vanilla", "dflash"))}
+    return {kind: dj.build_draft(target, draft_config(kind), seed=3 + i)
+            for i, kind in enumerate(("vanilla", "dflash"))}
 
 
 @pytest.fixture(scope="module")

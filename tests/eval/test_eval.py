@@ -16,7 +16,8 @@ from dspark_jax.decode.metrics import RoundCounts, accepted_drafts_from_outcome,
 from dspark_jax.testing import build_chat_tokenizer, make_bigram, make_oracle_draft
 
 # ../shared beside the checkout (as in CI and dev sessions); DSPARK_EVAL_DATA overrides
-REAL_DATA = os.environ.get("DSPARK_EVAL_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "eval_datasets"))
+REAL_DATA = os.environ.get("DSPARK_EVAL_DATA",
+                           os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "eval_datasets"))
 V = 320           # tokenizer size == target vocab (the tokenizer is padded with filler tokens up to V)
 BLOCK = 4
 

@@ -107,8 +107,8 @@ def test_overfit_small_dataset(overfit):
     import dspark_jax as dj
 
     draft = dj.load_draft(out / "draft", dtype="float32")
-    for got, want in zip(jax.tree.leaves(jax.device_get(__import__("flax").nnx.state(draft, __import__("flax").nnx.Param))),
-                         draft_params(result.state)):
+    nnx = __import__("flax").nnx
+    for got, want in zip(jax.tree.leaves(jax.device_get(nnx.state(draft, nnx.Param))), draft_params(result.state)):
         np.testing.assert_array_equal(np.asarray(got), want)
 
 
@@ -124,7 +124,8 @@ atexit.register(shutil.rmtree, _CHILD_CACHE, True)
 def _cli_env():
     # one fake device in every child, so the killed, resumed and straight runs compile the same programs; every
     # program is cached (not only those over 1 s): the resumed and straight runs reuse the killed run's compilations
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_llvm_disable_expensive_passes=true",
+    return dict(os.environ,
+                XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_llvm_disable_expensive_passes=true",
                 JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or _CHILD_CACHE,
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
@@ -309,8 +310,9 @@ def test_baselines_train_through_the_same_loop(target_dir, data_file, tmp_path, 
     extra = {"optim.max_steps": 3, "optim.lr": 5e-3, "optim.global_batch_size": 16}
     if kind == "eagle3":
         # the 3-layer tiny target has 2 tappable layers; Eagle3 needs exactly 5 taps: train on a fresh 6-layer one
-        over = base_overrides(tmp_path, data_file, **{**extra, "draft.target_layer_ids": "[0,1,2,3,4]",
-                                                      "target.tiny": json.dumps({**TINY_TARGET, "num_hidden_layers": 6})})
+        over = base_overrides(tmp_path, data_file,
+                              **{**extra, "draft.target_layer_ids": "[0,1,2,3,4]",
+                                 "target.tiny": json.dumps({**TINY_TARGET, "num_hidden_layers": 6})})
         cfg = load_train_config("tiny-eagle3", over + ["target.pretrain_steps=0", "draft.ttt_length=3"])
     else:
         cfg = load_train_config("tiny-dflash", with_target(target_dir, tmp_path, data_file, **extra))
