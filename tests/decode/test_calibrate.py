@@ -8,16 +8,14 @@ import os
 
 import numpy as np
 import pytest
+from test_speculative import PROMPTS
 
 import dspark_jax as dj
 from dspark_jax.config import TargetConfig
 from dspark_jax.decode import calibrate as C
-from dspark_jax.eval.calibrate import add_calibrate_parser
 from dspark_jax.decode.scheduler import PrefixScheduler
+from dspark_jax.eval.calibrate import add_calibrate_parser
 from dspark_jax.testing import build_chat_tokenizer, make_bigram, make_oracle_draft
-
-from test_speculative import PROMPTS
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Metrics by hand

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from spec_pairs import MASK, make_draft
 
 import dspark_jax as dj
 from dspark_jax import kernels
@@ -25,8 +26,6 @@ from dspark_jax.drafts.backbone import cached_block_attention_reference, inferen
 from dspark_jax.drafts.config import BONUS_ANCHOR
 from dspark_jax.kernels import attention_reference
 from dspark_jax.targets.gemma4_config import Gemma4Config
-
-from spec_pairs import MASK, make_draft
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 3]]
 TOL = dict(atol=2e-5, rtol=0)

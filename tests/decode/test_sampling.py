@@ -5,8 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax.decode.sampling import (SamplingConfig, argmax_last, categorical, sample_tokens, top_k_values,
-                                       warp_logits)
+from dspark_jax.decode.sampling import (
+    SamplingConfig,
+    argmax_last,
+    categorical,
+    sample_tokens,
+    top_k_values,
+    warp_logits,
+)
 
 
 @pytest.mark.parametrize("shape", [(5,), (3, 2048), (2, 7, 1000), (1, 151936)])

@@ -11,16 +11,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats as sps_stats
+from test_speculative import ALPHA, PROMPTS, _check_round_invariants, _chi_square_pvalue, _first_tokens_distribution
 
 import dspark_jax as dj
 from dspark_jax.decode.sampling import SamplingConfig
-from dspark_jax.decode.scheduler import (PrefixScheduler, ZeroOverheadScheduler, cumulative_acceptance,
-                                         expected_throughput, prefix_schedule, top_k_lengths, zos_capacity,
-                                         zos_schedule)
+from dspark_jax.decode.scheduler import (
+    PrefixScheduler,
+    ZeroOverheadScheduler,
+    cumulative_acceptance,
+    expected_throughput,
+    prefix_schedule,
+    top_k_lengths,
+    zos_capacity,
+    zos_schedule,
+)
 from dspark_jax.decode.verify import verify_block
-
-from test_speculative import ALPHA, PROMPTS, _check_round_invariants, _chi_square_pvalue, _first_tokens_distribution
-
 
 # ---------------------------------------------------------------------------------------------------------
 # The plain-Python reference: Algorithm 1 exactly as the paper lists it (spec §6.4), one pair at a time

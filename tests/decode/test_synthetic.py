@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import dspark_jax as dj
-from dspark_jax.testing import build_chat_tokenizer
 from dspark_jax import cli
 from dspark_jax.config import TargetConfig
 from dspark_jax.decode import synthetic as S
+from dspark_jax.testing import build_chat_tokenizer
 
 V = 320
 

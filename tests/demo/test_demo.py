@@ -121,6 +121,7 @@ def test_interrupted_draft_training_is_not_a_finished_stage(demo_run, tmp_path, 
     the stage as done and go on to stages that need the exported draft."""
     import shutil
 
+    from dspark_jax.demo import pipeline as P
     from dspark_jax.demo.pipeline import DemoInterrupted
     from dspark_jax.train import trainer as T
 
@@ -143,7 +144,7 @@ def test_interrupted_draft_training_is_not_a_finished_stage(demo_run, tmp_path, 
             return T.TrainResult(state=None, steps=3, history=[{"step": 3, "loss": 1.0}],
                                  output_dir=self.cfg.output_dir, draft_dir=None, stopped_early=True)
 
-    monkeypatch.setattr(T, "Trainer", Preempted)
+    monkeypatch.setattr(P, "Trainer", Preempted)       # the name the pipeline calls
     lines = []
     with pytest.raises(DemoInterrupted, match="interrupted at step 3") as exc:
         Demo(str(tmp_path), TEST, progress=False, log=lines.append).drafts(("dspark",))

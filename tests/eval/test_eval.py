@@ -11,8 +11,8 @@ import pytest
 import dspark_jax as dj
 from dspark_jax import cli
 from dspark_jax.config import TargetConfig
-from dspark_jax.eval import datasets as D
 from dspark_jax.decode.metrics import RoundCounts, accepted_drafts_from_outcome, round_counts, summarize
+from dspark_jax.eval import datasets as D
 from dspark_jax.testing import build_chat_tokenizer, make_bigram, make_oracle_draft
 
 # ../shared beside the checkout (as in CI and dev sessions); DSPARK_EVAL_DATA overrides

@@ -1,11 +1,10 @@
 """DSpark training block attention (spec §1.5): the dense reference, the structured-mask dispatch and the Pallas
 kernels (TPU and GPU drivers, CPU interpret mode) against the reference, forward and gradients."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from dspark_jax import kernels
 from dspark_jax.drafts.backbone import training_mask
@@ -207,7 +206,8 @@ def test_draft_training_through_the_kernel_matches_xla():
 def test_sharded_batch_and_heads_run_per_shard():
     """Under a jit whose inputs are sharded over batch and kv heads, the kernel runs per shard (no all-gather)
     and matches the reference, forward and gradients."""
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     if len(jax.devices()) < 4:
         pytest.skip("needs 4 devices (tests/conftest.py fakes 8 CPU devices)")

@@ -3,11 +3,10 @@
 
 import importlib
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from dspark_jax import kernels
 from dspark_jax.kernels.ragged_attention import ragged_attention_reference

@@ -15,12 +15,17 @@ from flax import nnx
 from dspark_jax.config import TargetConfig
 from dspark_jax.drafts.build import build_draft
 from dspark_jax.drafts.config import DraftConfig
+from dspark_jax.sharding import make_mesh
 from dspark_jax.targets import build_target
 from dspark_jax.train.checkpoint import TrainCheckpointManager, sharded_abstract_state
-from dspark_jax.sharding import make_mesh
 from dspark_jax.train.schedule import dspark_lr_schedule, make_optimizer
-from dspark_jax.train.step import init_train_state, logical_shardings, make_train_step, shard_target_state, \
-    shard_train_state
+from dspark_jax.train.step import (
+    init_train_state,
+    logical_shardings,
+    make_train_step,
+    shard_target_state,
+    shard_train_state,
+)
 
 V, MASK_ID, B, S = 32, 31, 8, 16
 FAST_COMPILE = {"xla_llvm_disable_expensive_passes": True}

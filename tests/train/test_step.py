@@ -23,11 +23,16 @@ from dspark_jax.config import TargetConfig
 from dspark_jax.drafts.build import build_draft
 from dspark_jax.drafts.config import DraftConfig
 from dspark_jax.nn.frozen import Frozen
-from dspark_jax.targets import build_target
 from dspark_jax.sharding import make_mesh
+from dspark_jax.targets import build_target
 from dspark_jax.train.schedule import dspark_lr_schedule, make_optimizer, optimizer_update_count, warmup_steps
-from dspark_jax.train.step import (init_train_state, logical_shardings, make_train_step, shard_target_state,
-                                   shard_train_state)
+from dspark_jax.train.step import (
+    init_train_state,
+    logical_shardings,
+    make_train_step,
+    shard_target_state,
+    shard_train_state,
+)
 
 V, MASK_ID, B, S = 32, 31, 8, 16
 # CPU compile time dominates these tests; these options cut it ~3x (numerics are still IEEE fp32)

@@ -22,8 +22,7 @@ from flax import nnx
 from dspark_jax.config import TargetConfig
 from dspark_jax.targets import build_target
 from dspark_jax.train.step import target_features
-from dspark_jax.train.target_cache import (CacheError, CacheManifest, TargetCache, TargetCacheWriter,
-                                           write_target_cache)
+from dspark_jax.train.target_cache import CacheError, CacheManifest, TargetCache, TargetCacheWriter, write_target_cache
 
 BF16 = ml_dtypes.bfloat16
 LAYERS, H = (0, 2, 3), 8  # Lt = 3

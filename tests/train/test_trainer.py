@@ -27,8 +27,7 @@ import yaml
 
 from dspark_jax.config import ConfigError
 from dspark_jax.train.checkpoint import is_complete_step_dir
-from dspark_jax.train.config import (KNOWN_TARGETS, TrainConfig, list_presets, load_train_config,
-                                     target_config_for)
+from dspark_jax.train.config import KNOWN_TARGETS, list_presets, load_train_config, target_config_for
 from dspark_jax.train.trainer import EMBEDDED, Trainer
 
 FAST_COMPILE = {"xla_llvm_disable_expensive_passes": True}
@@ -153,9 +152,9 @@ def _finish(proc: subprocess.Popen) -> None:
 def test_sigkill_resume_is_exact(target_dir, data_file, tmp_path):
     """A real ``dspark train`` process, SIGKILLed after its 3rd checkpoint, then resumed by a new process for 3
     more steps == a run that was never stopped: bit-identical parameters and loss curve."""
-    import dspark_jax as dj
     from flax import nnx
 
+    import dspark_jax as dj
     from dspark_jax.train.checkpoint import TrainCheckpointManager
 
     run = tmp_path / "killed"
