@@ -189,3 +189,28 @@ def pytest_runtest_logreport(report):
     if _TIMINGS and "PYTEST_XDIST_WORKER" not in os.environ:
         with open(_TIMINGS, "a", encoding="utf-8") as f:
             f.write(f"{report.duration:.2f}\t{report.when}\t{report.nodeid}\t{report.outcome}\n")
+
+
+# ---- resuming a run a native crash cut short (scripts/test.sh): DSPARK_TEST_SKIP_DONE=path of a timings file -----
+_SKIP_DONE = os.environ.get("DSPARK_TEST_SKIP_DONE")
+
+
+def _finished_tests(path: str) -> set[str]:
+    """Tests a timings file records as passed (call phase) or skipped (setup phase)."""
+    done = set()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) == 4 and ((parts[1] == "call" and parts[3] == "passed") or
+                                    (parts[1] == "setup" and parts[3] == "skipped")):
+                done.add(parts[2])
+    return done
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _SKIP_DONE:
+        return
+    done = _finished_tests(_SKIP_DONE)
+    keep = [it for it in items if it.nodeid not in done]
+    config.hook.pytest_deselected(items=[it for it in items if it.nodeid in done])
+    items[:] = keep
