@@ -14,12 +14,11 @@ from typing import Any, Callable
 import numpy as np
 from flax import nnx
 
-from dspark_jax.convert.gemma4_draft import GEMMA4_DRAFT_MODULES, load_gemma4_draft
+from dspark_jax.convert.gemma4_draft import GEMMA4_DRAFT_RULES, GEMMA4_EAGLE3_RULES, load_gemma4_draft
 from dspark_jax.convert.keymap import export_tensors
 from dspark_jax.convert.names import DEEPSPEC_DSPARK_RULES, DEEPSPEC_EAGLE3_RULES, KeyRule
+from dspark_jax.drafts.build import DRAFT_CLASSES
 from dspark_jax.drafts.config import DSPARK_ARCH, EAGLE3_ARCH, GEMMA4_DSPARK_ARCH, GEMMA4_EAGLE3_ARCH, DraftConfig
-from dspark_jax.drafts.dspark import DSparkDraft
-from dspark_jax.drafts.eagle3 import Eagle3Draft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +72,11 @@ _GEMMA4_ONLY = ("only DeepSpec (and vLLM's Gemma4DSparkModel, which reads DeepSp
                 "backbone")
 
 FAMILIES: dict[str, DraftFamily] = {
-    DSPARK_ARCH: DraftFamily(DSPARK_ARCH, DSparkDraft, DEEPSPEC_DSPARK_RULES, BLOCK),
-    EAGLE3_ARCH: DraftFamily(EAGLE3_ARCH, Eagle3Draft, DEEPSPEC_EAGLE3_RULES, EAGLE3),
-    GEMMA4_DSPARK_ARCH: DraftFamily(GEMMA4_DSPARK_ARCH, *GEMMA4_DRAFT_MODULES[GEMMA4_DSPARK_ARCH], BLOCK,
+    DSPARK_ARCH: DraftFamily(DSPARK_ARCH, DRAFT_CLASSES[DSPARK_ARCH], DEEPSPEC_DSPARK_RULES, BLOCK),
+    EAGLE3_ARCH: DraftFamily(EAGLE3_ARCH, DRAFT_CLASSES[EAGLE3_ARCH], DEEPSPEC_EAGLE3_RULES, EAGLE3),
+    GEMMA4_DSPARK_ARCH: DraftFamily(GEMMA4_DSPARK_ARCH, DRAFT_CLASSES[GEMMA4_DSPARK_ARCH], GEMMA4_DRAFT_RULES, BLOCK,
                                     load_gemma4_draft, _GEMMA4_ONLY),
-    GEMMA4_EAGLE3_ARCH: DraftFamily(GEMMA4_EAGLE3_ARCH, *GEMMA4_DRAFT_MODULES[GEMMA4_EAGLE3_ARCH], EAGLE3,
+    GEMMA4_EAGLE3_ARCH: DraftFamily(GEMMA4_EAGLE3_ARCH, DRAFT_CLASSES[GEMMA4_EAGLE3_ARCH], GEMMA4_EAGLE3_RULES, EAGLE3,
                                     load_gemma4_draft, _GEMMA4_ONLY),
 }
 

@@ -28,8 +28,8 @@ from dspark_jax.convert.keymap import (
 )
 from dspark_jax.convert.names import DEEPSPEC_DSPARK_RULES, KeyRule, with_choices
 from dspark_jax.convert.safetensors_io import checkpoint_files, save_shards
+from dspark_jax.drafts.build import DRAFT_CLASSES
 from dspark_jax.drafts.config import GEMMA4_DSPARK_ARCH, GEMMA4_EAGLE3_ARCH, DraftConfig
-from dspark_jax.drafts.gemma4 import Gemma4DSparkDraft, Gemma4Eagle3Draft
 from dspark_jax.drafts.temperatures import attach_saved_temperatures, save_temperatures
 
 # a draft layer's sandwich norms (Eagle3's hidden_norm has a rule of its own)
@@ -57,16 +57,15 @@ GEMMA4_EAGLE3_RULES: tuple[KeyRule, ...] = tuple(
     r for r in GEMMA4_DRAFT_RULES if not r.torch.startswith(("markov_head.", "confidence_head.", "hidden_norm."))
 ) + (KeyRule("layers.{layer}.hidden_norm.weight", "layers.{layer}.hidden_norm.weight"),)
 GEMMA4_DRAFT_IGNORED = (re.compile(r".*rotary_emb\..*inv_freq$"), re.compile(r".*embed_scale$"))
-# architectures[0] -> (draft class, key table); convert/families.py lists them with the other families
-GEMMA4_DRAFT_MODULES = {GEMMA4_DSPARK_ARCH: (Gemma4DSparkDraft, GEMMA4_DRAFT_RULES),
-                        GEMMA4_EAGLE3_ARCH: (Gemma4Eagle3Draft, GEMMA4_EAGLE3_RULES)}
+# architectures[0] -> key table (the class: drafts/build.py DRAFT_CLASSES); convert/families.py lists both
+GEMMA4_DRAFT_RULES_OF = {GEMMA4_DSPARK_ARCH: GEMMA4_DRAFT_RULES, GEMMA4_EAGLE3_ARCH: GEMMA4_EAGLE3_RULES}
 
 
 def load_gemma4_draft(path: str | os.PathLike, dtype=None, *, sharding=None, attention_impl: str = "auto"):
     """Loads a DeepSpec ``Gemma4DSparkModel`` directory (strict: every key and shape checked)."""
     d, where = read_config_json(path)
     cfg = DraftConfig.from_hf_dict(d, where)
-    cls, rules = GEMMA4_DRAFT_MODULES[cfg.architecture]
+    cls, rules = DRAFT_CLASSES[cfg.architecture], GEMMA4_DRAFT_RULES_OF[cfg.architecture]
     dt = resolve_dtype(dtype if dtype is not None else cfg.dtype)
     abstract = nnx.eval_shape(lambda: cls(cfg, dtype=dt, attention_impl=attention_impl))
     graphdef, abs_state = nnx.split(abstract)
@@ -77,7 +76,7 @@ def load_gemma4_draft(path: str | os.PathLike, dtype=None, *, sharding=None, att
 
 
 def gemma4_draft_tensors(draft) -> dict[str, np.ndarray]:
-    return export_tensors(nnx.state(draft, nnx.Variable), GEMMA4_DRAFT_MODULES[draft.config.architecture][1])
+    return export_tensors(nnx.state(draft, nnx.Variable), GEMMA4_DRAFT_RULES_OF[draft.config.architecture])
 
 
 def save_gemma4_draft(draft, path: str | os.PathLike, *, max_shard_bytes: int = 50 * 2**30, dtype=None) -> str:
