@@ -214,3 +214,41 @@ def pytest_collection_modifyitems(config, items):
     keep = [it for it in items if it.nodeid not in done]
     config.hook.pytest_deselected(items=[it for it in items if it.nodeid in done])
     items[:] = keep
+
+
+# ---- a long-lived test process runs out of memory mappings, not memory ------------------------------------------
+# Every program XLA:CPU compiles is loaded into memory mappings of its own (~700 per test of the decode files), and
+# jax's caches keep them for the life of the process. An xdist worker that runs a third of the suite passes Linux's
+# vm.max_map_count (65530 by default); the next mmap inside LLVM's loader fails and the compile dies with SIGSEGV
+# (backend_compile_and_load). Reproduced at will with the limit lowered to 5000: test_speculative.py alone crashes
+# there after 4 tests. So once a process holds more than half its allowance, jax's caches are dropped (the programs
+# a later test needs again are recompiled).
+def _map_count_limit() -> int | None:
+    try:
+        with open("/proc/sys/vm/max_map_count", encoding="ascii") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+_MAP_LIMIT = _map_count_limit()
+
+
+def mapped_regions() -> int | None:
+    """Memory mappings this process holds now (None where /proc is not there)."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+    yield
+    held = mapped_regions() if _MAP_LIMIT else None
+    if held is not None and held > _MAP_LIMIT // 2:
+        import gc
+
+        jax.clear_caches()
+        gc.collect()
