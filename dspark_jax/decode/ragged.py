@@ -3,8 +3,9 @@
 With per-row proposal lengths ``L [B]`` a round verifies ``sum(L + 1)`` tokens, but a padded ``[B, Bs+1]``
 forward costs ``B * (Bs+1)`` whatever the schedule. Here the rows' tokens (anchor + first L drafts) are packed
 left to right into a flat vector whose length is the smallest of a few static *buckets* that holds them;
-``lax.switch`` runs only that bucket's forward, so compute follows the schedule's budget while every shape
-stays static (one compiled forward per bucket, chosen on device without a host round trip). Results are
+only that bucket's forward runs (a chain of zero-or-one-trip loops, decode/control_flow.py, not a ``switch``, which
+would copy the caches), so compute follows the schedule's budget while every shape stays static (one compiled
+forward per bucket, chosen on device without a host round trip). Results are
 scattered back to the padded ``[B, Bs+1, ...]`` layout the rest of the loop uses; positions past a row's
 ``L + 1`` hold zeros and are never read (verification only looks at positions ``<= L``).
 """
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.cache import KVCache
+from dspark_jax.decode.control_flow import switch_in_place
 
 
 def ragged_buckets(batch: int, width: int, smallest: int | None = None) -> tuple[int, ...]:
@@ -71,7 +73,8 @@ def verify_forward(target, seq: jax.Array, counts: jax.Array, cache: KVCache, ta
     hidden = target.config.hidden_size
 
     def run(capacity):
-        def branch(c):
+        def branch(carry):
+            c = carry[2]
             row, col = flat_layout(counts, capacity)
             safe = jnp.maximum(row, 0)
             out = target.forward_flat(seq[safe, col], row, start[safe] + col, c, tap_layer_ids=tap_layer_ids,
@@ -84,9 +87,9 @@ def verify_forward(target, seq: jax.Array, counts: jax.Array, cache: KVCache, ta
             return logits, taps, out.cache
         return branch
 
-    def padded(c):
+    def padded(carry):
         # rows that verify nothing (finished) still write one padding key past their length: never attended
-        out = target(seq, c, num_new=jnp.maximum(counts, 1), tap_layer_ids=tap_layer_ids)
+        out = target(seq, carry[2], num_new=jnp.maximum(counts, 1), tap_layer_ids=tap_layer_ids)
         return out.logits, out.taps, out.cache.with_lengths(start)
 
     branches = [run(cap) for cap in buckets] + ([padded] if padded_fallback else [])
@@ -97,5 +100,8 @@ def verify_forward(target, seq: jax.Array, counts: jax.Array, cache: KVCache, ta
     if branch is not None:
         index = branch
     if len(branches) == 1:
-        return branches[0](cache)
-    return jax.lax.switch(jnp.minimum(index, len(branches) - 1), branches, cache)
+        return branches[0]((None, None, cache))
+    logits_like, taps_like, _ = jax.eval_shape(lambda c: branches[0]((None, None, c)), cache)
+    init = (jnp.zeros(logits_like.shape, logits_like.dtype),
+            None if taps_like is None else jnp.zeros(taps_like.shape, taps_like.dtype), cache)
+    return switch_in_place(index, branches, init)

@@ -21,6 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from dspark_jax.decode.control_flow import run_if
 from dspark_jax.decode.prefill import prefill as prefill_target
 from dspark_jax.decode.ragged import verify_forward
 from dspark_jax.decode.sampling import SamplingConfig, sample_rows, sample_tokens, split_keys
@@ -121,13 +122,6 @@ def spec_round(target, draft, c: dict, settings: SpecSettings, sched_args, conf_
     c = plain_run(target, draft, c, settings, steps, run_while)
     return run_if(steps == 0, lambda c: draft_verify_round(target, draft, c, settings, sched_args, conf_temps,
                                                            head_hv), c)
-
-
-def run_if(pred, fn, c):
-    """``fn(c)`` if ``pred`` (a traced bool) else ``c``, as a while loop of zero or one iteration rather than a
-    ``cond``: XLA:CPU copies every buffer a ``cond`` passes through (the KV caches, each round: the switch loop ran
-    15-35% slower than full blocks at the same lengths), while a loop updates its carry in place."""
-    return jax.lax.while_loop(lambda s: s[0], lambda s: (jnp.bool_(False), fn(s[1])), (jnp.asarray(pred), c))[1]
 
 
 def plain_run(target, draft, c: dict, settings: SpecSettings, steps, run_while=None) -> dict:

@@ -91,8 +91,12 @@ def test_verify_forward_runs_the_smallest_bucket(plain_target):
         seen.clear()
         logits, _, _ = jax.jit(lambda c, cnt: verify_forward(Stand(), seq, cnt, c, (), ragged_buckets(2, 5)))(
             cache, jnp.asarray(counts))
-        assert seen == list(ragged_buckets(2, 5))          # every branch is compiled (static shapes) ...
-        assert float(logits[1, 0, 0]) == want              # ... and the smallest one that fits is the one run
+        assert sorted(set(seen)) == list(ragged_buckets(2, 5))   # every branch is compiled (static shapes) ...
+        assert float(logits[1, 0, 0]) == want                    # ... and the smallest one that fits is the one run
+    # ... as zero-or-one-trip loops, not a switch: XLA:CPU copies every buffer through a conditional (the caches)
+    text = jax.jit(lambda c, cnt: verify_forward(Stand(), seq, cnt, c, (), ragged_buckets(2, 5))).lower(
+        cache, jnp.asarray((1, 1))).as_text()
+    assert "stablehlo.case" not in text and "stablehlo.if" not in text and "stablehlo.while" in text
 
 
 @pytest.mark.parametrize("mode,temperature", [("threshold", 0.0), ("scheduler", 1.0)])
