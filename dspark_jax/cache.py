@@ -54,6 +54,13 @@ class KVCache:
         return dataclasses.replace(self, lengths=lengths.astype(jnp.int32))
 
 
+def round_capacity(slots: int, multiple: int = 16) -> int:
+    """A cache capacity of at least ``slots``, rounded up to a multiple of ``multiple``: the decode step attends
+    over the whole capacity, and XLA:CPU ran it 15-18% slower per step at 150 slots than at 144 or 160
+    (a Qwen3-shaped target, batch 4-8; AVX-512 holds 16 floats)."""
+    return -(-int(slots) // multiple) * multiple
+
+
 def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     """Writes ``new [B, S, ...]`` into ``buffer [B, C, ...]`` at slots ``start[b] + i``.
 

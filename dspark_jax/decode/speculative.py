@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dspark_jax.cache import round_capacity
 from dspark_jax.config import next_bucket
 from dspark_jax.decode.metrics import round_counts, summarize
 from dspark_jax.decode.output import GenerationOutput
@@ -142,7 +143,7 @@ def _spec_setup(target, draft, *, max_new_tokens, temperature, top_k, top_p, thr
     stops = tuple(target.config.eos_token_ids if stop_token_ids is None else (int(t) for t in stop_token_ids))
     if scheduler is not None:
         check_sps(scheduler.sps, rows=batch)
-    capacity = int(prompt_width) + int(max_new_tokens) + drafts_per_round(draft.config) + 2
+    capacity = round_capacity(int(prompt_width) + int(max_new_tokens) + drafts_per_round(draft.config) + 2)
     buckets, padded_fallback = _verify_plan(target, ragged_verify, scheduler, threshold, batch,
                                             drafts_per_round(draft.config) + 1)
     settings = SpecSettings(int(max_new_tokens), sampling, stops, float(threshold), capacity, capacity,
