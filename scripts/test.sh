@@ -15,10 +15,10 @@ set +e
 python -m pytest "${ARGS[@]}" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
-# XLA:CPU has crashed natively (SIGSEGV inside a compile) in a long-lived worker a few times in ~20 full runs, each
-# time in a different test, never when that test ran again alone. When the only failures are such crashes, the
-# tests that had not passed yet run once more in fresh workers (DSPARK_TEST_NO_RESUME=1 turns this off); any other
-# failure ends the run as it is.
+# A long-lived worker used to die natively (SIGSEGV inside an XLA:CPU compile) near the end of a run: it had used up
+# vm.max_map_count memory mappings (every compiled program holds its own); tests/conftest.py now drops jax's caches
+# before that. Kept as a safety net: when the only failures are native crashes, the tests that had not passed yet
+# run once more in fresh workers (DSPARK_TEST_NO_RESUME=1 turns this off); any other failure ends the run as it is.
 crashed=$(grep -o "crashed while running '[^']*'" "$log" | sed "s/crashed while running '//; s/'$//" | sort -u || true)
 if [ "$rc" -ne 0 ] && [ -n "$crashed" ] && [ -z "${DSPARK_TEST_NO_RESUME:-}" ]; then
   failed=$(awk -F'\t' '$4 == "failed" {print $3}' "$DSPARK_TEST_TIMINGS" | sort -u)

@@ -17,9 +17,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 # The test processes' persistent compilation cache is opt-in (DSPARK_TEST_JAX_CACHE=dir, e.g. .jax_cache for warm
-# reruns while developing). Three CI-style runs each lost a worker to a native crash in XLA:CPU's compile path with it
-# on (one inside jax's compilation_cache.put_executable_and_time, serialising a fresh executable), each in a different
-# test and none reproducible alone; a fresh clone, as CI runs, gains little from it in-process. The processes that
+# reruns while developing); a fresh clone, as CI runs, gains little from it in-process. (It was turned off while
+# workers crashed natively in XLA:CPU's compile path, with and without it: the cause was the memory-mapping limit,
+# handled at the end of this file.) The processes that
 # the multi-process and kill/resume tests start keep a cache of their own: they repeat each other's programs.
 _CACHE = os.environ.get("DSPARK_TEST_JAX_CACHE")
 if _CACHE:

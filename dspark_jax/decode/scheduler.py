@@ -238,10 +238,18 @@ def _sps_tuple(sps) -> tuple[float, ...]:
 # the smoothed ratio reaches 1 + SWITCH_MARGIN), and the probe budget: a plain run lasts long enough that the probe
 # round after it, if it loses as much as the EMA says, costs at most this share of the run's time.
 SWITCH_FIRST_OFF = 8
-SWITCH_MAX_OFF = 128
+SWITCH_MAX_OFF = 512
 SWITCH_EMA = 0.25
 SWITCH_MARGIN = 0.05
 SWITCH_PROBE_BUDGET = 0.02
+# A plain run inside the loop goes in chunks of at most this many steps: the draft ingests each chunk's taps from a
+# buffer [B, Bs+1+chunk, Lt*H] (so the buffer does not grow with the longest run), and no probe comes between chunks.
+PLAIN_RUN_CHUNK = 128
+
+
+# the part of the scheduler state that the switch-off rule keeps, and that a scheduler carries from one call to the
+# next (_SchedulerBase.carry_switch)
+SWITCH_FIELDS = ("ema", "off_mode", "off_left", "next_off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,28 +282,41 @@ class SchedulePolicy:
     switch: bool = False
     off_rounds: tuple[int, int] = (SWITCH_FIRST_OFF, SWITCH_MAX_OFF)    # shortest and longest plain run
 
-    def init_state(self, batch: int, block_size: int):
+    def init_state(self, batch: int, block_size: int, switch_state: dict | None = None):
+        """The loop's scheduler state; ``switch_state`` (:data:`SWITCH_FIELDS`, e.g. where an earlier call ended)
+        replaces the switch-off rule's fresh start."""
         inner = ()
         if self.kind == "zos":
             # ring buffer of the last `delay` speculative rounds' confidences and active masks
             inner = (jnp.zeros((self.delay, batch, block_size), jnp.float32), jnp.zeros((self.delay, batch), bool))
-        return dict(inner=inner, spec_rounds=jnp.int32(0), off_left=jnp.int32(0),
-                    next_off=jnp.int32(self.off_rounds[0]), ema=jnp.float32(1.0), off_mode=jnp.bool_(False))
+        state = dict(inner=inner, spec_rounds=jnp.int32(0), **self.fresh_switch_state())
+        if switch_state is not None:
+            state.update({k: jnp.asarray(switch_state[k], state[k].dtype) for k in SWITCH_FIELDS})
+        return state
 
-    def plain_steps(self, state, sched_args, active) -> jax.Array:
-        """Plain steps to run now (int32; 0 = a speculative round), from earlier rounds and the profile only."""
+    def fresh_switch_state(self) -> dict:
+        """The switch-off rule's state before any round: speculation on, the EMA at 1."""
+        return dict(ema=jnp.float32(1.0), off_mode=jnp.bool_(False), off_left=jnp.int32(0),
+                    next_off=jnp.int32(self.off_rounds[0]))
+
+    def plain_steps(self, state, sched_args, active, xp=jnp, chunk: int | None = PLAIN_RUN_CHUNK) -> jax.Array:
+        """Plain steps to run now (int32; 0 = a speculative round), from earlier rounds and the profile only: at
+        most ``chunk`` (None: the whole run left). ``xp=numpy`` evaluates the same rule on the host (no device
+        dispatch: a call decides in microseconds)."""
         if not self.switch:
-            return jnp.int32(0)
+            return xp.int32(0)
+        if chunk is not None:
+            return xp.minimum(self.plain_steps(state, sched_args, active, xp, None), chunk)
         sps, plain_sps = sched_args
-        sps = jnp.asarray(sps, jnp.float32)
-        live = jnp.sum(jnp.asarray(active, jnp.int32))
-        b = jnp.arange(sps.shape[0])
-        ceiling = jnp.max(jnp.where(b >= live, b * sps, 0.0))        # every verified token committed
-        never = (live > 0) & (ceiling < live.astype(jnp.float32) * jnp.asarray(plain_sps, jnp.float32))
-        return jnp.where(never, self.off_rounds[1], jnp.minimum(state["off_left"], self.off_rounds[1]))
+        sps = xp.asarray(sps, xp.float32)
+        live = xp.sum(xp.asarray(active, xp.int32))
+        b = xp.arange(sps.shape[0])
+        ceiling = xp.max(xp.where(b >= live, b * sps, 0.0))        # every verified token committed
+        never = (live > 0) & (ceiling < live.astype(xp.float32) * xp.asarray(plain_sps, xp.float32))
+        return xp.where(never, self.off_rounds[1], xp.minimum(state["off_left"], self.off_rounds[1]))
 
-    def after_plain(self, state, steps=1):
-        return dict(state, off_left=jnp.maximum(state["off_left"] - steps, 0))
+    def after_plain(self, state, steps=1, xp=jnp):
+        return dict(state, off_left=xp.maximum(state["off_left"] - steps, 0))
 
     def __call__(self, confidences, active, state, sched_args):
         """``[B, Bs]`` confidences, ``[B]`` active, state, (sps, plain_sps) -> (L ``[B]``, state)."""
@@ -369,14 +390,44 @@ class _SchedulerBase:
         if not 1 <= first <= longest:
             raise ValueError(f"off_rounds must be (first, longest) with 1 <= first <= longest, got {self.off_rounds}")
         object.__setattr__(self, "off_rounds", (first, longest))
+        object.__setattr__(self, "_switch_memory", {})     # batch -> switch state; not a field: not hashed
 
     def init_state(self, batch: int, block_size: int):
         return self.policy.init_state(batch, block_size)
 
+    # ---- the switch-off state carried between calls (host side) ----
+    def switch_state_for(self, batch: int) -> dict:
+        """Where the switch-off rule starts a call of ``batch`` rows: where the last call of that size ended
+        (``carry_switch``), else fresh. Values are host scalars."""
+        kept = self._switch_memory.get(int(batch)) if self.carry_switch else None
+        if kept is not None:
+            return dict(kept)
+        return dict(ema=1.0, off_mode=False, off_left=0, next_off=self.off_rounds[0])   # fresh_switch_state()
+
+    def remember_switch_state(self, batch: int, state) -> None:
+        """Keeps a call's final switch state (a mapping with :data:`SWITCH_FIELDS`) for the next call of
+        ``batch`` rows. Decisions it drives come from finished rounds only, so they stay lossless."""
+        if self.carry_switch:
+            self._switch_memory[int(batch)] = {k: np.asarray(state[k]).item() for k in SWITCH_FIELDS}
+
+    def forget_switch_state(self) -> None:
+        """Drops what earlier calls left (the next call starts fresh)."""
+        self._switch_memory.clear()
+
     @property
     def sched_args(self):
-        """The traced arguments of the compiled loop: (sps ``[Bmax+1]``, plain steps per second; 0 = no switch)."""
-        return (jnp.asarray(self.sps, jnp.float32), jnp.float32(self.plain_sps or 0.0))
+        """The traced arguments of the compiled loop: (sps ``[Bmax+1]``, plain steps per second; 0 = no switch).
+        Made once per scheduler (a call pays no transfer for them)."""
+        cached = self.__dict__.get("_sched_args")
+        if cached is None:
+            cached = (jnp.asarray(self.sps, jnp.float32), jnp.float32(self.plain_sps or 0.0))
+            object.__setattr__(self, "_sched_args", cached)
+        return cached
+
+    @property
+    def host_sched_args(self):
+        """:attr:`sched_args` as numpy values, for the host-side evaluation of the switch rule."""
+        return (np.asarray(self.sps, np.float32), np.float32(self.plain_sps or 0.0))
 
     def __call__(self, confidences, active, state, round_index=None):
         """``[B, Bs]`` confidences, ``[B]`` active -> (L ``[B]`` int32, state). (``round_index`` is unused: the
@@ -399,12 +450,16 @@ class PrefixScheduler(_SchedulerBase):
     decoding steps per second on the same engine (given: the loop may switch speculation off, see
     :class:`SchedulePolicy`); ``verify_buckets``: the verify plan of the profile (ragged buckets, padded above),
     used when ``speculative_generate(ragged_verify=None)``. :meth:`from_profile` fills all three. ``off_rounds``:
-    the first and the longest plain run of the switch-off rule."""
+    the first and the longest plain run of the switch-off rule. ``carry_switch``: a call of
+    ``dj.speculative_generate`` starts the switch-off rule where the last call with as many rows ended (its smoothed
+    ratio, mode and the plain steps left), instead of fresh with speculation on; a call that would run only plain
+    steps then runs the target's own plain decode (no draft work at all). :meth:`forget_switch_state` resets."""
 
     sps: tuple[float, ...]
     plain_sps: float | None = None
     verify_buckets: tuple[int, ...] | None = None
     off_rounds: tuple[int, int] = (SWITCH_FIRST_OFF, SWITCH_MAX_OFF)
+    carry_switch: bool = True
 
     def __post_init__(self):
         self._check()
@@ -418,13 +473,15 @@ class PrefixScheduler(_SchedulerBase):
 class ZeroOverheadScheduler(_SchedulerBase):
     """ZOS: capacity from the confidences ``delay`` speculative rounds earlier (global search), top-K current
     pairs. Until ``delay`` rounds of history exist the round uses Algorithm 1 with the break (lossless). Plain
-    rounds (switch-off) add no history: the capacity comes from the last speculative rounds."""
+    rounds (switch-off) add no history: the capacity comes from the last speculative rounds. Other fields as in
+    :class:`PrefixScheduler` (``carry_switch`` included)."""
 
     sps: tuple[float, ...]
     delay: int = 2
     plain_sps: float | None = None
     verify_buckets: tuple[int, ...] | None = None
     off_rounds: tuple[int, int] = (SWITCH_FIRST_OFF, SWITCH_MAX_OFF)
+    carry_switch: bool = True
 
     def __post_init__(self):
         self._check()
@@ -476,4 +533,4 @@ Scheduler = PrefixScheduler | ZeroOverheadScheduler
 
 __all__ = ["SchedulePolicy", "prefix_schedule", "zos_schedule", "zos_capacity", "top_k_lengths",
            "cumulative_acceptance", "check_confidences", "check_sps", "PrefixScheduler", "ZeroOverheadScheduler",
-           "load_sps", "load_round_profile", "expected_throughput", "Scheduler"]
+           "load_sps", "load_round_profile", "expected_throughput", "Scheduler", "SWITCH_FIELDS"]

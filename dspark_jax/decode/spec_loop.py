@@ -25,7 +25,7 @@ from dspark_jax.decode.control_flow import run_if
 from dspark_jax.decode.prefill import prefill as prefill_target
 from dspark_jax.decode.ragged import verify_forward
 from dspark_jax.decode.sampling import SamplingConfig, sample_rows, sample_tokens, split_keys
-from dspark_jax.decode.scheduler import SchedulePolicy
+from dspark_jax.decode.scheduler import PLAIN_RUN_CHUNK, SchedulePolicy
 from dspark_jax.decode.verify import verify_block
 
 
@@ -119,7 +119,8 @@ def spec_round(target, draft, c: dict, settings: SpecSettings, sched_args, conf_
     if sched is None or not sched.switch:
         return draft_verify_round(target, draft, c, settings, sched_args, conf_temps, head_hv)
     steps = sched.plain_steps(c["sched"], sched_args, ~c["done"])
-    c = plain_run(target, draft, c, settings, steps, run_while)
+    # under run_if: a speculative round does not build the run's tap buffer ([B, Bs+1+chunk, Lt*H], MBs)
+    c = run_if(steps > 0, lambda c: plain_run(target, draft, c, settings, steps, run_while), c)
     return run_if(steps == 0, lambda c: draft_verify_round(target, draft, c, settings, sched_args, conf_temps,
                                                            head_hv), c)
 
@@ -137,7 +138,8 @@ def plain_run(target, draft, c: dict, settings: SpecSettings, steps, run_while=N
     batch, out_width = c["out"].shape
     stop_arr = jnp.asarray(settings.stop_ids if settings.stop_ids else (-2,), jnp.int32)
     rows = jnp.arange(batch)
-    buf, count = draft.plain_tap_buffer(c["dstate"], min(sched.off_rounds[1], settings.max_new_tokens))
+    buf, count = draft.plain_tap_buffer(c["dstate"], min(sched.off_rounds[1], PLAIN_RUN_CHUNK,
+                                                         settings.max_new_tokens))
     width = buf.shape[1]
     keys = c["keys"]
 
@@ -255,10 +257,12 @@ def draft_verify_round(target, draft, c: dict, settings: SpecSettings, sched_arg
                 stats=stats, sched=sched_state)
 
 
-def loop_state(rows: dict, settings: SpecSettings, bs: int) -> dict:
+def loop_state(rows: dict, settings: SpecSettings, bs: int, switch_state: dict | None = None) -> dict:
+    """Rows + the round counter and the scheduler's state (its switch-off part from ``switch_state`` if given)."""
     sched = settings.scheduler
     batch = rows["anchor"].shape[0]
-    return dict(rows, rnd=jnp.int32(0), sched=sched.init_state(batch, bs) if sched is not None else ())
+    return dict(rows, rnd=jnp.int32(0),
+                sched=sched.init_state(batch, bs, switch_state) if sched is not None else ())
 
 
 def head_for_loop(draft):

@@ -15,12 +15,14 @@ import numpy as np
 
 from dspark_jax.cache import round_capacity
 from dspark_jax.config import next_bucket
+from dspark_jax.decode.autoregressive import _decodes_flat, _generate_jit
 from dspark_jax.decode.metrics import round_counts, summarize
 from dspark_jax.decode.output import GenerationOutput
 from dspark_jax.decode.prompts import check_request_ids, encode_prompts, pad_batch
 from dspark_jax.decode.ragged import ragged_buckets
 from dspark_jax.decode.sampling import SamplingConfig, request_keys
 from dspark_jax.decode.scheduler import (
+    SWITCH_FIELDS,
     PrefixScheduler,
     ZeroOverheadScheduler,
     check_sps,
@@ -58,6 +60,9 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
         confidences ``sigmoid(c / T)`` ``[B, Bs]`` to per-row lengths L (0 = the row verifies only its anchor,
         a plain decoding step). Lossless: L depends only on draft-side information. Needs a confidence head;
         exclusive with ``threshold > 0``. Its SPS table must cover the batch's anchors (>= B + 1 entries).
+        With ``plain_sps`` (a round profile) it may switch speculation off for a while; it then carries that
+        state to its next call of the same batch size, and a call that would be all plain steps runs the
+        target's plain decode with no draft work (``carry_switch``; docs/SCHEDULING.md §8).
       stop_token_ids: a row stops once one of these is committed; None = the target config's eos ids.
       seed: PRNG seed.
       calibration: STS temperatures T_k applied to the confidence logits (``sigmoid(c_k / T_k)``) before the
@@ -104,14 +109,49 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
     if max_slots is not None:
         return _generate_slots(target, draft, rows, req, settings, seed, batch, refill_at, sched_sps, conf_temps,
                                prompts, shrink)
+    switching = scheduler is not None and settings.scheduler.switch
+    switch0 = scheduler.switch_state_for(batch) if switching else None
+    policy = settings.scheduler
+    if switching and int(policy.plain_steps(switch0, scheduler.host_sched_args, np.ones((batch,), bool), xp=np,
+                                            chunk=None)) >= settings.max_new_tokens - 1:
+        # the switch-off rule would run the whole call as plain steps: the target's own plain decode does that
+        # without the draft's context passes (same rule, decided from earlier calls' rounds: lossless)
+        res, seconds, steps = _plain_call(target, ids, lengths, req, seed, settings, drafts_per_round(draft.config))
+        scheduler.remember_switch_state(batch, policy.after_plain(switch0, steps, xp=np))
+        return _to_output(res, settings, seconds, target, prompts)
     t_graph, t_state = split_static(target)
     d_graph, d_state = split_static(draft)
     t0 = time.perf_counter()
     res = _spec_jit(t_graph, t_state, d_graph, d_state, jnp.asarray(ids), jnp.asarray(lengths),
-                    jax.random.key(seed), jnp.asarray(req), sched_sps, conf_temps, settings=settings)
+                    jax.random.key(seed), jnp.asarray(req), sched_sps, conf_temps, switch0, settings=settings)
     res = jax.device_get(res)
     seconds = time.perf_counter() - t0
+    if switching:
+        scheduler.remember_switch_state(batch, res["switch"])
     return _to_output(res, settings, seconds, target, prompts)
+
+
+def _plain_call(target, ids, lengths, req, seed, settings: SpecSettings, bs: int):
+    """A whole call as plain decoding (``dj.generate``'s loop) -> (the loop's result dict with every row-round
+    recorded as a plain step, seconds, plain steps run). The draft saw nothing: its context is all pending."""
+    t_graph, t_state = split_static(target)
+    t0 = time.perf_counter()
+    out, n_new, steps = _generate_jit(t_graph, t_state, jnp.asarray(ids), jnp.asarray(lengths), jax.random.key(seed),
+                                      jnp.asarray(req), max_new_tokens=settings.max_new_tokens,
+                                      capacity=ids.shape[1] + settings.max_new_tokens, sampling=settings.sampling,
+                                      stop_ids=settings.stop_ids, flat_decode=_decodes_flat(target))
+    out, n_new, steps = jax.device_get((out, n_new, steps))
+    seconds = time.perf_counter() - t0
+    n_new = np.asarray(n_new, np.int32)
+    batch, rounds = out.shape[0], max(int(steps) - 1, 0)
+    ran = np.arange(max(rounds, 1))[None, :] < (n_new - 1)[:, None]
+    zeros = np.zeros((batch, max(rounds, 1), bs), np.float32)
+    stats = dict(accept=ran.astype(np.int32), proposed=np.zeros(ran.shape, np.int32), conf=zeros,
+                 conf_logits=zeros, outcome=zeros.astype(bool), plain=ran)
+    start = np.asarray(lengths, np.int32) + n_new - 1
+    res = dict(out=np.asarray(out), n_out=n_new, rounds=rounds, stats=stats, t_len=start,
+               d_len=np.zeros_like(start), pend_count=start, prompt_len=np.asarray(lengths, np.int32))
+    return res, seconds, rounds
 
 
 def _spec_setup(target, draft, *, max_new_tokens, temperature, top_k, top_p, threshold, scheduler, stop_token_ids,
@@ -243,12 +283,12 @@ def _check_pair(target, draft) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("t_graph", "d_graph", "settings"))
-def _spec_jit(t_graph, t_state, d_graph, d_state, ids, lengths, key, req_ids, sched_sps, conf_temps, *,
-              settings: SpecSettings):
+def _spec_jit(t_graph, t_state, d_graph, d_state, ids, lengths, key, req_ids, sched_sps, conf_temps,
+              switch_state=None, *, settings: SpecSettings):
     target = t_graph.merge(t_state)
     draft = d_graph.merge(d_state)
     rows = init_rows(target, draft, ids, lengths, request_keys(key, req_ids), settings)
-    carry = loop_state(rows, settings, drafts_per_round(draft.config))
+    carry = loop_state(rows, settings, drafts_per_round(draft.config), switch_state)
     head_hv = head_for_loop(draft)
 
     def cond(c):
@@ -257,8 +297,9 @@ def _spec_jit(t_graph, t_state, d_graph, d_state, ids, lengths, key, req_ids, sc
     final = jax.lax.while_loop(cond, lambda c: spec_round(target, draft, c, settings, sched_sps, conf_temps,
                                                           head_hv), carry)
     d_len, pending = draft_context_len(draft, final["dstate"])
+    switch = {k: final["sched"][k] for k in SWITCH_FIELDS} if switch_state is not None else None
     return dict(out=final["out"], n_out=final["n_out"], rounds=final["rnd"], stats=final["stats"],
-                t_len=final["t_cache"].lengths, d_len=d_len, pend_count=pending, prompt_len=lengths)
+                t_len=final["t_cache"].lengths, d_len=d_len, pend_count=pending, prompt_len=lengths, switch=switch)
 
 
 def _to_output(res, settings: SpecSettings, seconds: float, target, prompts) -> GenerationOutput:

@@ -575,12 +575,13 @@ def _switch_schedulers(rows, zos=False, off_rounds=(2, 4)):
     return ZeroOverheadScheduler(mid, delay=1, **kw) if zos else PrefixScheduler(mid, **kw)
 
 
-def _replay_switch(out, sched):
+def _replay_switch(out, sched, start=None):
     """Replays the policy's switch decisions on a static loop's recorded rounds: each round's mode and each plain
-    run's length must be what the rule decides from the rounds before it."""
+    run's length must be what the rule decides from the rounds before it (and from ``start``, the switch state the
+    call began with). Returns the number of plain runs; ``_replay_switch.state`` holds the final state."""
     pol, args = sched.policy, sched.sched_args
     plain, had = out.stats["_round_plain"], out.accept_lengths > 0
-    state = pol.init_state(*out.stats["_round_confidence"].shape[::2])
+    state = pol.init_state(*out.stats["_round_confidence"].shape[::2], start)
     r, rounds, runs = 0, plain.shape[1], 0
     while r < rounds and had[:, r].any():
         act = had[:, r]
@@ -596,7 +597,45 @@ def _replay_switch(out, sched):
             assert not plain[act, r].any(), r
             state = pol.after_round(state, out.accept_lengths[:, r], out.proposal_lengths[:, r], act, args)
             r += 1
+    _replay_switch.state = state
     return runs
+
+
+def test_switch_state_carries_over_calls_and_a_plain_call_skips_the_draft(plain_target, draft_factory):
+    """A scheduler starts each call's switch-off rule where its last call with as many rows ended: the second call's
+    modes and plain runs replay from the first call's final state. A call that the carried state makes all plain
+    runs the target's own plain decode: greedy tokens == dj.generate, every row-round plain, the draft saw nothing,
+    and the plain steps are taken off the state's run. forget_switch_state() starts fresh again."""
+    from dspark_jax.decode.scheduler import SWITCH_FIELDS
+
+    draft = draft_factory(plain_target, rank=4)
+    sched = _switch_schedulers(len(PROMPTS), off_rounds=(2, 64))
+    ref = dj.generate(plain_target, PROMPTS, max_new_tokens=24, stop_token_ids=())
+    kw = dict(max_new_tokens=24, stop_token_ids=(), scheduler=sched)
+    first = dj.speculative_generate(plain_target, draft, PROMPTS, **kw)
+    _replay_switch(first, sched)
+    kept = sched.switch_state_for(len(PROMPTS))
+    assert kept == {k: np.asarray(_replay_switch.state[k]).item() for k in SWITCH_FIELDS}
+    assert kept["off_mode"] and kept["ema"] < 1.0        # the random draft loses: off at the end
+    calls = [first]
+    for _ in range(4):
+        start = sched.switch_state_for(len(PROMPTS))
+        out = dj.speculative_generate(plain_target, draft, PROMPTS, **kw)
+        np.testing.assert_array_equal(out.tokens, ref.tokens)
+        _check_round_invariants(out, 24, 4)
+        if out.stats["plain_rounds"] == (out.accept_lengths > 0).sum():      # a whole plain call
+            assert start["off_left"] >= 23
+            assert (out.stats["_invariants"]["draft_len"] == 0).all()
+            assert sched.switch_state_for(len(PROMPTS))["off_left"] == start["off_left"] - out.stats["rounds"]
+        else:
+            _replay_switch(out, sched, start)
+        calls.append(out)
+    plain_calls = [c.stats["plain_rounds"] == (c.accept_lengths > 0).sum() for c in calls]
+    assert not plain_calls[0] and any(plain_calls), plain_calls
+    sched.forget_switch_state()
+    assert sched.switch_state_for(len(PROMPTS))["ema"] == 1.0
+    fresh = dj.speculative_generate(plain_target, draft, PROMPTS, **kw)
+    np.testing.assert_array_equal(fresh.proposal_lengths, first.proposal_lengths)
 
 
 @pytest.mark.parametrize("zos", [False, True], ids=["prefix", "zos"])
