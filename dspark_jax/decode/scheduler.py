@@ -294,10 +294,10 @@ class SchedulePolicy:
             state.update({k: jnp.asarray(switch_state[k], state[k].dtype) for k in SWITCH_FIELDS})
         return state
 
-    def fresh_switch_state(self) -> dict:
+    def fresh_switch_state(self, xp=jnp) -> dict:
         """The switch-off rule's state before any round: speculation on, the EMA at 1."""
-        return dict(ema=jnp.float32(1.0), off_mode=jnp.bool_(False), off_left=jnp.int32(0),
-                    next_off=jnp.int32(self.off_rounds[0]))
+        return dict(ema=xp.float32(1.0), off_mode=xp.bool_(False), off_left=xp.int32(0),
+                    next_off=xp.int32(self.off_rounds[0]))
 
     def plain_steps(self, state, sched_args, active, xp=jnp, chunk: int | None = PLAIN_RUN_CHUNK) -> jax.Array:
         """Plain steps to run now (int32; 0 = a speculative round), from earlier rounds and the profile only: at
@@ -402,7 +402,7 @@ class _SchedulerBase:
         kept = self._switch_memory.get(int(batch)) if self.carry_switch else None
         if kept is not None:
             return dict(kept)
-        return dict(ema=1.0, off_mode=False, off_left=0, next_off=self.off_rounds[0])   # fresh_switch_state()
+        return {k: v.item() for k, v in self.policy.fresh_switch_state(xp=np).items()}
 
     def remember_switch_state(self, batch: int, state) -> None:
         """Keeps a call's final switch state (a mapping with :data:`SWITCH_FIELDS`) for the next call of
