@@ -19,6 +19,7 @@ from dspark_jax.config import ConfigError, read_config_json
 from dspark_jax.convert.keymap import ShardingFn, dtype_name, export_tensors, fill_state, read_state, resolve_dtype
 from dspark_jax.convert.names import KeyRule
 from dspark_jax.convert.safetensors_io import CheckpointError, checkpoint_files, iter_tensors, write_checkpoint_dir
+from dspark_jax.nn.abstract import abstract_module
 from dspark_jax.targets.deepseek_v3 import DeepseekV3ForCausalLM
 from dspark_jax.targets.deepseek_v3_config import DeepseekV3Config
 
@@ -123,7 +124,8 @@ def load_deepseek_v3_target(path: str, dtype="float32", *, sharding: ShardingFn 
     block-quantized weights (the family's releases) are dequantized one at a time on the way."""
     config = DeepseekV3Config.from_json(path)
     dt = resolve_dtype(dtype)
-    abstract = nnx.eval_shape(lambda: DeepseekV3ForCausalLM(config, dtype=dt, attention_impl=attention_impl))
+    abstract = abstract_module(lambda rngs: DeepseekV3ForCausalLM(config, dtype=dt, attention_impl=attention_impl,
+                                                                    rngs=rngs))
     graphdef, abs_state = nnx.split(abstract)
     values = read_state(abs_state, None, DEEPSEEK_V3_TARGET_RULES, DEEPSEEK_V3_IGNORED, dt, sharding,
                         skip_keys={"lm_head.weight"} if config.tie_word_embeddings else set(),

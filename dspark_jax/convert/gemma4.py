@@ -16,6 +16,7 @@ from flax import nnx
 from dspark_jax.convert.keymap import ShardingFn, dtype_name, export_tensors, fill_state, read_state, resolve_dtype
 from dspark_jax.convert.names import CHOICES, KeyRule
 from dspark_jax.convert.safetensors_io import checkpoint_files, write_checkpoint_dir
+from dspark_jax.nn.abstract import abstract_module
 from dspark_jax.targets.gemma4 import Gemma4ForCausalLM
 from dspark_jax.targets.gemma4_config import Gemma4Config
 
@@ -67,7 +68,8 @@ def load_gemma4_target(path: str, dtype="float32", *, sharding: ShardingFn | Non
         multimodal = json.load(f).get("model_type") == "gemma4"
     config = Gemma4Config.from_json(path)
     dt = resolve_dtype(dtype)
-    abstract = nnx.eval_shape(lambda: Gemma4ForCausalLM(config, dtype=dt, attention_impl=attention_impl))
+    abstract = abstract_module(lambda rngs: Gemma4ForCausalLM(config, dtype=dt, attention_impl=attention_impl,
+                                                                rngs=rngs))
     graphdef, abs_state = nnx.split(abstract)
     rules = GEMMA4_MULTIMODAL_RULES if multimodal else GEMMA4_TARGET_RULES
     ignored = GEMMA4_MULTIMODAL_IGNORED if multimodal else GEMMA4_IGNORED

@@ -31,6 +31,7 @@ from dspark_jax.convert.safetensors_io import checkpoint_files, save_shards
 from dspark_jax.drafts.build import DRAFT_CLASSES
 from dspark_jax.drafts.config import GEMMA4_DSPARK_ARCH, GEMMA4_EAGLE3_ARCH, DraftConfig
 from dspark_jax.drafts.temperatures import attach_saved_temperatures, save_temperatures
+from dspark_jax.nn.abstract import abstract_module
 
 # a draft layer's sandwich norms (Eagle3's hidden_norm has a rule of its own)
 _DRAFT_NORM = {"g4_draft_norm": r"input_layernorm|post_attention_layernorm|pre_feedforward_layernorm"
@@ -67,7 +68,7 @@ def load_gemma4_draft(path: str | os.PathLike, dtype=None, *, sharding=None, att
     cfg = DraftConfig.from_hf_dict(d, where)
     cls, rules = DRAFT_CLASSES[cfg.architecture], GEMMA4_DRAFT_RULES_OF[cfg.architecture]
     dt = resolve_dtype(dtype if dtype is not None else cfg.dtype)
-    abstract = nnx.eval_shape(lambda: cls(cfg, dtype=dt, attention_impl=attention_impl))
+    abstract = abstract_module(lambda rngs: cls(cfg, dtype=dt, attention_impl=attention_impl, rngs=rngs))
     graphdef, abs_state = nnx.split(abstract)
     values = read_state(abs_state, checkpoint_files(os.fspath(path)), rules, GEMMA4_DRAFT_IGNORED, dt,
                         sharding, strip_prefix="_orig_mod.")

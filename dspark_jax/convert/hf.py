@@ -18,6 +18,7 @@ from dspark_jax.convert.gemma4 import load_gemma4_target, save_gemma4_target
 from dspark_jax.convert.keymap import ShardingFn, dtype_name, export_tensors, fill_state, read_state, resolve_dtype
 from dspark_jax.convert.names import QWEN3_IGNORED, QWEN3_TARGET_RULES
 from dspark_jax.convert.safetensors_io import CheckpointError, checkpoint_files, write_checkpoint_dir
+from dspark_jax.nn.abstract import abstract_module
 from dspark_jax.targets.qwen3 import Qwen3ForCausalLM
 from dspark_jax.targets.registry import family_of, family_of_model
 
@@ -50,7 +51,8 @@ def load_target(path: str | os.PathLike, dtype="float32", *, sharding: ShardingF
 def _load_qwen3(path: str, dtype, *, sharding: ShardingFn | None, attention_impl: str) -> Qwen3ForCausalLM:
     config = TargetConfig.from_json(path)
     dt = resolve_dtype(dtype)
-    abstract = nnx.eval_shape(lambda: Qwen3ForCausalLM(config, dtype=dt, attention_impl=attention_impl))
+    abstract = abstract_module(lambda rngs: Qwen3ForCausalLM(config, dtype=dt, attention_impl=attention_impl,
+                                                               rngs=rngs))
     graphdef, abs_state = nnx.split(abstract)
     values = read_state(abs_state, checkpoint_files(path), QWEN3_TARGET_RULES, QWEN3_IGNORED, dt, sharding,
                         skip_keys={"lm_head.weight"} if config.tie_word_embeddings else set())

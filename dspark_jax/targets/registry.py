@@ -74,8 +74,10 @@ def target_config_from_json(path: str | os.PathLike):
     return config_from_hf_dict(d, where)
 
 
-def build_target(config, *, dtype="float32", seed: int = 0, attention_impl: str = "auto"):
+def build_target(config, *, dtype="float32", seed: int = 0, attention_impl: str = "auto", rngs=None):
     """A randomly initialised target (N(0, initializer_range) linears, unit norms) of ``config``'s family
-    (a :class:`TargetConfig`, ``Gemma4Config`` or ``DeepseekV3Config``)."""
+    (a :class:`TargetConfig`, ``Gemma4Config`` or ``DeepseekV3Config``). ``rngs`` (default ``nnx.Rngs(seed)``):
+    e.g. :class:`~dspark_jax.nn.abstract.ShapeOnlyRngs` under ``nnx.eval_shape``."""
     family = family_of_config(config)
-    return family.model_class(config, dtype=jnp.dtype(dtype), attention_impl=attention_impl, rngs=nnx.Rngs(seed))
+    rngs = rngs if rngs is not None else nnx.Rngs(seed)
+    return family.model_class(config, dtype=jnp.dtype(dtype), attention_impl=attention_impl, rngs=rngs)

@@ -27,6 +27,7 @@ from flax import nnx
 
 from dspark_jax.config import ConfigError, TargetConfig
 from dspark_jax.drafts.build import build_draft
+from dspark_jax.nn.abstract import abstract_module
 from dspark_jax.nn.frozen import Frozen
 from dspark_jax.sharding import MESH_AXES, LogicalRules
 from dspark_jax.targets.registry import build_target, target_config_from_json
@@ -279,15 +280,15 @@ def estimate_memory(cfg: TrainConfig, num_devices: int, rules: LogicalRules | No
     dcfg = draft_config_for(cfg, tcfg)
     compute = "float32" if cfg.optim.precision == "fp32" else "bfloat16"
 
-    def build():
-        target = build_target(tcfg, dtype=cfg.target.dtype)
+    def build(rngs):
+        target = build_target(tcfg, dtype=cfg.target.dtype, rngs=rngs)
         draft = build_draft(target, dcfg, dtype=compute, param_dtype="float32")
         for _, var in nnx.iter_graph(draft):  # as the trainer stores them: compute dtype, no master copy
             if isinstance(var, Frozen):
                 var.set_value(var.get_value().astype(compute))
         return target, draft
 
-    target, draft = nnx.eval_shape(build)
+    target, draft = abstract_module(build)
     micro = cfg.optim.micro_batch_size or cfg.optim.global_batch_size
     accum = cfg.optim.global_batch_size // micro
     optimizer = make_optimizer(cfg.optim.lr, 100, grad_accum=accum)

@@ -17,6 +17,7 @@ from dspark_jax.convert.names import DEEPSPEC_IGNORED
 from dspark_jax.convert.safetensors_io import CheckpointError, checkpoint_files, iter_tensors
 from dspark_jax.drafts.config import DraftConfig
 from dspark_jax.drafts.temperatures import attach_saved_temperatures
+from dspark_jax.nn.abstract import abstract_module
 from dspark_jax.targets.registry import target_config_from_json
 
 
@@ -93,7 +94,7 @@ def load_checkpoint(ck: DraftCheckpoint, dtype=None, *, target=None, sharding=No
                 "pass the target (dj.load_draft(path, target=...) / --target DIR) to fill them in")
     dt = resolve_dtype(dtype if dtype is not None else cfg.dtype)
     cls = family.module
-    abstract = nnx.eval_shape(lambda: cls(cfg, dtype=dt, attention_impl=attention_impl))
+    abstract = abstract_module(lambda rngs: cls(cfg, dtype=dt, attention_impl=attention_impl, rngs=rngs))
     graphdef, abs_state = nnx.split(abstract)
     stream = ((t.source, k, t) for k, t in tensors.items())
     values = read_state(abs_state, [], family.rules, DEEPSPEC_IGNORED, dt, sharding, tensors=stream)
