@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from dspark_jax.cache import round_capacity
 from dspark_jax.convert.deepspec import load_draft
 from dspark_jax.convert.hf import load_target
 from dspark_jax.decode.ragged import ragged_buckets
@@ -220,9 +221,9 @@ def profile_rounds(target, draft, batch: int, *, context: int = 128, warmup: int
     width = bs + 1
     full = batch * width
     max_new = rounds * width + width + 2                 # no row finishes within a timed call
-    capacity = context + max_new + width + 2
-    if capacity > target.config.max_position_embeddings:
+    if context + max_new + width + 2 > target.config.max_position_embeddings:
         raise ValueError(f"context {context} + {max_new} round tokens exceed the target's max_position_embeddings")
+    capacity = round_capacity(context + max_new + width + 2)   # as the loop rounds its own (cache.round_capacity)
     can_flatten = hasattr(target, "forward_flat")
     buckets = ragged_buckets(batch, width) if can_flatten else ()
     settings = SpecSettings(max_new, SamplingConfig(float(temperature)), (), 0.0, capacity, capacity,
