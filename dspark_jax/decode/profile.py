@@ -42,12 +42,12 @@ from dspark_jax.decode.sampling import SamplingConfig, request_keys
 from dspark_jax.decode.scheduler import SchedulePolicy
 from dspark_jax.decode.spec_loop import (
     SpecSettings,
-    draft_verify_round,
     drafts_per_round,
     head_for_loop,
     init_rows,
     loop_state,
     plain_run,
+    spec_round,
 )
 from dspark_jax.nn.static_graph import split_static
 
@@ -249,9 +249,9 @@ def profile_rounds(target, draft, batch: int, *, context: int = 128, warmup: int
         if plain:         # one plain run of `rounds` steps, as the loop runs them (draft catch-up included)
             return plain_run(tgt, drf, c, settings, jnp.int32(rounds))
 
-        def body(_, c):
-            return draft_verify_round(tgt, drf, c, settings, sched_args, conf_temps, head_hv,
-                                      forced_lengths=lengths, verify_branch=branch)
+        def body(_, c):   # the loop's whole round: the switch's plain-run check and guards included
+            return spec_round(tgt, drf, c, settings, sched_args, conf_temps, head_hv, forced_lengths=lengths,
+                              verify_branch=branch)
 
         return jax.lax.fori_loop(0, rounds, body, c)
 
@@ -264,10 +264,12 @@ def profile_rounds(target, draft, batch: int, *, context: int = 128, warmup: int
     calls = [functools.partial(run, *graphs, c0, jnp.asarray(ln, jnp.int32), jnp.int32(br), plain=pl)
              for ln, br, pl in branches]
     compile_s = []
-    for fn in calls:
+    for fn, (_, _, pl) in zip(calls, branches):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn())
+        out = jax.block_until_ready(fn())
         compile_s.append(time.perf_counter() - t0)
+        if not pl and np.asarray(out["stats"]["plain"]).any():   # sched_args keep the switch on: never expected
+            raise RuntimeError("round profile: the switch ran plain steps inside a timed speculative branch")
     for _ in range(warmup):
         for fn in calls:
             jax.block_until_ready(fn())

@@ -107,22 +107,25 @@ def init_rows(target, draft, ids, lengths, req_keys, settings: SpecSettings) -> 
 
 
 def spec_round(target, draft, c: dict, settings: SpecSettings, sched_args, conf_temps, head_hv,
-               run_while=None) -> dict:
+               run_while=None, forced_lengths=None, verify_branch=None) -> dict:
     """One iteration of the loop over every row of ``c`` (finished rows compute but change nothing): a draft-verify
     round, or, when the scheduler has switched speculation off (decided by earlier rounds), a run of plain decoding
     steps (:func:`plain_run`; ``run_while(done [B]) -> bool`` may end it early, e.g. to refill slots).
 
     The plain run's step loop sits at the top level of this body (zero steps when speculating) and the draft-verify
     round runs under :func:`run_if`, not a ``cond``: XLA:CPU ran the same step loop nested in a ``cond`` branch ~25%
-    slower per step (0.19 vs 0.15 ms at batch 4 on the demo-sized target) and copies the caches through a ``cond``."""
+    slower per step (0.19 vs 0.15 ms at batch 4 on the demo-sized target) and copies the caches through a ``cond``.
+    ``forced_lengths`` / ``verify_branch``: see :func:`draft_verify_round` (the round profile times this whole round,
+    the switch's machinery included)."""
     sched = settings.scheduler
+    forced = dict(forced_lengths=forced_lengths, verify_branch=verify_branch)
     if sched is None or not sched.switch:
-        return draft_verify_round(target, draft, c, settings, sched_args, conf_temps, head_hv)
+        return draft_verify_round(target, draft, c, settings, sched_args, conf_temps, head_hv, **forced)
     steps = sched.plain_steps(c["sched"], sched_args, ~c["done"])
     # under run_if: a speculative round does not build the run's tap buffer ([B, Bs+1+chunk, Lt*H], MBs)
     c = run_if(steps > 0, lambda c: plain_run(target, draft, c, settings, steps, run_while), c)
     return run_if(steps == 0, lambda c: draft_verify_round(target, draft, c, settings, sched_args, conf_temps,
-                                                           head_hv), c)
+                                                           head_hv, **forced), c)
 
 
 def plain_run(target, draft, c: dict, settings: SpecSettings, steps, run_while=None) -> dict:
