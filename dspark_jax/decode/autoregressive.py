@@ -58,8 +58,8 @@ def generate(target, prompts, max_new_tokens: int = 256, temperature: float = 0.
     capacity = ids.shape[1] + int(max_new_tokens)
     graphdef, state = split_static(target)
     t0 = time.perf_counter()
-    tokens, n_new, steps = _generate_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(lengths),
-                                         jax.random.key(seed), jnp.asarray(req),
+    tokens, n_new, steps = _generate_jit(graphdef, state, np.asarray(ids, np.int32), np.asarray(lengths, np.int32),
+                                         jax.random.key(seed), np.asarray(req, np.int32),
                                          max_new_tokens=int(max_new_tokens),
                                          capacity=capacity, sampling=sampling, stop_ids=stops,
                                          flat_decode=_decodes_flat(target))

@@ -122,8 +122,8 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
     t_graph, t_state = split_static(target)
     d_graph, d_state = split_static(draft)
     t0 = time.perf_counter()
-    res = _spec_jit(t_graph, t_state, d_graph, d_state, jnp.asarray(ids), jnp.asarray(lengths),
-                    jax.random.key(seed), jnp.asarray(req), sched_sps, conf_temps, switch0, settings=settings)
+    res = _spec_jit(t_graph, t_state, d_graph, d_state, np.asarray(ids, np.int32), np.asarray(lengths, np.int32),
+                    jax.random.key(seed), np.asarray(req, np.int32), sched_sps, conf_temps, switch0, settings=settings)
     res = jax.device_get(res)
     seconds = time.perf_counter() - t0
     if switching:
@@ -136,8 +136,9 @@ def _plain_call(target, ids, lengths, req, seed, settings: SpecSettings, bs: int
     recorded as a plain step, seconds, plain steps run). The draft saw nothing: its context is all pending."""
     t_graph, t_state = split_static(target)
     t0 = time.perf_counter()
-    out, n_new, steps = _generate_jit(t_graph, t_state, jnp.asarray(ids), jnp.asarray(lengths), jax.random.key(seed),
-                                      jnp.asarray(req), max_new_tokens=settings.max_new_tokens,
+    out, n_new, steps = _generate_jit(t_graph, t_state, np.asarray(ids, np.int32), np.asarray(lengths, np.int32),
+                                      jax.random.key(seed), np.asarray(req, np.int32),
+                                      max_new_tokens=settings.max_new_tokens,
                                       capacity=ids.shape[1] + settings.max_new_tokens, sampling=settings.sampling,
                                       stop_ids=settings.stop_ids, flat_decode=_decodes_flat(target))
     out, n_new, steps = jax.device_get((out, n_new, steps))
