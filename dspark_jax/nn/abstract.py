@@ -24,12 +24,9 @@ class ShapeOnlyRngs:
     def __getattr__(self, stream: str):
         if stream.startswith("_"):
             raise AttributeError(stream)
-        return self._draw
+        return self.__call__
 
     def __call__(self):
-        return self._key
-
-    def _draw(self):
         return self._key
 
 
