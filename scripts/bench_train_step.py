@@ -17,10 +17,15 @@ product timed in the same process.
 
 ``--baseline-tree DIR``: also time another checkout of the package (e.g. ``git archive main dspark_jax``): two
 worker processes, one per tree, are driven one step at a time in alternation, so both see the same load on a
-shared machine; prints both medians, their ratio and the largest loss difference. Usage::
+shared machine; prints both medians, their ratio and the largest loss difference.
+
+``--deepspec DIR``: the baseline is DeepSpec's own torch train step at the same shapes (``scripts/
+_deepspec_train_step.py``, importing DeepSpec from the checkout DIR, run by ``--deepspec-python``: a venv with
+``torch==2.13.0`` (CPU wheel) and ``transformers==5.10.2``), driven step by step in alternation with ours the same
+way. Its weights and anchors are its own (random, fixed seeds), so only the times compare. Usage::
 
     python scripts/bench_train_step.py [--workload h256 tiny] [--steps 20] [--warmup 3] [--vocab-chunk N]
-        [--baseline-tree DIR] [--json-out FILE]
+        [--baseline-tree DIR | --deepspec DIR [--deepspec-python PY] [--deepspec-attn eager|sdpa]] [--json-out FILE]
 """
 
 from __future__ import annotations
@@ -181,24 +186,32 @@ def compare(args) -> dict:
     """Baseline tree and current tree in two worker processes, driven one step at a time in alternation (the
     order flips every step), so both see the same machine load; medians of the per-step times."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    trees = {"baseline": os.path.abspath(args.baseline_tree), "current": here}
     cmd = [sys.executable, os.path.abspath(__file__), "--warmup", str(args.warmup), "--dtype", args.dtype,
            "--peak-n", str(args.peak_n), "--remat", args.remat, "--workload", *args.workload, "--worker"]
     if args.vocab_chunk:
         cmd += ["--vocab-chunk", str(args.vocab_chunk)]
+    if args.deepspec:   # DeepSpec's torch step as the baseline, in its own interpreter (a torch venv)
+        ds = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_deepspec_train_step.py")
+        base_cmd = [args.deepspec_python, ds, "--deepspec", os.path.abspath(args.deepspec), "--attn",
+                    args.deepspec_attn, "--warmup", str(args.warmup), "--workload", *args.workload]
+        launches = {"baseline": (base_cmd, dict(os.environ)), "current": (cmd, dict(os.environ, PYTHONPATH=here))}
+    else:
+        launches = {w: (cmd, dict(os.environ, PYTHONPATH=tree))
+                    for w, tree in (("baseline", os.path.abspath(args.baseline_tree)), ("current", here))}
     procs = {}
-    for which, tree in trees.items():   # built one after the other: compiles do not overlap
-        procs[which] = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=tree), stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, bufsize=1)
-        while procs[which].stdout.readline().strip() != "ready":
-            pass
+    for which, (argv, env) in launches.items():   # built one after the other: compiles do not overlap
+        procs[which] = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        bufsize=1)
+        while (line := procs[which].stdout.readline()).strip() != "ready":
+            if not line:   # its own error is on stderr, above
+                sys.exit(f"error: the {which} worker exited before it was ready (exit code {procs[which].wait()})")
 
     def ask(which, line):
         procs[which].stdin.write(line + "\n")
         procs[which].stdin.flush()
         return procs[which].stdout.readline().strip()
 
-    order = list(trees)
+    order = list(launches)
     for name in args.workload:
         for i in range(args.steps):
             for which in (order if i % 2 == 0 else order[::-1]):
@@ -217,8 +230,9 @@ def compare(args) -> dict:
         row["speedup"] = row["baseline"]["ms_per_step"] / row["current"]["ms_per_step"]
         row["speedup_min"] = row["baseline"]["ms_min"] / row["current"]["ms_min"]
         n = min(len(row["baseline"]["losses"]), len(row["current"]["losses"]))
-        row["max_abs_loss_diff"] = float(np.max(np.abs(np.subtract(row["baseline"]["losses"][:n],
-                                                                    row["current"]["losses"][:n]))))
+        # DeepSpec's side has its own random weights and anchors: its losses are not ours number for number
+        row["max_abs_loss_diff"] = None if args.deepspec else float(np.max(np.abs(np.subtract(
+            row["baseline"]["losses"][:n], row["current"]["losses"][:n]))))
         summary[name] = row
     return {"machine": machine(), "cpus": os.cpu_count(), "dtype": args.dtype,
             "vocab_chunk": args.vocab_chunk, "steps": args.steps,
@@ -235,13 +249,21 @@ def main(argv=None):
     ap.add_argument("--remat", default="none", help="draft-layer remat policy (none / dots / layers)")
     ap.add_argument("--peak-n", type=int, default=1024, help="matmul size for the measured peak")
     ap.add_argument("--baseline-tree", default=None, help="another checkout of the repo to compare against")
+    ap.add_argument("--deepspec", default=None,
+                    help="a DeepSpec checkout: its own torch train step is the baseline (same shapes)")
+    ap.add_argument("--deepspec-python", default=sys.executable,
+                    help="the interpreter for DeepSpec's side (a venv with torch and transformers 5.10.2)")
+    ap.add_argument("--deepspec-attn", default="eager", choices=("eager", "sdpa"),
+                    help="DeepSpec's attention (its flex_attention has no backward on CPU)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="print one JSON line only")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
-    res = compare(args) if args.baseline_tree else run_local(args)
+    if args.baseline_tree and args.deepspec:
+        ap.error("give --baseline-tree or --deepspec, not both")
+    res = compare(args) if (args.baseline_tree or args.deepspec) else run_local(args)
     if args.json:
         print(json.dumps(res))
     else:
