@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dspark_jax.cache import round_capacity
 from dspark_jax.decode.output import GenerationOutput
 from dspark_jax.decode.prefill import prefill as prefill_target
 from dspark_jax.decode.prompts import check_request_ids, encode_prompts, pad_batch
@@ -55,17 +56,16 @@ def generate(target, prompts, max_new_tokens: int = 256, temperature: float = 0.
         return _generate_slots(target, prompts, rows, max_new_tokens, sampling, stops, seed, max_slots, refill_at,
                                req, shrink)
     ids, lengths = pad_batch(rows)
-    capacity = ids.shape[1] + int(max_new_tokens)
     graphdef, state = split_static(target)
     t0 = time.perf_counter()
     tokens, n_new, steps = _generate_jit(graphdef, state, np.asarray(ids, np.int32), np.asarray(lengths, np.int32),
                                          jax.random.key(seed), np.asarray(req, np.int32),
                                          max_new_tokens=int(max_new_tokens),
-                                         capacity=capacity, sampling=sampling, stop_ids=stops,
-                                         flat_decode=_decodes_flat(target))
-    tokens = np.asarray(jax.device_get(tokens))
+                                         capacity=generate_capacity(ids.shape[1], max_new_tokens),
+                                         sampling=sampling, stop_ids=stops, flat_decode=_decodes_flat(target))
+    tokens, n_new, steps = jax.device_get((tokens, n_new, steps))   # all the call returns, inside its time
     seconds = time.perf_counter() - t0
-    n_new = np.asarray(n_new)
+    tokens, n_new = np.asarray(tokens), np.asarray(n_new)
     stats = {"seconds": seconds, "new_tokens": int(n_new.sum()), "tokens_per_s": float(n_new.sum() / seconds),
              "decode_steps": int(steps), "batch": len(rows)}
     return GenerationOutput(tokens=tokens, lengths=n_new, stats=stats, texts=_texts(target, prompts, tokens, n_new))
@@ -145,6 +145,12 @@ def _decodes_flat(target) -> bool:
         return False
     impl = getattr(target.layers[0].self_attn, "attention_impl", "auto")
     return resolve_impl(impl, "ragged_attention")[0] == "pallas"
+
+
+def generate_capacity(prompt_width: int, max_new_tokens: int) -> int:
+    """The plain decode loop's cache slots: the padded prompt and every new token, rounded up as
+    :func:`~dspark_jax.cache.round_capacity` says (each step attends over the whole capacity)."""
+    return round_capacity(int(prompt_width) + int(max_new_tokens))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "capacity", "sampling", "stop_ids",

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dspark_jax.cache import KVCache
+from dspark_jax.cache import KVCache, round_capacity
 from dspark_jax.config import next_bucket
 from dspark_jax.decode.prefill import prefill as prefill_target
 from dspark_jax.decode.prompts import check_request_ids, pad_batch
@@ -265,14 +265,14 @@ class SlotEngine:
 
 class PlainSlotEngine(SlotEngine):
     """Plain decoding over refilled slots; a result is the request's new tokens (``[n]`` int32, a stop token
-    included). The cache capacity is the prompt bucket + ``max_new_tokens``."""
+    included). The cache capacity is the prompt bucket + ``max_new_tokens`` (rounded: ``round_capacity``)."""
 
     def __init__(self, target, *, num_slots: int, max_prompt_len: int, max_new_tokens: int,
                  sampling: SamplingConfig, stop_ids: tuple[int, ...], seed: int = 0, refill_at: int | None = None,
                  flat_decode: bool = False, shrink: bool = False):
         super().__init__(num_slots=num_slots, max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
                          refill_at=refill_at, shrink=shrink)
-        self.capacity = self.prompt_bucket + self.max_new
+        self.capacity = round_capacity(self.prompt_bucket + self.max_new)
         self.target, self.sampling, self.stop_ids, self.flat_decode = target, sampling, tuple(stop_ids), flat_decode
         self.key = jax.random.key(seed)
         self._slots: Slots | None = None

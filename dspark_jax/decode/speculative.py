@@ -15,7 +15,7 @@ import numpy as np
 
 from dspark_jax.cache import round_capacity
 from dspark_jax.config import next_bucket
-from dspark_jax.decode.autoregressive import _decodes_flat, _generate_jit
+from dspark_jax.decode.autoregressive import _decodes_flat, _generate_jit, generate_capacity
 from dspark_jax.decode.metrics import round_counts, summarize
 from dspark_jax.decode.output import GenerationOutput
 from dspark_jax.decode.prompts import check_request_ids, encode_prompts, pad_batch
@@ -139,7 +139,8 @@ def _plain_call(target, ids, lengths, req, seed, settings: SpecSettings, bs: int
     out, n_new, steps = _generate_jit(t_graph, t_state, np.asarray(ids, np.int32), np.asarray(lengths, np.int32),
                                       jax.random.key(seed), np.asarray(req, np.int32),
                                       max_new_tokens=settings.max_new_tokens,
-                                      capacity=ids.shape[1] + settings.max_new_tokens, sampling=settings.sampling,
+                                      capacity=generate_capacity(ids.shape[1], settings.max_new_tokens),
+                                      sampling=settings.sampling,
                                       stop_ids=settings.stop_ids, flat_decode=_decodes_flat(target))
     out, n_new, steps = jax.device_get((out, n_new, steps))
     seconds = time.perf_counter() - t0
