@@ -10,8 +10,8 @@ from spec_pairs import V
 
 import dspark_jax as dj
 from dspark_jax.decode import spec_loop as spec_mod
-from dspark_jax.decode.speculative import _spec_jit
 from dspark_jax.decode.sampling import SamplingConfig, categorical, warp_logits
+from dspark_jax.decode.speculative import _spec_jit
 from dspark_jax.decode.verify import verify_block
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 3]]
