@@ -25,7 +25,13 @@ _deepspec_train_step.py``, importing DeepSpec from the checkout DIR, run by ``--
 way. Its weights and anchors are its own (random, fixed seeds), so only the times compare. Usage::
 
     python scripts/bench_train_step.py [--workload h256 tiny] [--steps 20] [--warmup 3] [--vocab-chunk N]
+        [--cpu-buffers keep|default] [--baseline-cpu-buffers keep|default]
         [--baseline-tree DIR | --deepspec DIR [--deepspec-python PY] [--deepspec-attn eager|sdpa]] [--json-out FILE]
+
+``--cpu-buffers keep`` (default) applies in each worker what ``dspark train`` applies on CPU when a step's
+temporaries pass 32 MiB (``dspark_jax/host_memory.py``: h256's are 120.7 MB, tiny's a few MB, so ``dspark train``
+would keep them for h256 only); ``default`` leaves JAX's and glibc's defaults. ``--baseline-cpu-buffers default``
+alone times this tree both ways in alternation.
 """
 
 from __future__ import annotations
@@ -102,15 +108,27 @@ def build(name: str, dtype: str, vocab_chunk: int | None, step_kwargs: dict):
     return step, state, batch, s
 
 
+def cpu_buffers(args) -> str:
+    """``--cpu-buffers keep``: what ``dspark train`` applies on CPU (dspark_jax/host_memory.py) -> its status."""
+    if args.cpu_buffers != "keep":
+        return "off: --cpu-buffers default"
+    try:
+        from dspark_jax.host_memory import keep_cpu_step_buffers
+    except ImportError:   # an older tree (--baseline-tree)
+        return "off: not in this tree"
+    return keep_cpu_step_buffers()
+
+
 def run_local(args) -> dict:
     import jax
 
+    buffers = cpu_buffers(args)
     if args.dtype == "float32":
         jax.config.update("jax_default_matmul_precision", "highest")
     peak = matmul_peak_gflops(args.peak_n)
     out = {"machine": machine(), "cpus": os.cpu_count(),
            "devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__, "dtype": args.dtype,
-           "vocab_chunk": args.vocab_chunk, "matmul_peak_gflops": peak, "results": []}
+           "vocab_chunk": args.vocab_chunk, "cpu_step_buffers": buffers, "matmul_peak_gflops": peak, "results": []}
     for name in args.workload:
         w = Workload(name, args)
         for _ in range(args.steps):
@@ -164,6 +182,7 @@ def worker(args) -> None:
     seconds; ``peak`` re-measures the matmul peak; ``done`` prints the summary and exits."""
     import jax
 
+    buffers = cpu_buffers(args)
     if args.dtype == "float32":
         jax.config.update("jax_default_matmul_precision", "highest")
     loads = {n: Workload(n, args) for n in args.workload}
@@ -179,7 +198,8 @@ def worker(args) -> None:
         else:
             print(loads[cmd].step(), flush=True)
     peak = float(np.median(peaks))
-    print(json.dumps({"matmul_peak_gflops": peak, "results": [w.summary(peak) for w in loads.values()]}), flush=True)
+    print(json.dumps({"matmul_peak_gflops": peak, "cpu_step_buffers": buffers,
+                      "results": [w.summary(peak) for w in loads.values()]}), flush=True)
 
 
 def compare(args) -> dict:
@@ -190,14 +210,17 @@ def compare(args) -> dict:
            "--peak-n", str(args.peak_n), "--remat", args.remat, "--workload", *args.workload, "--worker"]
     if args.vocab_chunk:
         cmd += ["--vocab-chunk", str(args.vocab_chunk)]
+    base_buffers = args.baseline_cpu_buffers or args.cpu_buffers
     if args.deepspec:   # DeepSpec's torch step as the baseline, in its own interpreter (a torch venv)
         ds = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_deepspec_train_step.py")
         base_cmd = [args.deepspec_python, ds, "--deepspec", os.path.abspath(args.deepspec), "--attn",
                     args.deepspec_attn, "--warmup", str(args.warmup), "--workload", *args.workload]
-        launches = {"baseline": (base_cmd, dict(os.environ)), "current": (cmd, dict(os.environ, PYTHONPATH=here))}
-    else:
-        launches = {w: (cmd, dict(os.environ, PYTHONPATH=tree))
-                    for w, tree in (("baseline", os.path.abspath(args.baseline_tree)), ("current", here))}
+        launches = {"baseline": (base_cmd, dict(os.environ)),
+                    "current": (cmd + ["--cpu-buffers", args.cpu_buffers], dict(os.environ, PYTHONPATH=here))}
+    else:   # --baseline-tree, or this tree under --baseline-cpu-buffers
+        tree = os.path.abspath(args.baseline_tree) if args.baseline_tree else here
+        launches = {"baseline": (cmd + ["--cpu-buffers", base_buffers], dict(os.environ, PYTHONPATH=tree)),
+                    "current": (cmd + ["--cpu-buffers", args.cpu_buffers], dict(os.environ, PYTHONPATH=here))}
     procs = {}
     for which, (argv, env) in launches.items():   # built one after the other: compiles do not overlap
         procs[which] = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -236,7 +259,9 @@ def compare(args) -> dict:
         summary[name] = row
     return {"machine": machine(), "cpus": os.cpu_count(), "dtype": args.dtype,
             "vocab_chunk": args.vocab_chunk, "steps": args.steps,
-            "matmul_peak_gflops": {w: runs[w]["matmul_peak_gflops"] for w in order}, "workloads": summary}
+            "matmul_peak_gflops": {w: runs[w]["matmul_peak_gflops"] for w in order},
+            "cpu_step_buffers": {w: runs[w].get("cpu_step_buffers", "off: not reported") for w in order},
+            "workloads": summary}
 
 
 def main(argv=None):
@@ -247,6 +272,12 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--vocab-chunk", type=int, default=None, help="chunked vocab loss (default: materialised logits)")
     ap.add_argument("--remat", default="none", help="draft-layer remat policy (none / dots / layers)")
+    ap.add_argument("--cpu-buffers", default="keep", choices=("keep", "default"),
+                    help="keep: what `dspark train` does on CPU (synchronous CPU client, glibc keeps the step's "
+                         "temporary buffer: dspark_jax/host_memory.py); default: JAX's and glibc's defaults")
+    ap.add_argument("--baseline-cpu-buffers", default=None, choices=("keep", "default"),
+                    help="the baseline worker's --cpu-buffers (default: the same); without --baseline-tree the "
+                         "baseline is this tree, so this alone compares the two settings")
     ap.add_argument("--peak-n", type=int, default=1024, help="matmul size for the measured peak")
     ap.add_argument("--baseline-tree", default=None, help="another checkout of the repo to compare against")
     ap.add_argument("--deepspec", default=None,
@@ -263,7 +294,10 @@ def main(argv=None):
         return worker(args)
     if args.baseline_tree and args.deepspec:
         ap.error("give --baseline-tree or --deepspec, not both")
-    res = compare(args) if (args.baseline_tree or args.deepspec) else run_local(args)
+    if args.baseline_cpu_buffers and args.deepspec:
+        ap.error("--baseline-cpu-buffers is for our own step (DeepSpec's worker is torch)")
+    paired = args.baseline_tree or args.deepspec or args.baseline_cpu_buffers
+    res = compare(args) if paired else run_local(args)
     if args.json:
         print(json.dumps(res))
     else:

@@ -25,6 +25,7 @@ import os
 
 import jax
 
+from dspark_jax import host_memory
 from dspark_jax.config import ConfigError
 from dspark_jax.distributed import (
     DistributedError,
@@ -70,6 +71,7 @@ def cmd_train(args) -> int:
                            "total": report.total, "params": report.counts}, f, indent=2)
         return 0
 
+    _cpu_step_buffers(cfg, args.cpu_step_buffers)
     try:
         result = Trainer(cfg).run()
     except (ConfigError, FileNotFoundError) as e:
@@ -79,6 +81,25 @@ def cmd_train(args) -> int:
           f"accept_rate@0 {last.get('accept_rate@0', float('nan')):.3f}; metrics in "
           f"{os.path.join(result.output_dir, 'metrics.jsonl')}")
     return 0
+
+
+def _cpu_step_buffers(cfg, mode: str) -> None:
+    """On CPU, before the backend starts: keep the step's temporary buffer between steps when it pays
+    (dspark_jax/host_memory.py); says what it chose when the CPU trains."""
+    if mode == "default" or not host_memory.cpu_trains():
+        return
+    temps = None
+    if mode == "auto":
+        per_process = host_memory.local_cpu_devices()
+        devices = per_process * (cfg.distributed.num_processes or 1)
+        try:
+            temps = estimate_memory(cfg, devices, device="cpu").activations
+        except (ConfigError, FileNotFoundError, ValueError) as e:   # the run itself will say what is wrong
+            print(f"[train] CPU step buffers left alone (no estimate: {e})")
+            return
+    apply, why = host_memory.choose(mode, temps)
+    status = host_memory.keep_cpu_step_buffers() if apply else "off"
+    print(f"[train] CPU step buffers: {status} ({why})")
 
 
 def cmd_prepare_cache(args) -> int:
@@ -114,6 +135,12 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--device", default=None, help="chip name for the dry run's fits/does-not-fit line "
                    "(v5e, v5p, v4, v6e, h100, h200, a100, b200)")
     p.add_argument("--json", default=None, help="also write the dry-run table as JSON here")
+    p.add_argument("--cpu-step-buffers", default=os.environ.get("DSPARK_CPU_STEP_BUFFERS", "auto"),
+                   choices=("auto", "keep", "default"),
+                   help="CPU training only: keep the step's temporaries allocated between steps (a synchronous "
+                        "CPU client and glibc thresholds: dspark_jax/host_memory.py). auto (default, or "
+                        "$DSPARK_CPU_STEP_BUFFERS): when the dry run's activation estimate per device passes "
+                        "glibc's 32 MiB adaptive limit")
     add_distributed_args(p)
     p.set_defaults(func=cmd_train)
 

@@ -232,6 +232,12 @@ class MemoryReport:
     counts: dict[str, int]        # name -> parameter count (whole model)
     flops_per_device: float = 0.0  # matmul FLOPs of one micro-step on each device (step_flops * sequences)
     path: str = "xla"
+    activation_rows: tuple[str, ...] = ()   # the rows that are the step's temporaries (activation_terms)
+
+    @property
+    def activations(self) -> int:
+        """Bytes per device of the step's temporaries (features, forward temporaries, residuals, loss)."""
+        return sum(self.rows[k] for k in self.activation_rows)
 
     @property
     def total(self) -> int:
@@ -305,7 +311,8 @@ def estimate_memory(cfg: TrainConfig, num_devices: int, rules: LogicalRules | No
         "gradients": _per_device_bytes(params, mesh, draft_rules),
     }
     path = kernel_path(device)
-    rows.update(activation_terms(cfg, tcfg, draft.config, shape, online, path))
+    acts = activation_terms(cfg, tcfg, draft.config, shape, online, path)
+    rows.update(acts)
     ways = shape["data"] * shape["fsdp"]
     seqs = max(1, micro // ways)
     flops = step_flops(cfg, tcfg, draft.config, online, path) * seqs / max(1, shape["tensor"])
@@ -313,7 +320,7 @@ def estimate_memory(cfg: TrainConfig, num_devices: int, rules: LogicalRules | No
     counts = {"target": count(nnx.state(target)), "draft trainable": count(params),
               "draft frozen": count(frozen)}
     return MemoryReport(mesh_shape=shape, num_devices=num_devices, rows=rows, counts=counts,
-                        flops_per_device=flops, path=path)
+                        flops_per_device=flops, path=path, activation_rows=tuple(acts))
 
 
 __all__ = ["estimate_memory", "MemoryReport", "activation_terms", "kernel_path", "step_flops", "target_layer_dims",
