@@ -102,3 +102,9 @@ def test_train_cli_decides_from_the_dry_run_estimate(capsys, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     train_cli._cpu_step_buffers(cfg, "auto")
     assert "CPU step buffers: off (auto: ~5 MiB of step temporaries" in capsys.readouterr().out
+
+
+def test_a_bad_environment_value_is_an_error_naming_it():
+    cfg = load_train_config("tiny", [])
+    with pytest.raises(SystemExit, match="DSPARK_CPU_STEP_BUFFERS must be one of auto, keep, default, got 'on'"):
+        train_cli._cpu_step_buffers(cfg, "on")
