@@ -24,6 +24,8 @@ import os
 import re
 import sys
 
+import jax
+
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD_BYTES = 1 << 30
 """Allocations below this come from the heap; XLA:CPU's temporaries of a CPU-sized step stay well under it."""
@@ -69,8 +71,6 @@ def cpu_trains(platforms: str | None = None) -> bool:
     no backend. (Not a scan of every installed distribution's entry points: that left the tiny train step ~10%
     slower in the same process.)"""
     if platforms is None:
-        import jax
-
         platforms = jax.config.jax_platforms
     if platforms:
         return platforms.split(",")[0].strip().lower() == "cpu"
@@ -109,7 +109,5 @@ def keep_cpu_step_buffers() -> str:
         return f"off: mallopt unavailable ({e})"
     if not ok:
         return "off: glibc refused the thresholds"
-    import jax
-
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     return "on"

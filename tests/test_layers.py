@@ -1,9 +1,9 @@
 """The package's import layering (issue 31): every ``dspark_jax`` import, at module level or inside a function,
 goes down (or sideways within a layer), never up, and the module-level imports have no cycle.
 
-Layers, lowest first: kernels, config, cache, sharding | distributed | nn | decode.sampling, decode.verify,
-decode.metrics | targets, drafts | convert | decode | eval | train, testing | demo | cli | the package root
-(``dspark_jax``).
+Layers, lowest first: kernels, config, cache, sharding | distributed, host_memory | nn | decode.sampling,
+decode.verify, decode.metrics | targets, drafts | convert | decode | eval | train, testing | demo | cli | the package
+root (``dspark_jax``).
 """
 
 import ast
@@ -13,9 +13,9 @@ import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dspark_jax")
 
-RANKS = {"kernels": 0, "config": 0, "cache": 0, "sharding": 0, "distributed": 1, "nn": 2, "decode.sampling": 3,
-         "decode.verify": 3, "decode.metrics": 3, "targets": 4, "drafts": 4, "convert": 5, "decode": 6, "eval": 7,
-         "train": 8, "testing": 8, "demo": 9, "cli": 10, "": 11}
+RANKS = {"kernels": 0, "config": 0, "cache": 0, "sharding": 0, "distributed": 1, "host_memory": 1, "nn": 2,
+         "decode.sampling": 3, "decode.verify": 3, "decode.metrics": 3, "targets": 4, "drafts": 4, "convert": 5,
+         "decode": 6, "eval": 7, "train": 8, "testing": 8, "demo": 9, "cli": 10, "": 11}
 
 # Imports a function body may still make (everything else is imported at module level): optional extras, JAX
 # internals read where they are used, and the heavy libraries only tokenizer and data-pipeline code needs (they
