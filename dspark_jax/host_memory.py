@@ -43,13 +43,17 @@ def local_cpu_devices(environ=None) -> int:
     return int(m.group(1)) if m else 1
 
 
+MODES = ("auto", "keep", "default")
+"""``dspark train --cpu-step-buffers`` values (see :func:`choose`)."""
+
+
 def choose(mode: str, temporaries_bytes: float | None) -> tuple[bool, str]:
     """``--cpu-step-buffers`` -> (apply?, why): ``keep`` / ``default`` as said; ``auto`` keeps them only when the
     step's temporaries (the dry run's activation estimate per device) pass glibc's adaptive threshold: below it
     they are reused anyway, and a synchronous CPU client costs a small step its dispatch overlap (issue 28's tiny
     step: ~10-18% slower with both settings)."""
-    if mode not in ("auto", "keep", "default"):
-        raise ValueError(f"cpu step buffers must be auto, keep or default, got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"cpu step buffers must be one of {', '.join(MODES)}, got {mode!r}")
     if mode != "auto":
         return mode == "keep", f"--cpu-step-buffers {mode}"
     if temporaries_bytes is None:

@@ -83,15 +83,12 @@ def cmd_train(args) -> int:
     return 0
 
 
-CPU_STEP_BUFFERS = ("auto", "keep", "default")
-
-
 def _cpu_step_buffers(cfg, mode: str) -> None:
     """On CPU, before the backend starts: keep the step's temporary buffer between steps when it pays
     (dspark_jax/host_memory.py); process 0 says what it chose when the CPU trains."""
-    if mode not in CPU_STEP_BUFFERS:   # from $DSPARK_CPU_STEP_BUFFERS (argparse checks only the flag)
+    if mode not in host_memory.MODES:   # from $DSPARK_CPU_STEP_BUFFERS (argparse checks only the flag)
         raise SystemExit(f"error: --cpu-step-buffers / $DSPARK_CPU_STEP_BUFFERS must be one of "
-                         f"{', '.join(CPU_STEP_BUFFERS)}, got {mode!r}")
+                         f"{', '.join(host_memory.MODES)}, got {mode!r}")
     if mode == "default" or not host_memory.cpu_trains():
         return
     say = print if not cfg.distributed.process_id else (lambda *a: None)
@@ -142,7 +139,7 @@ def add_train_parsers(sub) -> None:
                    "(v5e, v5p, v4, v6e, h100, h200, a100, b200)")
     p.add_argument("--json", default=None, help="also write the dry-run table as JSON here")
     p.add_argument("--cpu-step-buffers", default=os.environ.get("DSPARK_CPU_STEP_BUFFERS", "auto"),
-                   choices=CPU_STEP_BUFFERS,
+                   choices=host_memory.MODES,
                    help="CPU training only: keep the step's temporaries allocated between steps (a synchronous "
                         "CPU client and glibc thresholds: dspark_jax/host_memory.py). auto (default, or "
                         "$DSPARK_CPU_STEP_BUFFERS): when the dry run's activation estimate per device passes "
