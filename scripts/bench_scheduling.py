@@ -11,11 +11,11 @@ confidence head says ``sigmoid(--oracle-confidence-logit)`` everywhere. Greedy d
 tokens are checked against plain decoding's. Per batch: the profile, one compile run per row, then ``--repeats``
 interleaved timed runs. Each run decodes all ``--prompts`` prompts in consecutive batches (as ``dspark eval`` does).
 Timed runs go call by call: each batch of prompts is decoded by every row in turn, the order rotating with every
-call (over ``--repeats`` >= 5 runs each row holds each place in the order equally often), so load bursts hit all rows
-alike. tokens/s = the new tokens of one run / the sum over its calls of each call's typical seconds (the mean of the
-faster half of its ``--repeats`` timings, as the round profile takes them: on a shared machine noise only adds time);
-the median over runs of a run's tokens/s is reported beside it, and the per-run ratios (rows of a run ran side by
-side).
+call (when runs x calls is a multiple of the 5 rows, e.g. the default ``--repeats 5``, each row holds each place in
+the order equally often), so load bursts hit all rows alike. tokens/s = the new tokens of one run / the sum over its
+calls of each call's typical seconds (the mean of the faster half of its ``--repeats`` timings, as the round profile
+takes them: on a shared machine noise only adds time); the median over runs of a run's tokens/s is reported beside
+it, and the per-run ratios (rows of a run ran side by side).
 """
 
 from __future__ import annotations
