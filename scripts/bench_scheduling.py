@@ -35,6 +35,7 @@ from _bench_jax import device_kind, random_qwen3_config, spread_taps  # noqa: E4
 
 import dspark_jax as dj  # noqa: E402
 from dspark_jax.decode.profile import profile_rounds, typical_seconds  # noqa: E402
+from dspark_jax.decode.prompts import pad_batch  # noqa: E402
 from dspark_jax.decode.scheduler import PrefixScheduler, ZeroOverheadScheduler  # noqa: E402
 
 
@@ -83,9 +84,11 @@ def _compiled_programs() -> int:
 def run_batch(target, draft, prompts, batch, stops, max_new, repeats, context, log):
     """All ``prompts`` decoded in consecutive batches of ``batch`` (as ``dspark eval`` does): tokens/s over them."""
     t0 = time.perf_counter()
-    prof = profile_rounds(target, draft, batch, context=context, repeats=7, rounds=16)
+    width = max(pad_batch(c)[0].shape[1] for c in _chunks(prompts, batch))     # the calls' padded prompt width
+    prof = profile_rounds(target, draft, batch, context=context, repeats=7, rounds=16, prompt_width=width,
+                          max_new_tokens=max_new)
     log(f"  batch {batch}: profile {time.perf_counter() - t0:.0f} s: plan {prof['verify_buckets']}, plain "
-        f"{1e3 * prof['plain_seconds']:.2f} ms, rounds "
+        f"{1e3 * prof['plain_seconds']:.2f} ms (loop's plain run {1e3 * prof['plain_run_seconds']:.2f}), rounds "
         + ", ".join(f"{m['branch'][0]}{m['tokens']}={1e3 * m['seconds']:.2f}" for m in prof["measured"]))
     sps, plain_sps, plan = prof["sps_table"], prof["plain_sps"], tuple(prof["verify_buckets"])
     kw = dict(max_new_tokens=max_new, stop_token_ids=stops)
@@ -147,7 +150,8 @@ def run_batch(target, draft, prompts, batch, stops, max_new, repeats, context, l
     compiled = _compiled_programs() - compiled
     if compiled:
         log(f"  warning: {compiled} program(s) compiled during the timed runs: their compile time is in the figures")
-    result = {"batch": batch, "profile": {k: prof[k] for k in ("measured", "plain_seconds", "verify_buckets")},
+    result = {"batch": batch, "profile": {k: prof[k] for k in ("measured", "plain_seconds", "plain_run_seconds",
+                                                                    "verify_buckets")},
               "rows": {}, "compiled_while_timed": compiled}
     for name in rows:
         typical = sum(typical_seconds(t) for t in call_secs[name])

@@ -153,23 +153,18 @@ def generate_capacity(prompt_width: int, max_new_tokens: int) -> int:
     return round_capacity(int(prompt_width) + int(max_new_tokens))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "capacity", "sampling", "stop_ids",
-                                             "flat_decode"))
-def _generate_jit(graphdef, state, ids, lengths, key, req_ids, *, max_new_tokens, capacity, sampling, stop_ids,
-                  flat_decode=False):
-    target = graphdef.merge(state)
-    batch = ids.shape[0]
-    stop_arr = jnp.asarray(stop_ids if stop_ids else (-2,), jnp.int32)
-
-    prefill = prefill_target(target, ids, lengths, capacity)
-    keys = request_keys(key, req_ids)                 # as decode/slots.py: each request samples with its own key
-    first = sample_rows(prefill.logits[:, 0], keys, jnp.zeros((batch,), jnp.int32), sampling)
-    out = jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
-    done = jnp.isin(first, stop_arr)
+def decode_steps(target, last, cache, out, done, keys, step, end, sampling: SamplingConfig, stop_arr,
+                 flat_decode: bool = False):
+    """The plain decode loop (traced): from step ``step`` (int32; ``out[:, step-1]`` holds ``last [B]``) until
+    step ``end`` or every row is done, one target forward per step over each row's last token, a token sampled
+    with the row's key at that step and written to ``out [B, W]`` (-1 once a row is done). Returns (steps reached,
+    out, cache). :func:`generate` runs it after the prefill; the round profile times it as the plain step that
+    an all-plain call runs (decode/profile.py)."""
+    batch = last.shape[0]
 
     def cond(carry):
         step, _, _, _, done = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
+        return (step < end) & ~jnp.all(done)
 
     def step_dense(tok, cache):                     # -> (logits [B, 1, V], cache)
         res = target(tok[:, None], cache)
@@ -191,6 +186,24 @@ def _generate_jit(graphdef, state, ids, lengths, key, req_ids, *, max_new_tokens
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
         return step + 1, nxt, cache, out, done | jnp.isin(nxt, stop_arr)
 
-    steps, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), first, prefill.cache, out, done))
+    steps, _, cache, out, _ = jax.lax.while_loop(cond, body, (step, last, cache, out, done))
+    return steps, out, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "capacity", "sampling", "stop_ids",
+                                             "flat_decode"))
+def _generate_jit(graphdef, state, ids, lengths, key, req_ids, *, max_new_tokens, capacity, sampling, stop_ids,
+                  flat_decode=False):
+    target = graphdef.merge(state)
+    batch = ids.shape[0]
+    stop_arr = jnp.asarray(stop_ids if stop_ids else (-2,), jnp.int32)
+
+    prefill = prefill_target(target, ids, lengths, capacity)
+    keys = request_keys(key, req_ids)                 # as decode/slots.py: each request samples with its own key
+    first = sample_rows(prefill.logits[:, 0], keys, jnp.zeros((batch,), jnp.int32), sampling)
+    out = jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, stop_arr)
+    steps, out, _ = decode_steps(target, first, prefill.cache, out, done, keys, jnp.int32(1), max_new_tokens,
+                                 sampling, stop_arr, flat_decode)
     n_new = jnp.sum(out >= 0, axis=1)
     return out, n_new, steps

@@ -36,6 +36,8 @@ from tqdm.auto import tqdm
 from dspark_jax.cache import round_capacity
 from dspark_jax.convert.deepspec import load_draft
 from dspark_jax.convert.hf import load_target
+from dspark_jax.decode.autoregressive import _decodes_flat, decode_steps, generate_capacity
+from dspark_jax.decode.prefill import prefill as prefill_target
 from dspark_jax.decode.ragged import ragged_buckets
 from dspark_jax.decode.sampling import SamplingConfig, request_keys
 from dspark_jax.decode.scheduler import SchedulePolicy
@@ -208,7 +210,8 @@ def spread_lengths(batch: int, tokens: int, block_size: int) -> np.ndarray:
 
 
 def profile_rounds(target, draft, batch: int, *, context: int = 128, warmup: int = 2, repeats: int = 5,
-                   rounds: int = 8, temperature: float = 0.0, seed: int = 0, log=None) -> dict[str, Any]:
+                   rounds: int = 8, temperature: float = 0.0, seed: int = 0, prompt_width: int | None = None,
+                   max_new_tokens: int | None = None, log=None) -> dict[str, Any]:
     """Round profile of the engine that will run (issue 32): the static loop's own round code
     (decode/spec_loop.py) for ``batch`` rows on a ``context``-token KV cache, timed over ``rounds`` rounds per call
     (:func:`typical_seconds` of ``repeats`` calls, per round):
@@ -216,13 +219,21 @@ def profile_rounds(target, draft, batch: int, *, context: int = 128, warmup: int
     - a draft-verify round (proposal, scheduler, verify, rejection sampling, commit) for each verify branch: every
       ragged bucket ``cap`` (lengths forced so the round verifies ``cap`` tokens) and the padded ``[B, Bs+1]``
       forward (full blocks);
-    - a plain decoding step of the same loop (no proposal): a plain run of ``rounds`` steps, the draft's catch-up
-      on their context included, per step.
+    - a plain decoding step: ``rounds`` steps of the target's own plain decode (``dj.generate``'s loop,
+      :func:`~dspark_jax.decode.autoregressive.decode_steps`), what a call runs once the switch has turned
+      speculation off for all of it (``carry_switch``), per step; and, for reference, a plain run of the
+      speculative loop (taps buffered, the draft's catch-up on their context included), per step.
 
     The verify plan keeps the ragged buckets, smallest first, while they beat the padded forward; above them the
     padded forward runs, so no round verifies slower than padded at the same lengths. ``sps_table`` (rounds per
     second by verified tokens B, anchors included) is the lower convex hull of the plan's step times (see
-    :func:`sps_table`); ``plain_sps`` is plain steps per second. Returns the JSON-ready profile."""
+    :func:`sps_table`); ``plain_sps`` is the target's plain decode steps per second (``plain_run_seconds``: the
+    loop's plain run per step). Returns the JSON-ready profile.
+
+    ``prompt_width`` and ``max_new_tokens`` (both or neither): the calls the profile prices (padded prompt width,
+    new tokens). Each step attends over its whole cache, so the rounds are then timed on a cache of as many slots as
+    ``speculative_generate`` gives such a call and the plain step on one of ``dj.generate``'s (demo pair: 176 and
+    160 slots; 16 more slots cost 5-14% a step here); without them both use the profile's own (smallest) cache."""
     if not draft.supports_plain_runs:
         raise ValueError(f"a round profile needs a DSpark / DFlash draft (the schedulers drive block drafts), got "
                          f"{type(draft).__name__}")
@@ -235,6 +246,16 @@ def profile_rounds(target, draft, batch: int, *, context: int = 128, warmup: int
     if context + max_new + width + 2 > target.config.max_position_embeddings:
         raise ValueError(f"context {context} + {max_new} round tokens exceed the target's max_position_embeddings")
     capacity = round_capacity(context + max_new + width + 2)   # as the loop rounds its own (cache.round_capacity)
+    plain_capacity = capacity
+    if (prompt_width is None) != (max_new_tokens is None):
+        raise ValueError("give prompt_width and max_new_tokens together (the calls to price), or neither")
+    if prompt_width is not None:
+        if prompt_width < 1 or max_new_tokens < 1:
+            raise ValueError(f"prompt_width and max_new_tokens must be >= 1, got {prompt_width}, {max_new_tokens}")
+        # the caches the calls will have (speculative.py's and autoregressive.generate_capacity), at least the room
+        # the timed rounds need
+        capacity = max(capacity, round_capacity(prompt_width + max_new_tokens + bs + 2))
+        plain_capacity = max(round_capacity(context + rounds + 1), generate_capacity(prompt_width, max_new_tokens))
     can_flatten = hasattr(target, "forward_flat")
     buckets = ragged_buckets(batch, width) if can_flatten else ()
     settings = SpecSettings(max_new, SamplingConfig(float(temperature)), (), 0.0, capacity, capacity,
@@ -266,6 +287,20 @@ def profile_rounds(target, draft, batch: int, *, context: int = 128, warmup: int
 
         return jax.lax.fori_loop(0, rounds, body, c)
 
+    flat = _decodes_flat(target)
+
+    @functools.partial(jax.jit, static_argnames=("t_graph",))
+    def plain_cache(t_graph, t_state, ids):
+        return prefill_target(t_graph.merge(t_state), ids, jnp.full((batch,), context, jnp.int32), plain_capacity).cache
+
+    @functools.partial(jax.jit, static_argnames=("t_graph",))
+    def plain_decode(t_graph, t_state, c, cache):  # `rounds` steps of the target's own plain decode (dj.generate's)
+        tgt = t_graph.merge(t_state)
+        out = jnp.full((batch, rounds + 1), -1, jnp.int32).at[:, 0].set(c["anchor"])
+        no_stop = jnp.asarray((-2,), jnp.int32)
+        return decode_steps(tgt, c["anchor"], cache, out, jnp.zeros((batch,), bool), c["keys"],
+                            jnp.int32(1), rounds + 1, settings.sampling, no_stop, flat)
+
     c0 = init(graphs[0], graphs[1], graphs[2], graphs[3], ids)
 
     # every branch is compiled first, then timed round-robin (repeat i of each branch back to back), so a burst of
@@ -274,6 +309,8 @@ def profile_rounds(target, draft, batch: int, *, context: int = 128, warmup: int
     branches += [(np.full((batch,), bs), len(buckets), False), (np.zeros((batch,)), 0, True)]
     calls = [functools.partial(run, *graphs, c0, jnp.asarray(ln, jnp.int32), jnp.int32(br), plain=pl)
              for ln, br, pl in branches]
+    calls.append(functools.partial(plain_decode, graphs[0], graphs[1], c0, plain_cache(graphs[0], graphs[1], ids)))
+    branches.append((None, 0, True))
     compile_s = []
     for fn, (_, _, pl) in zip(calls, branches):
         t0 = time.perf_counter()
@@ -293,14 +330,15 @@ def profile_rounds(target, draft, batch: int, *, context: int = 128, warmup: int
     med = [typical_seconds(t) for t in times]
     measured = [{"branch": "ragged", "tokens": cap, "seconds": med[i], "seconds_all": times[i],
                  "compile_seconds": compile_s[i]} for i, cap in enumerate(buckets)]
-    padded = {"branch": "padded", "tokens": full, "seconds": med[-2], "seconds_all": times[-2],
-              "compile_seconds": compile_s[-2]}
+    padded = {"branch": "padded", "tokens": full, "seconds": med[-3], "seconds_all": times[-3],
+              "compile_seconds": compile_s[-3]}
     measured.append(padded)
+    run_s, run_all = med[-2], times[-2]
     plain_s, plain_all = med[-1], times[-1]
     if log is not None:
         log(f"[profile] batch {batch}: rounds " + ", ".join(f"{m['branch']} {m['tokens']}: {1e3 * m['seconds']:.2f}"
                                                             for m in measured)
-            + f" ms; plain step {1e3 * plain_s:.2f} ms")
+            + f" ms; plain step {1e3 * plain_s:.2f} ms (in the loop's plain run {1e3 * run_s:.2f})")
     plan = []
     for m in measured[:-1]:                                   # ragged buckets, smallest first, while they win
         # by a margin: a bucket within noise of the padded forward (the full-token bucket computes what padded does,
@@ -320,12 +358,15 @@ def profile_rounds(target, draft, batch: int, *, context: int = 128, warmup: int
         "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
         "model": {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
                   "vocab_size": cfg.vocab_size, "dtype": str(getattr(target, "dtype", ""))},
-        "batch": batch, "block_size": bs, "context": context, "rounds_per_call": rounds, "warmup": warmup,
+        "batch": batch, "block_size": bs, "context": context, "cache_slots": capacity,
+        "plain_cache_slots": plain_capacity, "prompt_width": prompt_width, "max_new_tokens": max_new_tokens,
+        "rounds_per_call": rounds, "warmup": warmup,
         "repeats": repeats, "temperature": float(temperature),
         "step": "one round of the decode loop (proposal, scheduler, verify of B tokens, commit) per verify branch; "
-                "plain: one plain decoding step of the same loop",
+                "plain: one step of the target's plain decode (plain_run_seconds: one step of the loop's plain run)",
         "measured": measured,
         "plain_seconds": plain_s, "plain_seconds_all": plain_all, "plain_sps": 1.0 / plain_s,
+        "plain_run_seconds": run_s, "plain_run_seconds_all": run_all,
         "verify_buckets": [m["tokens"] for m in plan],
         "sps_table": sps_table(points, bmax=full, shape="convex"),
         "sps_table_raw": [1.0 / step[0]] + [1.0 / t for t in step],
@@ -388,7 +429,8 @@ def cmd_profile(args) -> int:
         if args.draft:
             draft = load_draft(args.draft, target=target)
             prof = profile_rounds(target, draft, args.batch, context=args.context, warmup=args.warmup,
-                                  repeats=args.repeats, temperature=args.temperature, seed=args.seed, log=print)
+                                  repeats=args.repeats, temperature=args.temperature, seed=args.seed,
+                                  prompt_width=args.prompt_width, max_new_tokens=args.max_new_tokens, log=print)
         else:
             prof = profile_target(target, counts, context=args.context, warmup=args.warmup, repeats=args.repeats,
                                   seed=args.seed, progress=not args.no_progress, log=print)
@@ -425,6 +467,11 @@ def add_profile_parser(sub) -> None:
                                                   "use). Without it: the target's forward alone (older table)")
     p.add_argument("--batch", type=int, default=8, help="rows of the engine (with --draft; default 8)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling of the profiled rounds (with --draft)")
+    p.add_argument("--prompt-width", type=int, default=None,
+                   help="with --draft and --max-new-tokens: the padded prompt width of the calls to price (their "
+                        "caches' slots; default: the profile's own cache)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="with --draft and --prompt-width: the new tokens of the calls to price")
     p.add_argument("--tokens", default=None, help="comma-separated B values (default: 1,2,3,4,6,8,... up to "
                                                    "--max-tokens)")
     p.add_argument("--max-tokens", type=int, default=512, help="largest B when --tokens is not given (default 512)")

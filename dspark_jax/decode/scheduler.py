@@ -252,7 +252,29 @@ PLAIN_RUN_CHUNK = 128
 
 # the part of the scheduler state that the switch-off rule keeps, and that a scheduler carries from one call to the
 # next (_SchedulerBase.carry_switch)
-SWITCH_FIELDS = ("ema", "off_mode", "off_left", "next_off")
+SWITCH_FIELDS = ("ema", "off_mode", "off_left", "next_off", "scale")
+# weight of the newest call in the carried call scale (call_scale)
+SCALE_EMA = 0.5
+
+
+def call_scale(committed) -> float:
+    """How far the per-round ratio overstated a finished static-batch call, from its token counts alone (host side):
+    ``committed [B, rounds]`` tokens each row committed per round (a plain step commits 1; 0 once a row is done).
+
+    The loop runs until its slowest row is done, so plain decoding of the same call would have taken as many steps
+    as the longest row has tokens, ``max_b sum_j committed[b, j]``. The per-round ratio credits round j with the
+    mean tokens of its live rows (a plain step with 1), so it counts ``sum_j mean_live committed[:, j]`` plain
+    steps' worth. Their quotient (1 for a call of plain steps) scales the next calls' per-round ratios: the rounds
+    that a straggler adds (rows stop at different lengths and accept at different rates: demo pair, batch 8, 38.5
+    rounds for 28.5 a row) are charged. Past calls only: lossless."""
+    c = np.asarray(committed, np.float64)
+    live = c > 0
+    n_live = live.sum(axis=0)
+    per_round = np.where(n_live > 0, c.sum(axis=0) / np.maximum(n_live, 1), 0.0)
+    credited = float(per_round.sum())
+    if credited <= 0:
+        return 1.0
+    return float(np.clip(c.sum(axis=1).max() / credited, 0.1, 10.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +299,10 @@ class SchedulePolicy:
       long enough that a probe losing as much as the EMA says costs at most SWITCH_PROBE_BUDGET of the run
       (``cost * (1 - EMA) / budget`` plain steps, ``cost = plain_sps / SPS(B)``: the round in plain steps); at most
       ``off_rounds[1]``.
+    - **Call scale:** with ``carry_switch`` each finished call's :func:`call_scale` (rounds it ran against what the
+      per-round ratios credited) becomes ``scale`` (the first call's replaces 1; later ones are averaged in with
+      weight :data:`SCALE_EMA`), and the next calls' ratios are multiplied by it: the rounds a batch's slowest row
+      adds are paid for.
     - **Never worth it:** when even a draft whose every token is accepted could not beat plain decoding on the
       profile (``max_B B * SPS(B) < R * plain_sps``), the loop runs plain steps without probing."""
 
@@ -300,7 +326,7 @@ class SchedulePolicy:
     def fresh_switch_state(self, xp=jnp) -> dict:
         """The switch-off rule's state before any round: speculation on, the EMA at 1."""
         return dict(ema=xp.float32(1.0), off_mode=xp.bool_(False), off_left=xp.int32(0),
-                    next_off=xp.int32(self.off_rounds[0]))
+                    next_off=xp.int32(self.off_rounds[0]), scale=xp.float32(1.0))
 
     def plain_steps(self, state, sched_args, active, xp=jnp, chunk: int | None = PLAIN_RUN_CHUNK) -> jax.Array:
         """Plain steps to run now (int32; 0 = a speculative round), from earlier rounds and the profile only: at
@@ -353,7 +379,7 @@ class SchedulePolicy:
         rate = sps[jnp.clip(b, 1, sps.shape[0] - 1)]
         plain = live.astype(jnp.float32) * jnp.asarray(plain_sps, jnp.float32)
         toks = jnp.sum(jnp.where(act, jnp.asarray(committed, jnp.float32), 0.0))
-        ratio = jnp.where(live > 0, toks * rate / jnp.maximum(plain, 1e-30), 1.0)
+        ratio = jnp.where(live > 0, state["scale"] * toks * rate / jnp.maximum(plain, 1e-30), 1.0)
         ema = SWITCH_EMA * ratio + (1.0 - SWITCH_EMA) * state["ema"]
         go_off = (ema < 1.0) | (state["off_mode"] & (ema < 1.0 + SWITCH_MARGIN))
         cost = jnp.asarray(plain_sps, jnp.float32) / rate               # this round, in plain steps
@@ -362,6 +388,58 @@ class SchedulePolicy:
         run = jnp.clip(jnp.maximum(nxt, need.astype(jnp.int32)), 1, self.off_rounds[1])
         return dict(state, ema=ema, off_mode=go_off, off_left=jnp.where(go_off, run, 0),
                     next_off=jnp.where(go_off, jnp.minimum(2 * nxt, self.off_rounds[1]), self.off_rounds[0]))
+
+    def after_call(self, state: dict, committed, proposed, plain, sched_args, start: dict | None = None) -> dict:
+        """Host side, with ``carry_switch``: a finished static-batch call's :func:`call_ratio` replaces the EMA the
+        loop left (``state``: host scalars, :data:`SWITCH_FIELDS`), and the mode follows the same rule as after a
+        round: off below 1 (a run that is still going keeps its steps left; else a new run, probe-budgeted and
+        doubling), on at 1 + margin, held in between. ``start``: the state the call began with; its mode is the one
+        held, and its run length doubles (a probing call whose rounds switched speculation back on inside the call
+        reset the loop's: without it a draft that loses call after call was probed every other call, demo pair,
+        batch 8). A call with no speculative round changes nothing."""
+        if not self.switch:
+            return state
+        sps, plain_sps = sched_args
+        got = call_ratio(committed, proposed, plain, sps, plain_sps)
+        if got is None:
+            return state
+        ema, cost = got
+        was_off, nxt = bool(state["off_mode"]), int(state["next_off"])
+        if start is not None:
+            was_off, nxt = bool(start["off_mode"]), max(nxt, int(start["next_off"]))
+        go_off = ema < 1.0 or (was_off and ema < 1.0 + SWITCH_MARGIN)
+        out = dict(state, ema=float(np.float32(ema)), off_mode=go_off)
+        if not go_off:
+            return dict(out, off_left=0, next_off=self.off_rounds[0])
+        if int(state["off_left"]) > 0:
+            return out
+        need = int(np.ceil(np.clip(cost * (1.0 - ema) / SWITCH_PROBE_BUDGET, 0.0, float(self.off_rounds[1]))))
+        run = int(np.clip(max(nxt, need), 1, self.off_rounds[1]))
+        return dict(out, off_left=run, next_off=min(2 * nxt, self.off_rounds[1]))
+
+
+def call_ratio(committed, proposed, plain, sps, plain_sps) -> tuple[float, float] | None:
+    """A finished static-batch call on the profile's prices (host side): ``committed``, ``proposed`` ``[B, rounds]``
+    (tokens committed and drafts verified per row-round; a plain step commits 1), ``plain`` ``[B, rounds]`` (plain
+    steps). -> (the seconds plain decoding of the call would take, as many steps as its longest row has tokens,
+    over the seconds its rounds took, each at SPS(B) for its verified tokens or at the plain step; the mean
+    speculative round in plain steps), or None when no round speculated. Unlike the per-round EMA, which the last
+    rounds dominate (at the end of a call few rows are live and a round of few verified tokens is cheap, so the
+    EMA left by a call that lost could say 1.4: demo pair, batch 32), this weighs every round by its time."""
+    c = np.asarray(committed, np.float64)
+    live = c > 0
+    rows_live = live.any(axis=0)
+    is_plain = (np.asarray(plain, bool) & live).any(axis=0)
+    spec = rows_live & ~is_plain
+    if not spec.any():
+        return None
+    sps = np.asarray(sps, np.float64)
+    b = np.where(live, np.asarray(proposed, np.int64) + 1, 0).sum(axis=0)
+    round_s = 1.0 / sps[np.clip(b, 1, sps.shape[0] - 1)]
+    step_s = 1.0 / float(plain_sps)
+    seconds = float(np.where(spec, round_s, 0.0).sum() + step_s * (rows_live & is_plain).sum())
+    plain_seconds = step_s * float(c.sum(axis=1).max())
+    return plain_seconds / seconds, float(round_s[spec].mean() / step_s)
 
 
 def _plain_sps(x) -> float | None:
@@ -394,6 +472,7 @@ class _SchedulerBase:
             raise ValueError(f"off_rounds must be (first, longest) with 1 <= first <= longest, got {self.off_rounds}")
         object.__setattr__(self, "off_rounds", (first, longest))
         object.__setattr__(self, "_switch_memory", {})     # batch -> switch state; not a field: not hashed
+        object.__setattr__(self, "_scaled_calls", {})      # batch -> calls whose call_scale was folded in
 
     def init_state(self, batch: int, block_size: int):
         return self.policy.init_state(batch, block_size)
@@ -407,15 +486,28 @@ class _SchedulerBase:
             return dict(kept)
         return {k: v.item() for k, v in self.policy.fresh_switch_state(xp=np).items()}
 
-    def remember_switch_state(self, batch: int, state) -> None:
+    def remember_switch_state(self, batch: int, state, call_stats=None, start=None) -> None:
         """Keeps a call's final switch state (a mapping with :data:`SWITCH_FIELDS`) for the next call of
-        ``batch`` rows. Decisions it drives come from finished rounds only, so they stay lossless."""
+        ``batch`` rows; ``call_stats`` (a static call's per row-round ``accept``, ``proposed``, ``plain``, ``[B,
+        rounds]``) folds the call's :func:`call_scale` into it and sets its ratio and mode by
+        :meth:`SchedulePolicy.after_call` (``start``: the state the call began with). Decisions it drives come from
+        finished rounds only: lossless."""
         if self.carry_switch:
-            self._switch_memory[int(batch)] = {k: np.asarray(state[k]).item() for k in SWITCH_FIELDS}
+            kept = {k: np.asarray(state[k]).item() for k in SWITCH_FIELDS}
+            if call_stats is not None:
+                committed = np.asarray(call_stats["accept"])
+                kept = self.policy.after_call(kept, committed, np.asarray(call_stats["proposed"]),
+                                              np.asarray(call_stats["plain"]), self.host_sched_args, start)
+                # the first measured call replaces the neutral start; later ones are averaged in
+                w = SCALE_EMA if self._scaled_calls.get(int(batch), 0) else 1.0
+                kept["scale"] = float(np.float32(w * call_scale(committed) + (1 - w) * kept["scale"]))
+                self._scaled_calls[int(batch)] = self._scaled_calls.get(int(batch), 0) + 1
+            self._switch_memory[int(batch)] = kept
 
     def forget_switch_state(self) -> None:
         """Drops what earlier calls left (the next call starts fresh)."""
         self._switch_memory.clear()
+        self._scaled_calls.clear()
 
     @property
     def sched_args(self):
@@ -455,8 +547,9 @@ class PrefixScheduler(_SchedulerBase):
     used when ``speculative_generate(ragged_verify=None)``. :meth:`from_profile` fills all three. ``off_rounds``:
     the first and the longest plain run of the switch-off rule. ``carry_switch``: a call of
     ``dj.speculative_generate`` starts the switch-off rule where the last call with as many rows ended (its smoothed
-    ratio, mode and the plain steps left), instead of fresh with speculation on; a call that would run only plain
-    steps then runs the target's own plain decode (no draft work at all). :meth:`forget_switch_state` resets."""
+    ratio, mode, the plain steps left and the call scale), instead of fresh with speculation on; a call that starts
+    with plain steps owed runs the target's own plain decode for all of it (no draft work at all) and the next
+    call probes. :meth:`forget_switch_state` resets."""
 
     sps: tuple[float, ...]
     plain_sps: float | None = None
@@ -536,4 +629,5 @@ Scheduler = PrefixScheduler | ZeroOverheadScheduler
 
 __all__ = ["SchedulePolicy", "prefix_schedule", "zos_schedule", "zos_capacity", "top_k_lengths",
            "cumulative_acceptance", "check_confidences", "check_sps", "PrefixScheduler", "ZeroOverheadScheduler",
-           "load_sps", "load_round_profile", "expected_throughput", "Scheduler", "SWITCH_FIELDS"]
+           "load_sps", "load_round_profile", "expected_throughput", "Scheduler", "SWITCH_FIELDS",
+           "call_scale", "call_ratio"]

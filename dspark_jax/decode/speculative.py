@@ -61,7 +61,7 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
         a plain decoding step). Lossless: L depends only on draft-side information. Needs a confidence head;
         exclusive with ``threshold > 0``. Its SPS table must cover the batch's anchors (>= B + 1 entries).
         With ``plain_sps`` (a round profile) it may switch speculation off for a while; it then carries that
-        state to its next call of the same batch size, and a call that would be all plain steps runs the
+        state to its next call of the same batch size, and a call that starts with plain steps owed runs the
         target's plain decode with no draft work (``carry_switch``; docs/SCHEDULING.md §8).
       stop_token_ids: a row stops once one of these is committed; None = the target config's eos ids.
       seed: PRNG seed.
@@ -113,9 +113,11 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
     switch0 = scheduler.switch_state_for(batch) if switching else None
     policy = settings.scheduler
     if switching and int(policy.plain_steps(switch0, scheduler.host_sched_args, np.ones((batch,), bool), xp=np,
-                                            chunk=None)) >= settings.max_new_tokens - 1:
-        # the switch-off rule would run the whole call as plain steps: the target's own plain decode does that
-        # without the draft's context passes (same rule, decided from earlier calls' rounds: lossless)
+                                            chunk=None)) > 0:
+        # the switch-off rule owes plain steps when the call starts: the whole call runs as the target's own plain
+        # decode, without the draft's context passes (the run is rounded up to the call: a plain run inside the
+        # loop costs more per step, demo pair batch 8: 2.68 vs 2.42 ms in the round profile), and the next call
+        # probes. Decided from earlier calls' rounds: lossless
         res, seconds, steps = _plain_call(target, ids, lengths, req, seed, settings, drafts_per_round(draft.config))
         scheduler.remember_switch_state(batch, policy.after_plain(switch0, steps, xp=np))
         return _to_output(res, settings, seconds, target, prompts)
@@ -127,7 +129,7 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
     res = jax.device_get(res)
     seconds = time.perf_counter() - t0
     if switching:
-        scheduler.remember_switch_state(batch, res["switch"])
+        scheduler.remember_switch_state(batch, res["switch"], res["stats"], switch0)
     return _to_output(res, settings, seconds, target, prompts)
 
 

@@ -567,12 +567,74 @@ def test_switch_rule_backs_off_resumes_and_does_not_flap():
     assert int(pol.plain_steps(fresh, args(390.0), act)) == 0
 
 
+def test_call_ratio_weighs_every_round_by_its_time_and_after_call_sets_the_mode():
+    """call_ratio = (longest row's tokens x plain step) / (each round at SPS of its verified tokens, plain steps at
+    the plain step); after_call puts it in place of the loop's EMA and switches as a round would."""
+    from dspark_jax.decode.scheduler import SchedulePolicy, call_ratio
+
+    sps = np.array([0, 100, 100, 100, 100, 50, 50, 50, 50], np.float64)      # 10 ms up to B=4, 20 ms above
+    # 2 rows: round 0 verifies 2 + 4 = 6 tokens (20 ms) and commits 2 + 3; round 1 is a plain step (1 each, 5 ms);
+    # round 2: only row 1, 4 tokens (10 ms), commits 4
+    committed = np.array([[2, 1, 0], [3, 1, 4]])
+    proposed = np.array([[1, 0, 0], [3, 0, 3]])
+    plain = np.array([[False, True, False], [False, True, False]])
+    ratio, cost = call_ratio(committed, proposed, plain, sps, 200.0)
+    assert ratio == pytest.approx(8 * 0.005 / (0.020 + 0.005 + 0.010))
+    assert cost == pytest.approx(0.015 / 0.005)
+    assert call_ratio(np.ones((2, 3)), np.zeros((2, 3)), np.ones((2, 3), bool), sps, 200.0) is None
+    pol = SchedulePolicy("prefix", switch=True, off_rounds=(4, 64))
+    on = dict(ema=1.4, off_mode=False, off_left=0, next_off=4, scale=1.0)
+    off = pol.after_call(dict(on), committed, proposed, plain, (sps, 200.0))   # ratio 1.14: stays on
+    assert not off["off_mode"] and off["off_left"] == 0 and off["ema"] == pytest.approx(ratio)
+    slow = pol.after_call(dict(on), committed, proposed, plain, (sps, 400.0))  # ratio 0.57: a run starts
+    need = int(np.ceil(cost * 2 * (1 - 8 * 0.0025 / 0.0325) / 0.02))
+    assert slow["off_mode"] and slow["off_left"] == min(max(4, need), 64) and slow["next_off"] == 8
+    mid = pol.after_call(dict(on, off_mode=True, off_left=9), committed, proposed, plain, (sps, 400.0))
+    assert mid["off_mode"] and mid["off_left"] == 9                     # a run still going keeps its steps
+    back = pol.after_call(dict(on, off_mode=True, off_left=9), committed, proposed, plain, (sps, 150.0))
+    assert not back["off_mode"] and back["off_left"] == 0 and back["next_off"] == 4     # ratio 1.52 >= 1.05
+    # a probing call (started off, run over) whose rounds switched speculation back on and reset the run length:
+    # the call still loses, so the run doubles from where the call started
+    probe = dict(on, off_mode=True, off_left=0, next_off=32)
+    again = pol.after_call(dict(on), committed, proposed, plain, (sps, 400.0), start=probe)
+    assert again["off_mode"] and again["off_left"] == min(max(32, need), 64) and again["next_off"] == 64
+    assert 1.0 < call_ratio(committed, proposed, plain, sps, 224.0)[0] < 1.05                    # in the band:
+    held = pol.after_call(dict(on), committed, proposed, plain, (sps, 224.0), start=probe)  # the start's mode holds
+    assert held["off_mode"] and held["off_left"] == 32
+    assert not pol.after_call(dict(on), committed, proposed, plain, (sps, 224.0), start=on)["off_mode"]
+
+
+def test_call_scale_charges_the_slowest_row():
+    """call_scale = plain steps the call would need (its longest row's tokens) / the plain steps' worth the
+    per-round ratios credited (sum over rounds of the live rows' mean tokens): 1 for plain steps, < 1 when a row
+    that accepts less keeps the batch running, > 1 when the rounds' mean undercounts the longest row."""
+    from dspark_jax.decode.scheduler import call_scale
+
+    assert call_scale(np.ones((3, 10), np.int32)) == 1.0                       # plain steps
+    ragged_plain = np.zeros((2, 10), np.int32)
+    ragged_plain[0, :10], ragged_plain[1, :4] = 1, 1                            # rows stop early: still plain
+    assert call_scale(ragged_plain) == 1.0
+    # row 0: 96 tokens at 4 a round (24 rounds); row 1: 96 at 2 (48 rounds). Credited: 24 * 3 + 24 * 2 = 120
+    c = np.zeros((2, 48), np.int32)
+    c[0, :24], c[1, :48] = 4, 2
+    assert call_scale(c) == pytest.approx(96 / 120)
+    # row 0: 96 tokens in 12 rounds of 8; row 1: 10 tokens in 10 rounds: credited 10 * 4.5 + 2 * 8 = 61
+    c = np.zeros((2, 12), np.int32)
+    c[0, :12], c[1, :10] = 8, 1
+    assert call_scale(c) == pytest.approx(96 / 61)
+    assert call_scale(np.zeros((2, 3), np.int32)) == 1.0                      # nothing ran
+
+
 def _switch_schedulers(rows, zos=False, off_rounds=(2, 4)):
     mid = _mid_curve(rows)
     # plain decoding a little faster than what a draft that is always right would give (1430 R tokens/s at
     # B = 5R): never "never worth it", but the random drafts lose, so every probe is followed by a plain run
     kw = dict(plain_sps=1300.0, off_rounds=off_rounds)
     return ZeroOverheadScheduler(mid, delay=1, **kw) if zos else PrefixScheduler(mid, **kw)
+
+
+def _call_stats(out):
+    return out.accept_lengths, out.proposal_lengths, out.stats["_round_plain"]
 
 
 def _replay_switch(out, sched, start=None):
@@ -606,7 +668,7 @@ def test_switch_state_carries_over_calls_and_a_plain_call_skips_the_draft(plain_
     modes and plain runs replay from the first call's final state. A call that the carried state makes all plain
     runs the target's own plain decode: greedy tokens == dj.generate, every row-round plain, the draft saw nothing,
     and the plain steps are taken off the state's run. forget_switch_state() starts fresh again."""
-    from dspark_jax.decode.scheduler import SWITCH_FIELDS
+    from dspark_jax.decode.scheduler import SCALE_EMA, SWITCH_FIELDS, call_ratio, call_scale
 
     draft = draft_factory(plain_target, rank=4)
     sched = _switch_schedulers(len(PROMPTS), off_rounds=(2, 64))
@@ -615,8 +677,17 @@ def test_switch_state_carries_over_calls_and_a_plain_call_skips_the_draft(plain_
     first = dj.speculative_generate(plain_target, draft, PROMPTS, **kw)
     _replay_switch(first, sched)
     kept = sched.switch_state_for(len(PROMPTS))
-    assert kept == {k: np.asarray(_replay_switch.state[k]).item() for k in SWITCH_FIELDS}
-    assert kept["off_mode"] and kept["ema"] < 1.0        # the random draft loses: off at the end
+    replayed = {k: np.asarray(_replay_switch.state[k]).item() for k in SWITCH_FIELDS}
+    # the call's ratio on the profile's prices replaces the EMA the loop left, the mode follows it, and its scale
+    # (rounds against what the per-round ratios credited) is kept for the next call
+    assert replayed["scale"] == 1.0                      # the first call starts neutral and replaces it
+    fresh = {k: v.item() for k, v in sched.policy.fresh_switch_state(xp=np).items()}
+    want = sched.policy.after_call(dict(replayed), *_call_stats(first), sched.host_sched_args, fresh)
+    assert want["ema"] == pytest.approx(call_ratio(*_call_stats(first), *sched.host_sched_args)[0], rel=1e-6)
+    assert kept.pop("scale") == pytest.approx(call_scale(first.accept_lengths), rel=1e-6)
+    want.pop("scale")
+    assert kept == pytest.approx(want)
+    assert kept["off_mode"] and kept["ema"] < 1.0 and kept["off_left"] > 0   # the random draft loses: off
     calls = [first]
     for _ in range(4):
         start = sched.switch_state_for(len(PROMPTS))
@@ -624,16 +695,19 @@ def test_switch_state_carries_over_calls_and_a_plain_call_skips_the_draft(plain_
         np.testing.assert_array_equal(out.tokens, ref.tokens)
         _check_round_invariants(out, 24, 4)
         if out.stats["plain_rounds"] == (out.accept_lengths > 0).sum():      # a whole plain call
-            assert start["off_left"] >= 23
+            assert start["off_left"] >= 1               # plain steps owed at the start: the call runs plain
             assert (out.stats["_invariants"]["draft_len"] == 0).all()
-            assert sched.switch_state_for(len(PROMPTS))["off_left"] == start["off_left"] - out.stats["rounds"]
+            assert sched.switch_state_for(len(PROMPTS))["off_left"] == max(start["off_left"] - out.stats["rounds"], 0)
         else:
+            assert start["off_left"] == 0               # a loop call starts by speculating (the probe)
             _replay_switch(out, sched, start)
+            want = SCALE_EMA * call_scale(out.accept_lengths) + (1 - SCALE_EMA) * start["scale"]
+            assert sched.switch_state_for(len(PROMPTS))["scale"] == pytest.approx(want, rel=1e-6)
         calls.append(out)
     plain_calls = [c.stats["plain_rounds"] == (c.accept_lengths > 0).sum() for c in calls]
     assert not plain_calls[0] and any(plain_calls), plain_calls
     sched.forget_switch_state()
-    assert sched.switch_state_for(len(PROMPTS))["ema"] == 1.0
+    assert sched.switch_state_for(len(PROMPTS))["ema"] == 1.0 == sched.switch_state_for(len(PROMPTS))["scale"]
     fresh = dj.speculative_generate(plain_target, draft, PROMPTS, **kw)
     np.testing.assert_array_equal(fresh.proposal_lengths, first.proposal_lengths)
 
@@ -716,7 +790,8 @@ def test_round_profile_cli_and_scheduler_from_profile(plain_target, draft_factor
     assert prof["format"] == "dspark-round-v1" and prof["batch"] == 2
     assert [(m["branch"], m["tokens"]) for m in prof["measured"]] == [("ragged", 2), ("ragged", 4), ("ragged", 8),
                                                                      ("ragged", 10), ("padded", 10)]
-    assert len(prof["sps_table"]) == 11 and prof["plain_sps"] > 0
+    assert len(prof["sps_table"]) == 11 and prof["plain_sps"] == pytest.approx(1.0 / prof["plain_seconds"])
+    assert prof["plain_run_seconds"] > 0 and len(prof["plain_run_seconds_all"]) == 1
     got = load_round_profile(str(out))
     sched = PrefixScheduler.from_profile(str(out))
     assert sched.plain_sps == pytest.approx(prof["plain_sps"]) and sched.policy.switch
@@ -726,3 +801,15 @@ def test_round_profile_cli_and_scheduler_from_profile(plain_target, draft_factor
     old.write_text(json.dumps({"format": "dspark-sps-v1", "sps_table": [1.0, 5.0, 4.0, 3.0]}))
     legacy = PrefixScheduler.from_profile(str(old))
     assert legacy.plain_sps is None and not legacy.policy.switch and legacy.verify_buckets is None
+    # pricing given calls: the rounds on speculative_generate's cache, the plain step on dj.generate's
+    from dspark_jax.cache import round_capacity
+    from dspark_jax.decode.autoregressive import generate_capacity
+    from dspark_jax.decode.profile import profile_rounds
+
+    draft = dj.load_draft(ddir, target=plain_target)
+    priced = profile_rounds(plain_target, draft, 2, context=6, warmup=0, repeats=1, rounds=2, prompt_width=16,
+                            max_new_tokens=40)
+    assert priced["cache_slots"] == round_capacity(16 + 40 + draft.config.drafts_per_round + 2)
+    assert priced["plain_cache_slots"] == generate_capacity(16, 40) and priced["plain_sps"] > 0
+    with pytest.raises(ValueError, match="together"):
+        profile_rounds(plain_target, draft, 2, context=6, prompt_width=16)
