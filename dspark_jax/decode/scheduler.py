@@ -607,6 +607,10 @@ def load_round_profile(path) -> dict:
         raise ValueError(f"{path}: expected a JSON list or a profile with an 'sps_table' list")
     out = dict(sps=_sps_tuple(table), plain_sps=None, verify_buckets=None, batch=None)
     if isinstance(obj, dict) and obj.get("format") == "dspark-round-v1":
+        missing = [k for k in ("plain_sps", "verify_buckets", "batch") if k not in obj]
+        if missing:
+            raise ValueError(f"{path}: a round profile (dspark-round-v1) without {missing}: write it again with "
+                             "`dspark profile --draft`")
         out.update(plain_sps=_plain_sps(obj["plain_sps"]), verify_buckets=_buckets(obj["verify_buckets"]),
                    batch=int(obj["batch"]))
     return out

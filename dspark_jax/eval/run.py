@@ -37,7 +37,7 @@ from dspark_jax.decode.metrics import (
     round_counts,
     summarize,
 )
-from dspark_jax.decode.scheduler import PrefixScheduler, ZeroOverheadScheduler, load_sps
+from dspark_jax.decode.scheduler import PrefixScheduler, ZeroOverheadScheduler
 from dspark_jax.decode.speculative import spec_slot_engine
 from dspark_jax.decode.synthetic import resolve_stop_ids
 from dspark_jax.eval import datasets as D
@@ -371,11 +371,12 @@ def cmd_eval(args) -> int:
     draft = load_draft(args.draft, dtype=args.draft_dtype)
     scheduler = None
     if args.sps is not None:
+        # a round profile (`dspark profile --draft`) brings the plain step (switch-off) and the verify plan too
+        cls = ZeroOverheadScheduler if args.scheduler == "zos" else PrefixScheduler
         try:
-            table = load_sps(args.sps)
+            scheduler = cls.from_profile(args.sps)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: --sps {args.sps!r}: {e}") from None
-        scheduler = ZeroOverheadScheduler(table) if args.scheduler == "zos" else PrefixScheduler(table)
     settings = EvalSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
                             max_samples=args.max_samples, warmup=not args.no_warmup, scheduler=scheduler)

@@ -282,11 +282,17 @@ def test_eval_cli_errors(pair_dirs, data_dir, tmp_path):
 def test_eval_cli_with_prefix_scheduler(pair_dirs, data_dir, tmp_path):
     """`dspark eval --sps`: the prefix scheduler picks the proposal lengths. A flat steps/s table (verification is
     free) keeps full proposals; a table whose step time grows with every verified token (SPS ~ 1/B) admits no
-    draft at all (tau = 1: plain decoding inside the speculative loop), and both stay lossless at temperature 0."""
+    draft at all (tau = 1: plain decoding inside the speculative loop), a round profile whose plain step beats any
+    round switches speculation off (tau = 1), and all stay lossless at temperature 0."""
     tdir, ddir, _ = pair_dirs
     bmax = int(BATCH) * (BLOCK + 1)
     results = {}
-    for name, table in (("flat", [100.0] * (bmax + 1)), ("linear", [100.0] + [100.0 / b for b in range(1, bmax + 1)])):
+    flat = [100.0] * (bmax + 1)
+    # a round profile (`dspark profile --draft`) whose plain step is far faster than any round: switched off
+    switched = {"format": "dspark-round-v1", "sps_table": flat, "plain_sps": 1e9, "verify_buckets": [],
+                "batch": int(BATCH)}
+    for name, table in (("flat", flat), ("linear", [100.0] + [100.0 / b for b in range(1, bmax + 1)]),
+                        ("switched", switched)):
         sps = tmp_path / f"{name}.json"
         sps.write_text(json.dumps(table))
         out = tmp_path / name
@@ -297,9 +303,14 @@ def test_eval_cli_with_prefix_scheduler(pair_dirs, data_dir, tmp_path):
     assert results["linear"]["mean_proposal"] == 0 and results["linear"]["tau"] == 1.0
     assert results["flat"]["mean_proposal"] > 0 and results["flat"]["tau"] > 1.0
     assert results["flat"]["greedy_match_rate"] == results["linear"]["greedy_match_rate"] == 1.0
+    assert results["switched"]["tau"] == 1.0 and results["switched"]["greedy_match_rate"] == 1.0
     with pytest.raises(SystemExit, match="--sps"):
         cli.main(["eval", "--target", tdir, "--draft", ddir, "--data-dir", data_dir, "--datasets", "gsm8k",
                   "--sps", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x"), "--no-progress"])
+    (tmp_path / "partial.json").write_text(json.dumps({"format": "dspark-round-v1", "sps_table": flat}))
+    with pytest.raises(SystemExit, match=r"--sps .*without \['plain_sps', 'verify_buckets', 'batch'\]"):
+        cli.main(["eval", "--target", tdir, "--draft", ddir, "--data-dir", data_dir, "--datasets", "gsm8k",
+                  "--sps", str(tmp_path / "partial.json"), "--out", str(tmp_path / "x"), "--no-progress"])
 
 
 @pytest.mark.multiprocess
