@@ -582,22 +582,27 @@ def test_call_ratio_weighs_every_round_by_its_time_and_after_call_sets_the_mode(
     assert ratio == pytest.approx(8 * 0.005 / (0.020 + 0.005 + 0.010))
     assert cost == pytest.approx(0.015 / 0.005)
     assert call_ratio(np.ones((2, 3)), np.zeros((2, 3)), np.ones((2, 3), bool), sps, 200.0) is None
-    pol = SchedulePolicy("prefix", switch=True, off_rounds=(4, 64))
+    pol = SchedulePolicy("prefix", switch=True, off_rounds=(4, 256))
     on = dict(ema=1.4, off_mode=False, off_left=0, next_off=4, scale=1.0)
     off = pol.after_call(dict(on), committed, proposed, plain, (sps, 200.0))   # ratio 1.14: stays on
     assert not off["off_mode"] and off["off_left"] == 0 and off["ema"] == pytest.approx(ratio)
-    slow = pol.after_call(dict(on), committed, proposed, plain, (sps, 400.0))  # ratio 0.57: a run starts
-    need = int(np.ceil(cost * 2 * (1 - 8 * 0.0025 / 0.0325) / 0.02))
-    assert slow["off_mode"] and slow["off_left"] == min(max(4, need), 64) and slow["next_off"] == 8
+    slow = pol.after_call(dict(on), committed, proposed, plain, (sps, 400.0))  # ratio 0.62: a run starts
+    # long enough that the next call (the probe: the call's 8 steps, not one round's 6) loses <= 2% of the run
+    need = int(np.ceil(8 * (1 - 8 * 0.0025 / 0.0325) / 0.02))
+    assert need == 154 and slow["off_mode"] and slow["off_left"] == need and slow["next_off"] == 8
+    capped = SchedulePolicy("prefix", switch=True, off_rounds=(4, 64))
+    assert capped.after_call(dict(on), committed, proposed, plain, (sps, 400.0))["off_left"] == 64
     mid = pol.after_call(dict(on, off_mode=True, off_left=9), committed, proposed, plain, (sps, 400.0))
-    assert mid["off_mode"] and mid["off_left"] == 9                     # a run still going keeps its steps
+    assert mid["off_mode"] and mid["off_left"] == need and mid["next_off"] == 4     # a run still going: lengthened
+    long = pol.after_call(dict(on, off_mode=True, off_left=200), committed, proposed, plain, (sps, 400.0))
+    assert long["off_left"] == 200                                      # ... never shortened
     back = pol.after_call(dict(on, off_mode=True, off_left=9), committed, proposed, plain, (sps, 150.0))
     assert not back["off_mode"] and back["off_left"] == 0 and back["next_off"] == 4     # ratio 1.52 >= 1.05
     # a probing call (started off, run over) whose rounds switched speculation back on and reset the run length:
     # the call still loses, so the run doubles from where the call started
     probe = dict(on, off_mode=True, off_left=0, next_off=32)
     again = pol.after_call(dict(on), committed, proposed, plain, (sps, 400.0), start=probe)
-    assert again["off_mode"] and again["off_left"] == min(max(32, need), 64) and again["next_off"] == 64
+    assert again["off_mode"] and again["off_left"] == need and again["next_off"] == 64
     assert 1.0 < call_ratio(committed, proposed, plain, sps, 224.0)[0] < 1.05                    # in the band:
     held = pol.after_call(dict(on), committed, proposed, plain, (sps, 224.0), start=probe)  # the start's mode holds
     assert held["off_mode"] and held["off_left"] == 32
