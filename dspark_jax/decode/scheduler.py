@@ -255,6 +255,11 @@ PLAIN_RUN_CHUNK = 128
 SWITCH_FIELDS = ("ema", "off_mode", "off_left", "next_off", "scale")
 # weight of the newest call in the carried call scale (call_scale)
 SCALE_EMA = 0.5
+# weight of the newest call in the wall prices (measured / predicted seconds per path, _SchedulerBase.wall_factor).
+# The profile's prices miss what a call pays around its rounds (the prefill, the draft's prompt pass) and are taken
+# on one cache in short bursts: on the demo pair at batch 32 they put full-block calls at 0.94-1.10x plain decoding
+# where the calls ran at 0.85-0.92x.
+WALL_EMA = 0.5
 
 
 def call_scale(committed) -> float:
@@ -390,7 +395,8 @@ class SchedulePolicy:
         return dict(state, ema=ema, off_mode=go_off, off_left=jnp.where(go_off, run, 0),
                     next_off=jnp.where(go_off, jnp.minimum(2 * nxt, self.off_rounds[1]), self.off_rounds[0]))
 
-    def after_call(self, state: dict, committed, proposed, plain, sched_args, start: dict | None = None) -> dict:
+    def after_call(self, state: dict, committed, proposed, plain, sched_args, start: dict | None = None,
+                   wall: float = 1.0) -> dict:
         """Host side, with ``carry_switch``: a finished static-batch call's :func:`call_ratio` replaces the EMA the
         loop left (``state``: host scalars, :data:`SWITCH_FIELDS`), and the mode follows the same rule as after a
         round: off below 1 (a run that is still going keeps its steps left; else a new run, probe-budgeted and
@@ -399,7 +405,8 @@ class SchedulePolicy:
         reset the loop's: without it a draft that loses call after call was probed every other call, demo pair,
         batch 8). The run (a new one, or one the loop left going) is long enough that the next call, which probes,
         costs at most SWITCH_PROBE_BUDGET of it: ``(1 - ratio) * steps / budget``, ``steps`` = the call's longest
-        row. A call with no speculative round changes nothing."""
+        row. ``wall``: multiplies the ratio (the wall-clock correction of the profile's prices,
+        :meth:`_SchedulerBase.wall_factor`). A call with no speculative round changes nothing."""
         if not self.switch:
             return state
         sps, plain_sps = sched_args
@@ -407,6 +414,7 @@ class SchedulePolicy:
         if got is None:
             return state
         ema, cost = got
+        ema *= float(wall)
         was_off, nxt = bool(state["off_mode"]), int(state["next_off"])
         if start is not None:
             was_off, nxt = bool(start["off_mode"]), max(nxt, int(start["next_off"]))
@@ -434,20 +442,34 @@ def call_ratio(committed, proposed, plain, sps, plain_sps) -> tuple[float, float
     speculative round in plain steps), or None when no round speculated. Unlike the per-round EMA, which the last
     rounds dominate (at the end of a call few rows are live and a round of few verified tokens is cheap, so the
     EMA left by a call that lost could say 1.4: demo pair, batch 32), this weighs every round by its time."""
+    seconds, spec, round_s = _priced_rounds(committed, proposed, plain, sps, plain_sps)
+    if not spec.any():
+        return None
+    step_s = 1.0 / float(plain_sps)
+    plain_seconds = step_s * float(np.asarray(committed, np.float64).sum(axis=1).max())
+    return plain_seconds / seconds, float(round_s[spec].mean() / step_s)
+
+
+def predicted_call_seconds(committed, proposed, plain, sps, plain_sps) -> float:
+    """The seconds a finished call's rounds take on the profile's prices (host side; arguments as in
+    :func:`call_ratio`): each speculative round at SPS of its verified tokens, each plain step at the plain step.
+    What :meth:`_SchedulerBase.remember_switch_state` sets a call's measured seconds against."""
+    return _priced_rounds(committed, proposed, plain, sps, plain_sps)[0]
+
+
+def _priced_rounds(committed, proposed, plain, sps, plain_sps):
+    """-> (seconds of the call's rounds on the profile's prices, [rounds] speculative mask, [rounds] round seconds)."""
     c = np.asarray(committed, np.float64)
     live = c > 0
     rows_live = live.any(axis=0)
     is_plain = (np.asarray(plain, bool) & live).any(axis=0)
     spec = rows_live & ~is_plain
-    if not spec.any():
-        return None
     sps = np.asarray(sps, np.float64)
     b = np.where(live, np.asarray(proposed, np.int64) + 1, 0).sum(axis=0)
     round_s = 1.0 / sps[np.clip(b, 1, sps.shape[0] - 1)]
     step_s = 1.0 / float(plain_sps)
     seconds = float(np.where(spec, round_s, 0.0).sum() + step_s * (rows_live & is_plain).sum())
-    plain_seconds = step_s * float(c.sum(axis=1).max())
-    return plain_seconds / seconds, float(round_s[spec].mean() / step_s)
+    return seconds, spec, round_s
 
 
 def _plain_sps(x) -> float | None:
@@ -481,6 +503,7 @@ class _SchedulerBase:
         object.__setattr__(self, "off_rounds", (first, longest))
         object.__setattr__(self, "_switch_memory", {})     # batch -> switch state; not a field: not hashed
         object.__setattr__(self, "_scaled_calls", {})      # batch -> calls whose call_scale was folded in
+        object.__setattr__(self, "_wall_prices", {})       # batch -> {"plain"|"loop": measured / predicted seconds}
 
     def init_state(self, batch: int, block_size: int):
         return self.policy.init_state(batch, block_size)
@@ -494,18 +517,41 @@ class _SchedulerBase:
             return dict(kept)
         return {k: v.item() for k, v in self.policy.fresh_switch_state(xp=np).items()}
 
+    def wall_factor(self, batch: int) -> float:
+        """How much the profile's prices overstate speculation for calls of ``batch`` rows, from earlier calls' wall
+        time: (measured / predicted seconds of plain calls) / (the same of loop calls), each an average over calls
+        (:data:`WALL_EMA`), clipped to [0.5, 2]. 1 until both kinds of call have been timed (``wall_clock``), or
+        without ``wall_clock``."""
+        kept = self._wall_prices.get(int(batch), {}) if self.wall_clock else {}
+        if "plain" not in kept or "loop" not in kept:
+            return 1.0
+        return float(np.clip(kept["plain"] / kept["loop"], 0.5, 2.0))
+
+    def remember_call_seconds(self, batch: int, path: str, seconds: float, predicted: float) -> None:
+        """Folds a call's measured ``seconds`` against the profile's ``predicted`` seconds for its rounds into the
+        wall prices of ``path`` ("plain": a whole call of the target's own decode; "loop": the speculative loop).
+        Calls that compiled a program must not be passed (their seconds are compile time)."""
+        if path not in ("plain", "loop"):
+            raise ValueError(f"path must be 'plain' or 'loop', got {path!r}")
+        if not (self.wall_clock and self.carry_switch) or not predicted > 0 or not np.isfinite(seconds):
+            return
+        sample = float(np.clip(seconds / predicted, 0.25, 4.0))
+        kept = self._wall_prices.setdefault(int(batch), {})
+        kept[path] = sample if path not in kept else WALL_EMA * sample + (1 - WALL_EMA) * kept[path]
+
     def remember_switch_state(self, batch: int, state, call_stats=None, start=None) -> None:
         """Keeps a call's final switch state (a mapping with :data:`SWITCH_FIELDS`) for the next call of
         ``batch`` rows; ``call_stats`` (a static call's per row-round ``accept``, ``proposed``, ``plain``, ``[B,
-        rounds]``) folds the call's :func:`call_scale` into it and sets its ratio and mode by
-        :meth:`SchedulePolicy.after_call` (``start``: the state the call began with). Decisions it drives come from
-        finished rounds only: lossless."""
+        rounds]``) folds the call's :func:`call_scale` into it and sets its ratio (times :meth:`wall_factor`) and
+        mode by :meth:`SchedulePolicy.after_call` (``start``: the state the call began with). Decisions it drives
+        come from finished rounds and earlier calls only: lossless."""
         if self.carry_switch:
             kept = {k: np.asarray(state[k]).item() for k in SWITCH_FIELDS}
             if call_stats is not None:
                 committed = np.asarray(call_stats["accept"])
                 kept = self.policy.after_call(kept, committed, np.asarray(call_stats["proposed"]),
-                                              np.asarray(call_stats["plain"]), self.host_sched_args, start)
+                                              np.asarray(call_stats["plain"]), self.host_sched_args, start,
+                                              wall=self.wall_factor(batch))
                 # the first measured call replaces the neutral start; later ones are averaged in
                 w = SCALE_EMA if self._scaled_calls.get(int(batch), 0) else 1.0
                 kept["scale"] = float(np.float32(w * call_scale(committed) + (1 - w) * kept["scale"]))
@@ -516,6 +562,7 @@ class _SchedulerBase:
         """Drops what earlier calls left (the next call starts fresh)."""
         self._switch_memory.clear()
         self._scaled_calls.clear()
+        self._wall_prices.clear()
 
     @property
     def sched_args(self):
@@ -557,13 +604,17 @@ class PrefixScheduler(_SchedulerBase):
     ``dj.speculative_generate`` starts the switch-off rule where the last call with as many rows ended (its smoothed
     ratio, mode, the plain steps left and the call scale), instead of fresh with speculation on; a call that starts
     with plain steps owed runs the target's own plain decode for all of it (no draft work at all) and the next
-    call probes. :meth:`forget_switch_state` resets."""
+    call probes. ``wall_clock`` (with ``carry_switch``): each call's measured seconds are set against what the
+    profile predicted for its rounds, per path (whole plain calls, loop calls; calls that compiled left out), and once
+    both are timed the call's ratio is corrected by their quotient (:meth:`wall_factor`): decisions still come from
+    earlier calls only (lossless), but depend on the machine's timing. :meth:`forget_switch_state` resets."""
 
     sps: tuple[float, ...]
     plain_sps: float | None = None
     verify_buckets: tuple[int, ...] | None = None
     off_rounds: tuple[int, int] = (SWITCH_FIRST_OFF, SWITCH_MAX_OFF)
     carry_switch: bool = True
+    wall_clock: bool = True
 
     def __post_init__(self):
         self._check()
@@ -578,7 +629,7 @@ class ZeroOverheadScheduler(_SchedulerBase):
     """ZOS: capacity from the confidences ``delay`` speculative rounds earlier (global search), top-K current
     pairs. Until ``delay`` rounds of history exist the round uses Algorithm 1 with the break (lossless). Plain
     rounds (switch-off) add no history: the capacity comes from the last speculative rounds. Other fields as in
-    :class:`PrefixScheduler` (``carry_switch`` included)."""
+    :class:`PrefixScheduler` (``carry_switch`` and ``wall_clock`` included)."""
 
     sps: tuple[float, ...]
     delay: int = 2
@@ -586,6 +637,7 @@ class ZeroOverheadScheduler(_SchedulerBase):
     verify_buckets: tuple[int, ...] | None = None
     off_rounds: tuple[int, int] = (SWITCH_FIRST_OFF, SWITCH_MAX_OFF)
     carry_switch: bool = True
+    wall_clock: bool = True
 
     def __post_init__(self):
         self._check()

@@ -2,6 +2,7 @@
 the Appendix-A counterexample by sampling, ZOS, bad input, and the schedulers inside dj.speculative_generate
 (greedy equivalence, chi-square losslessness, per-round lengths == the pure function on the recorded confidences)."""
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -634,7 +635,8 @@ def _switch_schedulers(rows, zos=False, off_rounds=(2, 4)):
     mid = _mid_curve(rows)
     # plain decoding a little faster than what a draft that is always right would give (1430 R tokens/s at
     # B = 5R): never "never worth it", but the random drafts lose, so every probe is followed by a plain run
-    kw = dict(plain_sps=1300.0, off_rounds=off_rounds)
+    # wall_clock off: the replays below rebuild every decision from the recorded rounds, not from this machine's timing
+    kw = dict(plain_sps=1300.0, off_rounds=off_rounds, wall_clock=False)
     return ZeroOverheadScheduler(mid, delay=1, **kw) if zos else PrefixScheduler(mid, **kw)
 
 
@@ -715,6 +717,66 @@ def test_switch_state_carries_over_calls_and_a_plain_call_skips_the_draft(plain_
     assert sched.switch_state_for(len(PROMPTS))["ema"] == 1.0 == sched.switch_state_for(len(PROMPTS))["scale"]
     fresh = dj.speculative_generate(plain_target, draft, PROMPTS, **kw)
     np.testing.assert_array_equal(fresh.proposal_lengths, first.proposal_lengths)
+    # with wall_clock every call (compiled by now) is timed against its rounds' predicted seconds, on its own path
+    timed = dataclasses.replace(sched, wall_clock=True)
+    paths = []
+    for _ in range(4):
+        before = {k: v for k, v in timed._wall_prices.get(len(PROMPTS), {}).items()}
+        out = dj.speculative_generate(plain_target, draft, PROMPTS, **dict(kw, scheduler=timed))
+        np.testing.assert_array_equal(out.tokens, ref.tokens)
+        path = "plain" if out.stats["plain_rounds"] == (out.accept_lengths > 0).sum() else "loop"
+        after = timed._wall_prices[len(PROMPTS)]
+        other = {"plain": "loop", "loop": "plain"}[path]
+        assert path in after and after[path] > 0 and after.get(other) == before.get(other)
+        paths.append(path)
+    assert set(paths) == {"plain", "loop"}, paths
+    got = timed._wall_prices[len(PROMPTS)]
+    assert timed.wall_factor(len(PROMPTS)) == pytest.approx(np.clip(got["plain"] / got["loop"], 0.5, 2.0))
+
+
+def test_wall_clock_corrects_the_call_ratio_by_measured_over_predicted_seconds():
+    """wall_factor = (measured / predicted seconds of whole plain calls) / (the same of loop calls), each averaged
+    over calls, 1 until both have been timed; remember_switch_state multiplies the call's ratio by it."""
+    from dspark_jax.decode.scheduler import WALL_EMA, call_ratio, predicted_call_seconds
+
+    sps = np.array([0, 100, 100, 100, 100, 50, 50, 50, 50], np.float64)
+    committed = np.array([[2, 1, 0], [3, 1, 4]])          # the call of the call_ratio test
+    proposed = np.array([[1, 0, 0], [3, 0, 3]])
+    plain = np.array([[False, True, False], [False, True, False]])
+    assert predicted_call_seconds(committed, proposed, plain, sps, 200.0) == pytest.approx(0.020 + 0.005 + 0.010)
+    assert predicted_call_seconds(np.ones((2, 7)), np.zeros((2, 7)), np.ones((2, 7), bool), sps, 200.0) == \
+        pytest.approx(7 * 0.005)                                            # a plain call: its steps
+    sched = PrefixScheduler(tuple(sps), plain_sps=200.0, off_rounds=(4, 256))
+    assert sched.wall_clock and sched.wall_factor(2) == 1.0
+    sched.remember_call_seconds(2, "loop", 0.013, 0.010)       # loop calls take 1.3x their rounds' prices
+    assert sched.wall_factor(2) == 1.0                          # plain calls not timed yet: no correction
+    sched.remember_call_seconds(2, "plain", 0.011, 0.010)
+    assert sched.wall_factor(2) == pytest.approx(1.1 / 1.3) and sched.wall_factor(4) == 1.0
+    sched.remember_call_seconds(2, "loop", 0.011, 0.010)
+    loop = WALL_EMA * 1.1 + (1 - WALL_EMA) * 1.3
+    assert sched.wall_factor(2) == pytest.approx(1.1 / loop)
+    on = dict(ema=1.4, off_mode=False, off_left=0, next_off=4, scale=1.0)
+    ratio = call_ratio(committed, proposed, plain, sps, 200.0)[0]          # 1.14 on the profile: on
+    sched.remember_switch_state(2, on, dict(accept=committed, proposed=proposed, plain=plain), dict(on))
+    kept = sched.switch_state_for(2)
+    assert kept["ema"] == pytest.approx(ratio * 1.1 / loop, rel=1e-6) and not kept["off_mode"]     # 1.05: held on
+    sched.remember_call_seconds(2, "loop", 0.015, 0.010)
+    loop = WALL_EMA * 1.5 + (1 - WALL_EMA) * loop
+    sched.remember_switch_state(2, on, dict(accept=committed, proposed=proposed, plain=plain), dict(on))
+    kept = sched.switch_state_for(2)
+    assert kept["ema"] == pytest.approx(ratio * 1.1 / loop, rel=1e-6) and kept["ema"] < 1 and kept["off_mode"]
+    sched.remember_call_seconds(2, "plain", 100.0, 0.010)       # a stalled call counts as 4x at most
+    assert sched.wall_factor(2) == pytest.approx((WALL_EMA * 4 + (1 - WALL_EMA) * 1.1) / loop)
+    sched.remember_call_seconds(2, "plain", 100.0, 0.010)
+    assert sched.wall_factor(2) == 2.0                          # and the factor is 2 at most
+    with pytest.raises(ValueError, match="path"):
+        sched.remember_call_seconds(2, "verify", 0.01, 0.01)
+    sched.forget_switch_state()
+    assert sched.wall_factor(2) == 1.0
+    off = PrefixScheduler(tuple(sps), plain_sps=200.0, wall_clock=False)
+    off.remember_call_seconds(2, "loop", 0.013, 0.010)
+    off.remember_call_seconds(2, "plain", 0.011, 0.010)
+    assert off.wall_factor(2) == 1.0
 
 
 @pytest.mark.parametrize("zos", [False, True], ids=["prefix", "zos"])
