@@ -119,25 +119,31 @@ def speculative_generate(target, draft, prompts, max_new_tokens: int = 256, temp
         # decode, without the draft's context passes (the run is rounded up to the call: a plain run inside the
         # loop costs more per step, demo pair batch 8: 2.68 vs 2.42 ms in the round profile), and the next call
         # probes. Decided from earlier calls' rounds: lossless
-        programs = _generate_jit._cache_size()
+        programs = _programs(_generate_jit)
         res, seconds, steps = _plain_call(target, ids, lengths, req, seed, settings, drafts_per_round(draft.config))
-        if _generate_jit._cache_size() == programs:          # a call that compiled is not a price
+        if programs is not None and _programs(_generate_jit) == programs:   # a call that compiled is not a price
             scheduler.remember_call_seconds(batch, "plain", seconds, _predicted(scheduler, res["stats"]))
         scheduler.remember_switch_state(batch, policy.after_plain(switch0, steps, xp=np))
         return _to_output(res, settings, seconds, target, prompts)
     t_graph, t_state = split_static(target)
     d_graph, d_state = split_static(draft)
-    programs = _spec_jit._cache_size()
+    programs = _programs(_spec_jit)
     t0 = time.perf_counter()
     res = _spec_jit(t_graph, t_state, d_graph, d_state, np.asarray(ids, np.int32), np.asarray(lengths, np.int32),
                     jax.random.key(seed), np.asarray(req, np.int32), sched_sps, conf_temps, switch0, settings=settings)
     res = jax.device_get(res)
     seconds = time.perf_counter() - t0
     if switching:
-        if _spec_jit._cache_size() == programs:
+        if programs is not None and _programs(_spec_jit) == programs:
             scheduler.remember_call_seconds(batch, "loop", seconds, _predicted(scheduler, res["stats"]))
         scheduler.remember_switch_state(batch, res["switch"], res["stats"], switch0)
     return _to_output(res, settings, seconds, target, prompts)
+
+
+def _programs(jitted) -> int | None:
+    """How many programs a jitted function holds (None where jax does not say: then no call is timed)."""
+    size = getattr(jitted, "_cache_size", None)
+    return int(size()) if callable(size) else None
 
 
 def _predicted(scheduler, stats) -> float:
