@@ -40,7 +40,7 @@ from dspark_jax.decode.autoregressive import _decodes_flat, decode_steps, genera
 from dspark_jax.decode.prefill import prefill as prefill_target
 from dspark_jax.decode.ragged import ragged_buckets
 from dspark_jax.decode.sampling import SamplingConfig, request_keys
-from dspark_jax.decode.scheduler import SchedulePolicy
+from dspark_jax.decode.scheduler import SchedulePolicy, typical_seconds  # noqa: F401 (the bench imports it here)
 from dspark_jax.decode.spec_loop import (
     SpecSettings,
     drafts_per_round,
@@ -54,15 +54,6 @@ from dspark_jax.nn.static_graph import split_static
 
 # how much faster than the padded forward a ragged bucket's round must be for the verify plan to keep it
 RAGGED_MARGIN = 0.05
-
-
-def typical_seconds(times: Sequence[float]) -> float:
-    """The mean of the faster half of ``times`` (at least one). On a shared machine noise only adds time, and a
-    burst that covers half the repeats of one point moves its median (round profile, oracle pair, batch 32: the
-    160-token round's median 34.6 ms against 30.5-31.4 in its quiet repeats made the schedule drop a draft that
-    full blocks commit, 0.86x of full blocks' throughput)."""
-    fast = sorted(float(t) for t in times)[:max(1, len(times) // 2)]
-    return sum(fast) / len(fast)
 
 
 def default_token_counts(max_tokens: int) -> list[int]:

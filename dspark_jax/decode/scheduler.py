@@ -255,11 +255,22 @@ PLAIN_RUN_CHUNK = 128
 SWITCH_FIELDS = ("ema", "off_mode", "off_left", "next_off", "scale")
 # weight of the newest call in the carried call scale (call_scale)
 SCALE_EMA = 0.5
-# weight of the newest call in the wall prices (measured / predicted seconds per path, _SchedulerBase.wall_factor).
-# The profile's prices miss what a call pays around its rounds (the prefill, the draft's prompt pass) and are taken
-# on one cache in short bursts: on the demo pair at batch 32 they put full-block calls at 0.94-1.10x plain decoding
-# where the calls ran at 0.85-0.92x.
-WALL_EMA = 0.5
+# calls kept per path for the wall prices (measured / predicted seconds, _SchedulerBase.wall_factor; the price is the
+# mean of the faster half, as the round profile takes its times). The profile's prices miss what a call pays around
+# its rounds (the prefill, the draft's prompt pass) and are taken on one cache in short bursts: on the demo pair at
+# batch 32 they put full-block calls at 0.94-1.10x plain decoding where the calls ran at 0.85-0.92x. An average
+# over calls (weight 0.5 for the newest) followed bursts of load: one slow plain call turned speculation on (ZOS,
+# demo pair, batch 8: 0.87x of plain).
+WALL_SAMPLES = 8
+
+
+def typical_seconds(times) -> float:
+    """The mean of the faster half of ``times`` (at least one). On a shared machine noise only adds time, and a
+    burst that covers half the repeats of one point moves its median (round profile, oracle pair, batch 32: the
+    160-token round's median 34.6 ms against 30.5-31.4 in its quiet repeats made the schedule drop a draft that
+    full blocks commit, 0.86x of full blocks' throughput)."""
+    fast = sorted(float(t) for t in times)[:max(1, len(times) // 2)]
+    return sum(fast) / len(fast)
 
 
 def call_scale(committed) -> float:
@@ -503,7 +514,7 @@ class _SchedulerBase:
         object.__setattr__(self, "off_rounds", (first, longest))
         object.__setattr__(self, "_switch_memory", {})     # batch -> switch state; not a field: not hashed
         object.__setattr__(self, "_scaled_calls", {})      # batch -> calls whose call_scale was folded in
-        object.__setattr__(self, "_wall_prices", {})       # batch -> {"plain"|"loop": measured / predicted seconds}
+        object.__setattr__(self, "_wall_prices", {})       # batch -> {"plain"|"loop": [measured / predicted seconds]}
 
     def init_state(self, batch: int, block_size: int):
         return self.policy.init_state(batch, block_size)
@@ -519,13 +530,13 @@ class _SchedulerBase:
 
     def wall_factor(self, batch: int) -> float:
         """How much the profile's prices overstate speculation for calls of ``batch`` rows, from earlier calls' wall
-        time: (measured / predicted seconds of plain calls) / (the same of loop calls), each an average over calls
-        (:data:`WALL_EMA`), clipped to [0.5, 2]. 1 until both kinds of call have been timed (``wall_clock``), or
-        without ``wall_clock``."""
+        time: (measured / predicted seconds of plain calls) / (the same of loop calls), each the mean of the faster
+        half of the last :data:`WALL_SAMPLES` calls (:func:`typical_seconds`), clipped to [0.5, 2]. 1 until both
+        kinds of call have been timed, or without ``wall_clock``."""
         kept = self._wall_prices.get(int(batch), {}) if self.wall_clock else {}
-        if "plain" not in kept or "loop" not in kept:
+        if not kept.get("plain") or not kept.get("loop"):
             return 1.0
-        return float(np.clip(kept["plain"] / kept["loop"], 0.5, 2.0))
+        return float(np.clip(typical_seconds(kept["plain"]) / typical_seconds(kept["loop"]), 0.5, 2.0))
 
     def remember_call_seconds(self, batch: int, path: str, seconds: float, predicted: float) -> None:
         """Folds a call's measured ``seconds`` against the profile's ``predicted`` seconds for its rounds into the
@@ -535,9 +546,9 @@ class _SchedulerBase:
             raise ValueError(f"path must be 'plain' or 'loop', got {path!r}")
         if not (self.wall_clock and self.carry_switch) or not predicted > 0 or not np.isfinite(seconds):
             return
-        sample = float(np.clip(seconds / predicted, 0.25, 4.0))
-        kept = self._wall_prices.setdefault(int(batch), {})
-        kept[path] = sample if path not in kept else WALL_EMA * sample + (1 - WALL_EMA) * kept[path]
+        samples = self._wall_prices.setdefault(int(batch), {}).setdefault(path, [])
+        samples.append(float(seconds / predicted))
+        del samples[:-WALL_SAMPLES]
 
     def remember_switch_state(self, batch: int, state, call_stats=None, start=None) -> None:
         """Keeps a call's final switch state (a mapping with :data:`SWITCH_FIELDS`) for the next call of

@@ -675,7 +675,7 @@ def test_switch_state_carries_over_calls_and_a_plain_call_skips_the_draft(plain_
     modes and plain runs replay from the first call's final state. A call that the carried state makes all plain
     runs the target's own plain decode: greedy tokens == dj.generate, every row-round plain, the draft saw nothing,
     and the plain steps are taken off the state's run. forget_switch_state() starts fresh again."""
-    from dspark_jax.decode.scheduler import SCALE_EMA, SWITCH_FIELDS, call_ratio, call_scale
+    from dspark_jax.decode.scheduler import SCALE_EMA, SWITCH_FIELDS, call_ratio, call_scale, typical_seconds
 
     draft = draft_factory(plain_target, rank=4)
     sched = _switch_schedulers(len(PROMPTS), off_rounds=(2, 64))
@@ -721,23 +721,26 @@ def test_switch_state_carries_over_calls_and_a_plain_call_skips_the_draft(plain_
     timed = dataclasses.replace(sched, wall_clock=True)
     paths = []
     for _ in range(4):
-        before = {k: v for k, v in timed._wall_prices.get(len(PROMPTS), {}).items()}
+        before = {k: len(v) for k, v in timed._wall_prices.get(len(PROMPTS), {}).items()}
         out = dj.speculative_generate(plain_target, draft, PROMPTS, **dict(kw, scheduler=timed))
         np.testing.assert_array_equal(out.tokens, ref.tokens)
         path = "plain" if out.stats["plain_rounds"] == (out.accept_lengths > 0).sum() else "loop"
         after = timed._wall_prices[len(PROMPTS)]
         other = {"plain": "loop", "loop": "plain"}[path]
-        assert path in after and after[path] > 0 and after.get(other) == before.get(other)
+        assert len(after[path]) == before.get(path, 0) + 1 and after[path][-1] > 0       # this call, on its path
+        assert len(after.get(other, ())) == before.get(other, 0)
         paths.append(path)
     assert set(paths) == {"plain", "loop"}, paths
     got = timed._wall_prices[len(PROMPTS)]
-    assert timed.wall_factor(len(PROMPTS)) == pytest.approx(np.clip(got["plain"] / got["loop"], 0.5, 2.0))
+    assert timed.wall_factor(len(PROMPTS)) == pytest.approx(
+        np.clip(typical_seconds(got["plain"]) / typical_seconds(got["loop"]), 0.5, 2.0))
 
 
 def test_wall_clock_corrects_the_call_ratio_by_measured_over_predicted_seconds():
-    """wall_factor = (measured / predicted seconds of whole plain calls) / (the same of loop calls), each averaged
-    over calls, 1 until both have been timed; remember_switch_state multiplies the call's ratio by it."""
-    from dspark_jax.decode.scheduler import WALL_EMA, call_ratio, predicted_call_seconds
+    """wall_factor = (measured / predicted seconds of whole plain calls) / (the same of loop calls), each the mean of
+    the faster half of the last WALL_SAMPLES calls, 1 until both have been timed; remember_switch_state multiplies
+    the call's ratio by it."""
+    from dspark_jax.decode.scheduler import WALL_SAMPLES, call_ratio, predicted_call_seconds
 
     sps = np.array([0, 100, 100, 100, 100, 50, 50, 50, 50], np.float64)
     committed = np.array([[2, 1, 0], [3, 1, 4]])          # the call of the call_ratio test
@@ -752,23 +755,28 @@ def test_wall_clock_corrects_the_call_ratio_by_measured_over_predicted_seconds()
     assert sched.wall_factor(2) == 1.0                          # plain calls not timed yet: no correction
     sched.remember_call_seconds(2, "plain", 0.011, 0.010)
     assert sched.wall_factor(2) == pytest.approx(1.1 / 1.3) and sched.wall_factor(4) == 1.0
-    sched.remember_call_seconds(2, "loop", 0.011, 0.010)
-    loop = WALL_EMA * 1.1 + (1 - WALL_EMA) * 1.3
+    sched.remember_call_seconds(2, "loop", 0.011, 0.010)       # faster half of (1.3, 1.1): 1.1
+    assert sched.wall_factor(2) == pytest.approx(1.0)
+    for _ in range(3):
+        sched.remember_call_seconds(2, "loop", 0.0125, 0.010)
+    loop = (1.1 + 1.25) / 2                                     # faster half of (1.3, 1.1, 1.25, 1.25, 1.25)
     assert sched.wall_factor(2) == pytest.approx(1.1 / loop)
     on = dict(ema=1.4, off_mode=False, off_left=0, next_off=4, scale=1.0)
     ratio = call_ratio(committed, proposed, plain, sps, 200.0)[0]          # 1.14 on the profile: on
     sched.remember_switch_state(2, on, dict(accept=committed, proposed=proposed, plain=plain), dict(on))
     kept = sched.switch_state_for(2)
-    assert kept["ema"] == pytest.approx(ratio * 1.1 / loop, rel=1e-6) and not kept["off_mode"]     # 1.05: held on
-    sched.remember_call_seconds(2, "loop", 0.015, 0.010)
-    loop = WALL_EMA * 1.5 + (1 - WALL_EMA) * loop
+    assert kept["ema"] == pytest.approx(ratio * 1.1 / loop, rel=1e-6) and not kept["off_mode"]     # 1.07: on
+    for _ in range(WALL_SAMPLES):
+        sched.remember_call_seconds(2, "loop", 0.0135, 0.010)  # the last WALL_SAMPLES calls count
+    loop = 1.35
     sched.remember_switch_state(2, on, dict(accept=committed, proposed=proposed, plain=plain), dict(on))
     kept = sched.switch_state_for(2)
     assert kept["ema"] == pytest.approx(ratio * 1.1 / loop, rel=1e-6) and kept["ema"] < 1 and kept["off_mode"]
-    sched.remember_call_seconds(2, "plain", 100.0, 0.010)       # a stalled call counts as 4x at most
-    assert sched.wall_factor(2) == pytest.approx((WALL_EMA * 4 + (1 - WALL_EMA) * 1.1) / loop)
-    sched.remember_call_seconds(2, "plain", 100.0, 0.010)
-    assert sched.wall_factor(2) == 2.0                          # and the factor is 2 at most
+    sched.remember_call_seconds(2, "plain", 100.0, 0.010)       # a stalled call: the faster half leaves it out
+    assert sched.wall_factor(2) == pytest.approx(1.1 / loop)
+    for _ in range(3):
+        sched.remember_call_seconds(2, "plain", 100.0, 0.010)
+    assert sched.wall_factor(2) == 2.0                          # half the calls stalled: the factor is 2 at most
     with pytest.raises(ValueError, match="path"):
         sched.remember_call_seconds(2, "verify", 0.01, 0.01)
     sched.forget_switch_state()
