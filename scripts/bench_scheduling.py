@@ -34,9 +34,9 @@ from _bench_common import add_options, machine, parser, write_json  # noqa: E402
 from _bench_jax import device_kind, random_qwen3_config, spread_taps  # noqa: E402
 
 import dspark_jax as dj  # noqa: E402
-from dspark_jax.decode.profile import profile_rounds, typical_seconds  # noqa: E402
+from dspark_jax.decode.profile import profile_rounds  # noqa: E402
 from dspark_jax.decode.prompts import pad_batch  # noqa: E402
-from dspark_jax.decode.scheduler import PrefixScheduler, ZeroOverheadScheduler  # noqa: E402
+from dspark_jax.decode.scheduler import PrefixScheduler, ZeroOverheadScheduler, typical_seconds  # noqa: E402
 
 
 def demo_pair(demo_dir: str, n: int):

@@ -40,7 +40,7 @@ from dspark_jax.decode.autoregressive import _decodes_flat, decode_steps, genera
 from dspark_jax.decode.prefill import prefill as prefill_target
 from dspark_jax.decode.ragged import ragged_buckets
 from dspark_jax.decode.sampling import SamplingConfig, request_keys
-from dspark_jax.decode.scheduler import SchedulePolicy, typical_seconds  # noqa: F401 (the bench imports it here)
+from dspark_jax.decode.scheduler import SchedulePolicy, typical_seconds
 from dspark_jax.decode.spec_loop import (
     SpecSettings,
     drafts_per_round,
