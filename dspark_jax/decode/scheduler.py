@@ -408,16 +408,16 @@ class SchedulePolicy:
 
     def after_call(self, state: dict, committed, proposed, plain, sched_args, start: dict | None = None,
                    wall: float = 1.0) -> dict:
-        """Host side, with ``carry_switch``: a finished static-batch call's :func:`call_ratio` replaces the EMA the
-        loop left (``state``: host scalars, :data:`SWITCH_FIELDS`), and the mode follows the same rule as after a
-        round: off below 1 (a run that is still going keeps its steps left; else a new run, probe-budgeted and
+        """Host side, with ``carry_switch``: a finished static-batch call's :func:`call_ratio` replaces the EMA the loop
+        left (``state``: host scalars, :data:`SWITCH_FIELDS`), and the mode follows the same rule as after a round: off
+        below 1 (a run that is still going is lengthened to the probe budget below; else a new run, probe-budgeted and
         doubling), on at 1 + margin, held in between. ``start``: the state the call began with; its mode is the one
-        held, and its run length doubles (a probing call whose rounds switched speculation back on inside the call
-        reset the loop's: without it a draft that loses call after call was probed every other call, demo pair,
-        batch 8). The run (a new one, or one the loop left going) is long enough that the next call, which probes,
-        costs at most SWITCH_PROBE_BUDGET of it: ``(1 - ratio) * steps / budget``, ``steps`` = the call's longest
-        row. ``wall``: multiplies the ratio (the wall-clock correction of the profile's prices,
-        :meth:`_SchedulerBase.wall_factor`). A call with no speculative round changes nothing."""
+        held, and its run length doubles (a probing call whose rounds switched speculation back on inside the call reset
+        the loop's: without it a draft that loses call after call was probed every other call, demo pair, batch 8). The
+        run (a new one, or one the loop left going) is long enough that the next call, which probes, costs at most
+        SWITCH_PROBE_BUDGET of it: ``(1 - ratio) * steps / budget``, ``steps`` = the call's longest row. ``wall``:
+        multiplies the ratio (the wall-clock correction of the profile's prices, :meth:`_SchedulerBase.wall_factor`). A
+        call with no speculative round changes nothing."""
         if not self.switch:
             return state
         sps, plain_sps = sched_args
@@ -541,10 +541,14 @@ class _SchedulerBase:
     def remember_call_seconds(self, batch: int, path: str, seconds: float, predicted: float) -> None:
         """Folds a call's measured ``seconds`` against the profile's ``predicted`` seconds for its rounds into the
         wall prices of ``path`` ("plain": a whole call of the target's own decode; "loop": the speculative loop).
-        Calls that compiled a program must not be passed (their seconds are compile time)."""
+        Calls that compiled a program must not be passed (their seconds are compile time). Ignored in a run of
+        several JAX processes: each would time its own calls, and processes that share a sharded target must all
+        take the same path."""
         if path not in ("plain", "loop"):
             raise ValueError(f"path must be 'plain' or 'loop', got {path!r}")
         if not (self.wall_clock and self.carry_switch) or not predicted > 0 or not np.isfinite(seconds):
+            return
+        if jax.process_count() > 1:
             return
         samples = self._wall_prices.setdefault(int(batch), {}).setdefault(path, [])
         samples.append(float(seconds / predicted))
