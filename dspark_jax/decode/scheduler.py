@@ -262,6 +262,15 @@ SCALE_EMA = 0.5
 # over calls (weight 0.5 for the newest) followed bursts of load: one slow plain call turned speculation on (ZOS,
 # demo pair, batch 8: 0.87x of plain).
 WALL_SAMPLES = 8
+# Where speculation never switches off, no plain call is ever timed and the wall clock cannot correct the profile:
+# after WALL_CALIBRATE_AFTER timed loop calls of a batch size, while its calls' ratio (on the profile's prices) is
+# below WALL_CALIBRATE_BELOW, the next call runs plain once, to price plain calls on the wall clock (at most
+# WALL_CALIBRATE_TRIES times: a call that compiled dj.generate's program is not timed). 1.25: the wall factors measured
+# on the demo pair were 0.85-0.93 at batch 32, so a ratio above 1.25 stays above 1 for any factor seen; a calibration
+# call costs at most a quarter of one call, once per batch size.
+WALL_CALIBRATE_AFTER = 2
+WALL_CALIBRATE_BELOW = 1.25
+WALL_CALIBRATE_TRIES = 2
 
 
 def typical_seconds(times) -> float:
@@ -515,6 +524,7 @@ class _SchedulerBase:
         object.__setattr__(self, "_switch_memory", {})     # batch -> switch state; not a field: not hashed
         object.__setattr__(self, "_scaled_calls", {})      # batch -> calls whose call_scale was folded in
         object.__setattr__(self, "_wall_prices", {})       # batch -> {"plain"|"loop": [measured / predicted seconds]}
+        object.__setattr__(self, "_calibrations", {})      # batch -> plain calls run to time the plain path
 
     def init_state(self, batch: int, block_size: int):
         return self.policy.init_state(batch, block_size)
@@ -558,8 +568,9 @@ class _SchedulerBase:
         """Keeps a call's final switch state (a mapping with :data:`SWITCH_FIELDS`) for the next call of
         ``batch`` rows; ``call_stats`` (a static call's per row-round ``accept``, ``proposed``, ``plain``, ``[B,
         rounds]``) folds the call's :func:`call_scale` into it and sets its ratio (times :meth:`wall_factor`) and
-        mode by :meth:`SchedulePolicy.after_call` (``start``: the state the call began with). Decisions it drives
-        come from finished rounds and earlier calls only: lossless."""
+        mode by :meth:`SchedulePolicy.after_call` (``start``: the state the call began with), and may owe the next
+        call as a plain one to time the plain path (:meth:`_calibration_due`). Decisions it drives come from
+        finished rounds and earlier calls only: lossless."""
         if self.carry_switch:
             kept = {k: np.asarray(state[k]).item() for k in SWITCH_FIELDS}
             if call_stats is not None:
@@ -571,13 +582,35 @@ class _SchedulerBase:
                 w = SCALE_EMA if self._scaled_calls.get(int(batch), 0) else 1.0
                 kept["scale"] = float(np.float32(w * call_scale(committed) + (1 - w) * kept["scale"]))
                 self._scaled_calls[int(batch)] = self._scaled_calls.get(int(batch), 0) + 1
+                if self._calibration_due(batch, kept):
+                    kept["off_left"] = 1        # one plain step owed: the next call runs plain (mode unchanged)
             self._switch_memory[int(batch)] = kept
+
+    def _calibration_due(self, batch: int, kept: dict) -> bool:
+        """Whether the next call of ``batch`` rows should run plain once, only to time the plain path: with
+        ``wall_clock``, no plain call timed yet, at least :data:`WALL_CALIBRATE_AFTER` loop calls timed, speculation
+        on (``kept``: the switch state after the last call) at a ratio below :data:`WALL_CALIBRATE_BELOW` (close
+        enough to 1 that the profile's bias could decide it), and fewer than :data:`WALL_CALIBRATE_TRIES` such calls
+        so far. Counts the call it grants."""
+        if not (self.wall_clock and self.carry_switch) or jax.process_count() > 1:
+            return False
+        prices = self._wall_prices.get(int(batch), {})
+        if prices.get("plain") or len(prices.get("loop", ())) < WALL_CALIBRATE_AFTER:
+            return False
+        if kept["off_mode"] or kept["off_left"] > 0 or not kept["ema"] < WALL_CALIBRATE_BELOW:
+            return False
+        tries = self._calibrations.get(int(batch), 0)
+        if tries >= WALL_CALIBRATE_TRIES:
+            return False
+        self._calibrations[int(batch)] = tries + 1
+        return True
 
     def forget_switch_state(self) -> None:
         """Drops what earlier calls left (the next call starts fresh)."""
         self._switch_memory.clear()
         self._scaled_calls.clear()
         self._wall_prices.clear()
+        self._calibrations.clear()
 
     @property
     def sched_args(self):
@@ -621,7 +654,8 @@ class PrefixScheduler(_SchedulerBase):
     with plain steps owed runs the target's own plain decode for all of it (no draft work at all) and the next
     call probes. ``wall_clock`` (with ``carry_switch``): each call's measured seconds are set against what the
     profile predicted for its rounds, per path (whole plain calls, loop calls; calls that compiled left out), and once
-    both are timed the call's ratio is corrected by their quotient (:meth:`wall_factor`): decisions still come from
+    both are timed the call's ratio is corrected by their quotient (:meth:`wall_factor`; where speculation stays on
+    near break-even, one call runs plain to time that path, :data:`WALL_CALIBRATE_BELOW`): decisions still come from
     earlier calls only (lossless), but depend on the machine's timing. :meth:`forget_switch_state` resets."""
 
     sps: tuple[float, ...]

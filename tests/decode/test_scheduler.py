@@ -787,6 +787,58 @@ def test_wall_clock_corrects_the_call_ratio_by_measured_over_predicted_seconds()
     assert off.wall_factor(2) == 1.0
 
 
+def test_wall_clock_times_the_plain_path_once_where_speculation_stays_on_near_break_even():
+    """Where speculation never switches off no plain call is timed, so the wall clock could not correct the profile:
+    after WALL_CALIBRATE_AFTER timed loop calls at a ratio below WALL_CALIBRATE_BELOW, the next call is owed as plain
+    (one plain step owed, mode unchanged), at most WALL_CALIBRATE_TRIES times; not once a plain call is timed, not far
+    above break-even, not while speculation is off, not without wall_clock."""
+    from dspark_jax.decode.scheduler import WALL_CALIBRATE_AFTER, WALL_CALIBRATE_BELOW, WALL_CALIBRATE_TRIES, call_ratio
+
+    sps = np.array([0, 100, 100, 100, 100, 50, 50, 50, 50], np.float64)
+    stats = dict(accept=np.array([[2, 1, 0], [3, 1, 4]]), proposed=np.array([[1, 0, 0], [3, 0, 3]]),
+                 plain=np.array([[False, True, False], [False, True, False]]))
+    ratio = call_ratio(stats["accept"], stats["proposed"], stats["plain"], sps, 200.0)[0]
+    assert 1.05 < ratio < WALL_CALIBRATE_BELOW                           # speculation on, near break-even
+    on = dict(ema=1.4, off_mode=False, off_left=0, next_off=4, scale=1.0)
+    all_rows = np.ones((2,), bool)
+
+    def after_loop_call(sched, batch=2):
+        sched.remember_call_seconds(batch, "loop", 0.012, 0.010)
+        sched.remember_switch_state(batch, on, stats, dict(on))
+        return sched.switch_state_for(batch)
+
+    sched = PrefixScheduler(tuple(sps), plain_sps=200.0, off_rounds=(4, 256))
+    for _ in range(WALL_CALIBRATE_AFTER - 1):
+        assert after_loop_call(sched)["off_left"] == 0                  # too few loop calls timed yet
+    kept = after_loop_call(sched)
+    assert kept["off_left"] == 1 and not kept["off_mode"] and kept["ema"] == pytest.approx(ratio, rel=1e-6)
+    assert int(sched.policy.plain_steps(kept, sched.host_sched_args, all_rows, xp=np, chunk=None)) > 0
+    # the plain call compiled (not timed): one more try, then no more
+    for _ in range(WALL_CALIBRATE_TRIES - 1):
+        assert after_loop_call(sched)["off_left"] == 1
+    assert after_loop_call(sched)["off_left"] == 0
+    assert after_loop_call(sched, batch=4)["off_left"] == 0              # batch sizes count their own loop calls
+    assert after_loop_call(sched, batch=4)["off_left"] == 1
+    sched.forget_switch_state()                                          # a fresh start calibrates again
+    for _ in range(WALL_CALIBRATE_AFTER - 1):
+        after_loop_call(sched)
+    assert after_loop_call(sched)["off_left"] == 1
+    # a plain call timed: the wall factor corrects the ratio, nothing more to calibrate
+    sched.remember_call_seconds(2, "plain", 0.012, 0.010)
+    assert after_loop_call(sched)["off_left"] == 0
+    # far above break-even (the profile's bias could not turn it), or with speculation off, or without the wall clock
+    fast = PrefixScheduler(tuple(2 * sps), plain_sps=200.0, off_rounds=(4, 256))
+    assert call_ratio(stats["accept"], stats["proposed"], stats["plain"], 2 * sps, 200.0)[0] > WALL_CALIBRATE_BELOW
+    slow = PrefixScheduler(tuple(sps / 2), plain_sps=200.0, off_rounds=(4, 256))
+    off = PrefixScheduler(tuple(sps), plain_sps=200.0, off_rounds=(4, 256), wall_clock=False)
+    for other in (fast, slow, off):
+        for _ in range(WALL_CALIBRATE_AFTER + 1):
+            kept = after_loop_call(other)
+            assert other is not slow or kept["off_mode"]
+            assert other is slow or kept["off_left"] == 0
+        assert not other._calibrations
+
+
 @pytest.mark.parametrize("zos", [False, True], ids=["prefix", "zos"])
 def test_greedy_equals_target_greedy_across_switches(plain_target, draft_factory, zos):
     draft = draft_factory(plain_target, rank=4)
@@ -871,6 +923,7 @@ def test_round_profile_cli_and_scheduler_from_profile(plain_target, draft_factor
     sched = PrefixScheduler.from_profile(str(out))
     assert sched.plain_sps == pytest.approx(prof["plain_sps"]) and sched.policy.switch
     assert list(sched.verify_buckets) == prof["verify_buckets"] == list(got["verify_buckets"])
+    assert all(b < 10 for b in prof["verify_buckets"])       # the full-token bucket is timed, never planned
     # an older forward-only table still loads, without the plain step: no switch-off
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"format": "dspark-sps-v1", "sps_table": [1.0, 5.0, 4.0, 3.0]}))
