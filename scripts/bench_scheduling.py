@@ -15,7 +15,9 @@ call (when runs x calls is a multiple of the 5 rows, e.g. the default ``--repeat
 the order equally often), so load bursts hit all rows alike. tokens/s = the new tokens of one run / the sum over its
 calls of each call's typical seconds (the mean of the faster half of its ``--repeats`` timings, as the round profile
 takes them: on a shared machine noise only adds time); the median over runs of a run's tokens/s is reported beside
-it, and the per-run ratios (rows of a run ran side by side).
+it, and the per-run ratios (rows of a run ran side by side). τ, drafts per row-round and the share of plain
+row-rounds are those of the timed calls (a scheduler's carried switch state decides anew in every call; the untimed
+check pass's are kept in the JSON as ``check_pass``).
 """
 
 from __future__ import annotations
@@ -81,6 +83,20 @@ def _compiled_programs() -> int:
     return _generate_jit._cache_size() + _spec_jit._cache_size()
 
 
+def _decisions(outs) -> dict:
+    """τ, drafts verified per row-round and the share of plain row-rounds over ``outs``; their new tokens."""
+    row_rounds = sum(o.stats.get("row_rounds", 0) for o in outs)
+
+    def per_row_round(key, default):
+        if not row_rounds:
+            return default
+        return sum(o.stats.get(key, default) * o.stats.get("row_rounds", 0) for o in outs) / row_rounds
+
+    return {"tau": per_row_round("tau", 1.0), "drafts_per_row_round": per_row_round("mean_proposal", 0.0),
+            "plain_share": sum(o.stats.get("plain_rounds", 0) for o in outs) / row_rounds if row_rounds else 1.0,
+            "new_tokens": sum(float(o.lengths.sum()) for o in outs)}
+
+
 def run_batch(target, draft, prompts, batch, stops, max_new, repeats, context, log):
     """All ``prompts`` decoded in consecutive batches of ``batch`` (as ``dspark eval`` does): tokens/s over them."""
     t0 = time.perf_counter()
@@ -117,19 +133,12 @@ def run_batch(target, draft, prompts, batch, stops, max_new, repeats, context, l
             sched.forget_switch_state()
             dj.speculative_generate(target, draft, p, scheduler=sched, **kw)
         sched.forget_switch_state()
-    info = {}
+    info, check_pass = {}, {}
     for name, fn in rows.items():                     # compile, and check the tokens against plain decoding
         outs, _ = run_all(fn)
         assert all(np.array_equal(o.tokens, r) for o, r in zip(outs, ref)), f"{name}: tokens differ from plain"
-        row_rounds = sum(o.stats.get("row_rounds", 0) for o in outs)
-        committed = sum(float(o.lengths.sum()) for o in outs)
-        info[name] = {
-            "tau": sum(o.stats.get("tau", 1.0) * o.stats.get("row_rounds", 0) for o in outs) / row_rounds
-            if row_rounds else 1.0,
-            "drafts_per_row_round": sum(o.stats.get("mean_proposal", 0.0) * o.stats.get("row_rounds", 0)
-                                        for o in outs) / row_rounds if row_rounds else 0.0,
-            "plain_share": sum(o.stats.get("plain_rounds", 0) for o in outs) / row_rounds if row_rounds else 1.0,
-            "new_tokens": committed}
+        check_pass[name] = _decisions(outs)
+    timed_outs = {name: [] for name in rows}      # the timed calls' outputs: what the schedulers decided while timed
     speeds = {name: [] for name in rows}
     call_secs = {name: [[] for _ in chunks] for name in rows}      # [row][chunk] -> seconds of each repeat
     compiled = _compiled_programs()
@@ -142,6 +151,7 @@ def run_batch(target, draft, prompts, batch, stops, max_new, repeats, context, l
             k = (i * len(chunks) + j) % len(names)
             for name in names[k:] + names[:k]:
                 out = rows[name](p)
+                timed_outs[name].append(out)
                 secs[name] += out.stats["seconds"]
                 toks[name] += float(out.lengths.sum())
                 call_secs[name][j].append(out.stats["seconds"])
@@ -154,6 +164,10 @@ def run_batch(target, draft, prompts, batch, stops, max_new, repeats, context, l
                                                                     "verify_buckets")},
               "rows": {}, "compiled_while_timed": compiled}
     for name in rows:
+        # tau, drafts per row-round and the plain share of the timed calls (a carried switch state decides anew in
+        # every call, so the check pass's decisions need not be the timed runs'); new tokens: one run's
+        info[name] = dict(_decisions(timed_outs[name]), new_tokens=check_pass[name]["new_tokens"],
+                          check_pass=check_pass[name])
         typical = sum(typical_seconds(t) for t in call_secs[name])
         result["rows"][name] = dict(info[name], tokens_per_s=info[name]["new_tokens"] / typical,
                                     median_tokens_per_s=statistics.median(speeds[name]), all=speeds[name])
