@@ -591,9 +591,8 @@ class _SchedulerBase:
         ``wall_clock``, no plain call timed yet, at least :data:`WALL_CALIBRATE_AFTER` loop calls timed, speculation
         on (``kept``: the switch state after the last call) at a ratio below :data:`WALL_CALIBRATE_BELOW` (close
         enough to 1 that the profile's bias could decide it), and fewer than :data:`WALL_CALIBRATE_TRIES` such calls
-        so far. Counts the call it grants."""
-        if not (self.wall_clock and self.carry_switch) or jax.process_count() > 1:
-            return False
+        so far (no loop call is timed without ``wall_clock`` or in a run of several processes:
+        :meth:`remember_call_seconds`). Counts the call it grants."""
         prices = self._wall_prices.get(int(batch), {})
         if prices.get("plain") or len(prices.get("loop", ())) < WALL_CALIBRATE_AFTER:
             return False
