@@ -262,15 +262,17 @@ SCALE_EMA = 0.5
 # over calls (weight 0.5 for the newest) followed bursts of load: one slow plain call turned speculation on (ZOS,
 # demo pair, batch 8: 0.87x of plain).
 WALL_SAMPLES = 8
-# Where speculation never switches off, no plain call is ever timed and the wall clock cannot correct the profile:
-# after WALL_CALIBRATE_AFTER timed loop calls of a batch size, while its calls' ratio (on the profile's prices) is
-# below WALL_CALIBRATE_BELOW, the next call runs plain once, to price plain calls on the wall clock (at most
-# WALL_CALIBRATE_TRIES times: a call that compiled dj.generate's program is not timed). 1.25: the wall factors measured
-# on the demo pair were 0.85-0.93 at batch 32, so a ratio above 1.25 stays above 1 for any factor seen; a calibration
-# call costs at most a quarter of one call, once per batch size.
+# Where speculation never switches off, no plain call is timed but by a calibration call: while speculation stays on
+# at a ratio below WALL_CALIBRATE_BELOW (on the profile's prices times the wall factor), the next call runs plain once
+# WALL_CALIBRATE_AFTER * 2**k timed loop calls of a batch size have passed since its last timed plain call, k the
+# calibration calls granted so far at that size (at most WALL_CALIBRATE_AFTER * 2**WALL_CALIBRATE_MAX_DOUBLINGS). 1.25:
+# the wall factors measured on the demo pair were 0.75-0.93, so a ratio above 1.25 stays above 1 for any factor seen.
+# The calls repeat, doubling apart, because one plain timing decides alone: on a shared machine one plain call priced
+# 1.41x its profile (demo pair, batch 8, where they ranged 0.93-1.41x) kept a 0.77x speculation on for every call after
+# it. A calibration call costs at most a quarter of a call: at most 1/256 of a long run's calls once the gaps are 64.
 WALL_CALIBRATE_AFTER = 2
 WALL_CALIBRATE_BELOW = 1.25
-WALL_CALIBRATE_TRIES = 2
+WALL_CALIBRATE_MAX_DOUBLINGS = 5
 
 
 def typical_seconds(times) -> float:
@@ -523,8 +525,9 @@ class _SchedulerBase:
         object.__setattr__(self, "off_rounds", (first, longest))
         object.__setattr__(self, "_switch_memory", {})     # batch -> switch state; not a field: not hashed
         object.__setattr__(self, "_scaled_calls", {})      # batch -> calls whose call_scale was folded in
-        object.__setattr__(self, "_wall_prices", {})       # batch -> {"plain"|"loop": [measured / predicted seconds]}
-        object.__setattr__(self, "_calibrations", {})      # batch -> plain calls run to time the plain path
+        # batch -> {"plain"|"loop": [measured / predicted seconds], "loop_since_plain": timed loop calls since}
+        object.__setattr__(self, "_wall_prices", {})
+        object.__setattr__(self, "_calibrations", {})      # batch -> plain calls granted to time the plain path
 
     def init_state(self, batch: int, block_size: int):
         return self.policy.init_state(batch, block_size)
@@ -541,12 +544,16 @@ class _SchedulerBase:
     def wall_factor(self, batch: int) -> float:
         """How much the profile's prices overstate speculation for calls of ``batch`` rows, from earlier calls' wall
         time: (measured / predicted seconds of plain calls) / (the same of loop calls), each the mean of the faster
-        half of the last :data:`WALL_SAMPLES` calls (:func:`typical_seconds`), clipped to [0.5, 2]. 1 until both
-        kinds of call have been timed, or without ``wall_clock``."""
+        half (:func:`typical_seconds`) of the path's last n calls, n the fewer of the two paths' timed calls (at most
+        :data:`WALL_SAMPLES`), clipped to [0.5, 2]. 1 until both kinds of call have been timed, or without
+        ``wall_clock``. Equal counts: noise only adds time, so the faster half of more calls is lower, and one plain
+        call set against eight loop calls' faster half favoured speculation by the noise's mean (6-20% on this
+        machine's spread)."""
         kept = self._wall_prices.get(int(batch), {}) if self.wall_clock else {}
         if not kept.get("plain") or not kept.get("loop"):
             return 1.0
-        return float(np.clip(typical_seconds(kept["plain"]) / typical_seconds(kept["loop"]), 0.5, 2.0))
+        n = min(len(kept["plain"]), len(kept["loop"]))
+        return float(np.clip(typical_seconds(kept["plain"][-n:]) / typical_seconds(kept["loop"][-n:]), 0.5, 2.0))
 
     def remember_call_seconds(self, batch: int, path: str, seconds: float, predicted: float) -> None:
         """Folds a call's measured ``seconds`` against the profile's ``predicted`` seconds for its rounds into the
@@ -560,9 +567,12 @@ class _SchedulerBase:
             return
         if jax.process_count() > 1:
             return
-        samples = self._wall_prices.setdefault(int(batch), {}).setdefault(path, [])
+        kept = self._wall_prices.setdefault(int(batch), {})
+        samples = kept.setdefault(path, [])
         samples.append(float(seconds / predicted))
         del samples[:-WALL_SAMPLES]
+        # timed loop calls since the last timed plain call (the calibration calls' clock)
+        kept["loop_since_plain"] = kept.get("loop_since_plain", 0) + 1 if path == "loop" else 0
 
     def remember_switch_state(self, batch: int, state, call_stats=None, start=None) -> None:
         """Keeps a call's final switch state (a mapping with :data:`SWITCH_FIELDS`) for the next call of
@@ -588,20 +598,19 @@ class _SchedulerBase:
 
     def _calibration_due(self, batch: int, kept: dict) -> bool:
         """Whether the next call of ``batch`` rows should run plain once, only to time the plain path: with
-        ``wall_clock``, no plain call timed yet, at least :data:`WALL_CALIBRATE_AFTER` loop calls timed, speculation
-        on (``kept``: the switch state after the last call) at a ratio below :data:`WALL_CALIBRATE_BELOW` (close
-        enough to 1 that the profile's bias could decide it), and fewer than :data:`WALL_CALIBRATE_TRIES` such calls
-        so far (no loop call is timed without ``wall_clock`` or in a run of several processes:
-        :meth:`remember_call_seconds`). Counts the call it grants."""
-        prices = self._wall_prices.get(int(batch), {})
-        if prices.get("plain") or len(prices.get("loop", ())) < WALL_CALIBRATE_AFTER:
-            return False
+        ``wall_clock``, speculation on (``kept``: the switch state after the last call) at a ratio below
+        :data:`WALL_CALIBRATE_BELOW` (close enough to 1 that the profile's bias or one noisy plain timing could decide
+        it), and at least ``WALL_CALIBRATE_AFTER * 2**k`` timed loop calls since the last timed plain call, ``k`` the
+        calibration calls granted so far at this size (capped at :data:`WALL_CALIBRATE_MAX_DOUBLINGS`; a granted call
+        that compiled is not timed, and the next comes a doubled gap later). No loop call is timed without
+        ``wall_clock`` or in a run of several processes (:meth:`remember_call_seconds`). Counts the call it grants."""
         if kept["off_mode"] or kept["off_left"] > 0 or not kept["ema"] < WALL_CALIBRATE_BELOW:
             return False
-        tries = self._calibrations.get(int(batch), 0)
-        if tries >= WALL_CALIBRATE_TRIES:
+        granted = self._calibrations.get(int(batch), 0)
+        since = self._wall_prices.get(int(batch), {}).get("loop_since_plain", 0)
+        if since < WALL_CALIBRATE_AFTER * 2 ** min(granted, WALL_CALIBRATE_MAX_DOUBLINGS):
             return False
-        self._calibrations[int(batch)] = tries + 1
+        self._calibrations[int(batch)] = granted + 1
         return True
 
     def forget_switch_state(self) -> None:
@@ -654,7 +663,8 @@ class PrefixScheduler(_SchedulerBase):
     call probes. ``wall_clock`` (with ``carry_switch``): each call's measured seconds are set against what the
     profile predicted for its rounds, per path (whole plain calls, loop calls; calls that compiled left out), and once
     both are timed the call's ratio is corrected by their quotient (:meth:`wall_factor`; where speculation stays on
-    near break-even, one call runs plain to time that path, :data:`WALL_CALIBRATE_BELOW`): decisions still come from
+    near break-even, a call now and then runs plain to time that path, ever further apart,
+    :data:`WALL_CALIBRATE_BELOW`): decisions still come from
     earlier calls only (lossless), but depend on the machine's timing. :meth:`forget_switch_state` resets."""
 
     sps: tuple[float, ...]

@@ -721,7 +721,7 @@ def test_switch_state_carries_over_calls_and_a_plain_call_skips_the_draft(plain_
     timed = dataclasses.replace(sched, wall_clock=True)
     paths = []
     for _ in range(4):
-        before = {k: len(v) for k, v in timed._wall_prices.get(len(PROMPTS), {}).items()}
+        before = {k: len(timed._wall_prices.get(len(PROMPTS), {}).get(k, ())) for k in ("plain", "loop")}
         out = dj.speculative_generate(plain_target, draft, PROMPTS, **dict(kw, scheduler=timed))
         np.testing.assert_array_equal(out.tokens, ref.tokens)
         path = "plain" if out.stats["plain_rounds"] == (out.accept_lengths > 0).sum() else "loop"
@@ -732,14 +732,15 @@ def test_switch_state_carries_over_calls_and_a_plain_call_skips_the_draft(plain_
         paths.append(path)
     assert set(paths) == {"plain", "loop"}, paths
     got = timed._wall_prices[len(PROMPTS)]
+    n = min(len(got["plain"]), len(got["loop"]))                        # as many calls of each path
     assert timed.wall_factor(len(PROMPTS)) == pytest.approx(
-        np.clip(typical_seconds(got["plain"]) / typical_seconds(got["loop"]), 0.5, 2.0))
+        np.clip(typical_seconds(got["plain"][-n:]) / typical_seconds(got["loop"][-n:]), 0.5, 2.0))
 
 
 def test_wall_clock_corrects_the_call_ratio_by_measured_over_predicted_seconds():
     """wall_factor = (measured / predicted seconds of whole plain calls) / (the same of loop calls), each the mean of
-    the faster half of the last WALL_SAMPLES calls, 1 until both have been timed; remember_switch_state multiplies
-    the call's ratio by it."""
+    the faster half of the path's last n calls, n the fewer of the two paths' timed calls (at most WALL_SAMPLES), 1
+    until both have been timed; remember_switch_state multiplies the call's ratio by it."""
     from dspark_jax.decode.scheduler import WALL_SAMPLES, call_ratio, predicted_call_seconds
 
     sps = np.array([0, 100, 100, 100, 100, 50, 50, 50, 50], np.float64)
@@ -755,11 +756,15 @@ def test_wall_clock_corrects_the_call_ratio_by_measured_over_predicted_seconds()
     assert sched.wall_factor(2) == 1.0                          # plain calls not timed yet: no correction
     sched.remember_call_seconds(2, "plain", 0.011, 0.010)
     assert sched.wall_factor(2) == pytest.approx(1.1 / 1.3) and sched.wall_factor(4) == 1.0
-    sched.remember_call_seconds(2, "loop", 0.011, 0.010)       # faster half of (1.3, 1.1): 1.1
+    sched.remember_call_seconds(2, "loop", 0.011, 0.010)       # one plain call: set against the newest loop call
     assert sched.wall_factor(2) == pytest.approx(1.0)
     for _ in range(3):
         sched.remember_call_seconds(2, "loop", 0.0125, 0.010)
-    loop = (1.1 + 1.25) / 2                                     # faster half of (1.3, 1.1, 1.25, 1.25, 1.25)
+    # still the newest loop call alone (the faster half of five, 1.175, would favour the loop path by the noise)
+    assert sched.wall_factor(2) == pytest.approx(1.1 / 1.25)
+    for _ in range(3):
+        sched.remember_call_seconds(2, "plain", 0.011, 0.010)
+    loop = (1.1 + 1.25) / 2                     # faster half of the newest four: (1.1, 1.25, 1.25, 1.25)
     assert sched.wall_factor(2) == pytest.approx(1.1 / loop)
     on = dict(ema=1.4, off_mode=False, off_left=0, next_off=4, scale=1.0)
     ratio = call_ratio(committed, proposed, plain, sps, 200.0)[0]          # 1.14 on the profile: on
@@ -774,9 +779,9 @@ def test_wall_clock_corrects_the_call_ratio_by_measured_over_predicted_seconds()
     assert kept["ema"] == pytest.approx(ratio * 1.1 / loop, rel=1e-6) and kept["ema"] < 1 and kept["off_mode"]
     sched.remember_call_seconds(2, "plain", 100.0, 0.010)       # a stalled call: the faster half leaves it out
     assert sched.wall_factor(2) == pytest.approx(1.1 / loop)
-    for _ in range(3):
+    for _ in range(4):
         sched.remember_call_seconds(2, "plain", 100.0, 0.010)
-    assert sched.wall_factor(2) == 2.0                          # half the calls stalled: the factor is 2 at most
+    assert sched.wall_factor(2) == 2.0                          # most calls stalled: the factor is 2 at most
     with pytest.raises(ValueError, match="path"):
         sched.remember_call_seconds(2, "verify", 0.01, 0.01)
     sched.forget_switch_state()
@@ -787,12 +792,18 @@ def test_wall_clock_corrects_the_call_ratio_by_measured_over_predicted_seconds()
     assert off.wall_factor(2) == 1.0
 
 
-def test_wall_clock_times_the_plain_path_once_where_speculation_stays_on_near_break_even():
-    """Where speculation never switches off no plain call is timed, so the wall clock could not correct the profile:
-    after WALL_CALIBRATE_AFTER timed loop calls at a ratio below WALL_CALIBRATE_BELOW, the next call is owed as plain
-    (one plain step owed, mode unchanged), at most WALL_CALIBRATE_TRIES times; not once a plain call is timed, not far
-    above break-even, not while speculation is off, not without wall_clock."""
-    from dspark_jax.decode.scheduler import WALL_CALIBRATE_AFTER, WALL_CALIBRATE_BELOW, WALL_CALIBRATE_TRIES, call_ratio
+def test_wall_clock_times_the_plain_path_ever_further_apart_where_speculation_stays_on_near_break_even():
+    """Where speculation never switches off no plain call is timed but by calibration: while speculation stays on at a
+    ratio below WALL_CALIBRATE_BELOW, the next call is owed as plain (one plain step owed, mode unchanged) once
+    WALL_CALIBRATE_AFTER * 2**k timed loop calls have passed since the last timed plain call (k: calls granted so far,
+    capped at WALL_CALIBRATE_MAX_DOUBLINGS); a granted call that compiled (not timed) waits for the doubled gap; per
+    batch size; not far above break-even, not while speculation is off, not without wall_clock."""
+    from dspark_jax.decode.scheduler import (
+        WALL_CALIBRATE_AFTER,
+        WALL_CALIBRATE_BELOW,
+        WALL_CALIBRATE_MAX_DOUBLINGS,
+        call_ratio,
+    )
 
     sps = np.array([0, 100, 100, 100, 100, 50, 50, 50, 50], np.float64)
     stats = dict(accept=np.array([[2, 1, 0], [3, 1, 4]]), proposed=np.array([[1, 0, 0], [3, 0, 3]]),
@@ -807,25 +818,31 @@ def test_wall_clock_times_the_plain_path_once_where_speculation_stays_on_near_br
         sched.remember_switch_state(batch, on, stats, dict(on))
         return sched.switch_state_for(batch)
 
+    def loop_calls_to_calibration(sched, batch=2, limit=200):
+        for n in range(1, limit + 1):
+            kept = after_loop_call(sched, batch)
+            if kept["off_left"]:
+                assert kept["off_left"] == 1 and not kept["off_mode"]
+                return n
+        return None
+
     sched = PrefixScheduler(tuple(sps), plain_sps=200.0, off_rounds=(4, 256))
-    for _ in range(WALL_CALIBRATE_AFTER - 1):
-        assert after_loop_call(sched)["off_left"] == 0                  # too few loop calls timed yet
-    kept = after_loop_call(sched)
-    assert kept["off_left"] == 1 and not kept["off_mode"] and kept["ema"] == pytest.approx(ratio, rel=1e-6)
+    assert loop_calls_to_calibration(sched) == WALL_CALIBRATE_AFTER
+    kept = sched.switch_state_for(2)
+    assert kept["ema"] == pytest.approx(ratio, rel=1e-6)                # no plain call timed: no correction yet
     assert int(sched.policy.plain_steps(kept, sched.host_sched_args, all_rows, xp=np, chunk=None)) > 0
-    # the plain call compiled (not timed): one more try, then no more
-    for _ in range(WALL_CALIBRATE_TRIES - 1):
-        assert after_loop_call(sched)["off_left"] == 1
-    assert after_loop_call(sched)["off_left"] == 0
-    assert after_loop_call(sched, batch=4)["off_left"] == 0              # batch sizes count their own loop calls
-    assert after_loop_call(sched, batch=4)["off_left"] == 1
+    # the plain call compiled (not timed): the next call comes when the gap has doubled
+    assert loop_calls_to_calibration(sched) == WALL_CALIBRATE_AFTER
+    # timed plain calls (the wall factor stays ~1: the ratio stays near break-even): the gaps keep doubling, to a cap
+    gaps = []
+    for _ in range(WALL_CALIBRATE_MAX_DOUBLINGS + 2):
+        sched.remember_call_seconds(2, "plain", 0.012, 0.010)
+        gaps.append(loop_calls_to_calibration(sched))
+    cap = WALL_CALIBRATE_AFTER * 2 ** WALL_CALIBRATE_MAX_DOUBLINGS
+    assert gaps == [min(WALL_CALIBRATE_AFTER * 2 ** k, cap) for k in range(2, WALL_CALIBRATE_MAX_DOUBLINGS + 4)]
+    assert loop_calls_to_calibration(sched, batch=4) == WALL_CALIBRATE_AFTER   # batch sizes count their own calls
     sched.forget_switch_state()                                          # a fresh start calibrates again
-    for _ in range(WALL_CALIBRATE_AFTER - 1):
-        after_loop_call(sched)
-    assert after_loop_call(sched)["off_left"] == 1
-    # a plain call timed: the wall factor corrects the ratio, nothing more to calibrate
-    sched.remember_call_seconds(2, "plain", 0.012, 0.010)
-    assert after_loop_call(sched)["off_left"] == 0
+    assert loop_calls_to_calibration(sched) == WALL_CALIBRATE_AFTER
     # far above break-even (the profile's bias could not turn it), or with speculation off, or without the wall clock
     fast = PrefixScheduler(tuple(2 * sps), plain_sps=200.0, off_rounds=(4, 256))
     assert call_ratio(stats["accept"], stats["proposed"], stats["plain"], 2 * sps, 200.0)[0] > WALL_CALIBRATE_BELOW
