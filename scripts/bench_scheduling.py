@@ -16,8 +16,9 @@ the order equally often), so load bursts hit all rows alike. tokens/s = the new 
 calls of each call's typical seconds (the mean of the faster half of its ``--repeats`` timings, as the round profile
 takes them: on a shared machine noise only adds time); the median over runs of a run's tokens/s is reported beside
 it, and the per-run ratios (rows of a run ran side by side). τ, drafts per row-round and the share of plain
-row-rounds are those of the timed calls (a scheduler's carried switch state decides anew in every call; the untimed
-check pass's are kept in the JSON as ``check_pass``).
+row-rounds, and the share of calls that ran the speculative loop (``loop calls``; a scheduler's other calls run
+plain decoding whole) are those of the timed calls (a scheduler's carried switch state decides anew in every
+call; the untimed check pass's are kept in the JSON as ``check_pass``).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def _compiled_programs() -> int:
 
 
 def _decisions(outs) -> dict:
-    """τ, drafts verified per row-round and the share of plain row-rounds over ``outs``; their new tokens."""
+    """τ, drafts verified per row-round and the share of plain row-rounds over ``outs``; the share of calls that ran
+    the speculative loop (the others: dj.generate, or a scheduler's whole-plain call); their new tokens."""
     row_rounds = sum(o.stats.get("row_rounds", 0) for o in outs)
 
     def per_row_round(key, default):
@@ -94,6 +96,8 @@ def _decisions(outs) -> dict:
 
     return {"tau": per_row_round("tau", 1.0), "drafts_per_row_round": per_row_round("mean_proposal", 0.0),
             "plain_share": sum(o.stats.get("plain_rounds", 0) for o in outs) / row_rounds if row_rounds else 1.0,
+            "loop_call_share": sum(o.stats.get("plain_rounds", 0) < o.stats.get("row_rounds", 0) for o in outs)
+            / max(len(outs), 1),
             "new_tokens": sum(float(o.lengths.sum()) for o in outs)}
 
 
@@ -195,8 +199,8 @@ def main(argv=None):
           f"{context}; {device_kind()}, {machine()}, "
           f"{os.cpu_count()} CPUs", flush=True)
     results = []
-    print("| batch | row | tokens/s | x plain | tau | drafts / row-round | plain rounds |\n"
-          "|---:|---|---:|---:|---:|---:|---:|")
+    print("| batch | row | tokens/s | x plain | tau | drafts / row-round | plain rounds | loop calls |\n"
+          "|---:|---|---:|---:|---:|---:|---:|---:|")
     for b in batches:
         res = run_batch(target, draft, prompts, b, stops, args.max_new_tokens, args.repeats, context,
                         log=lambda s: print(s, file=sys.stderr, flush=True))
@@ -204,7 +208,8 @@ def main(argv=None):
         base = res["rows"]["plain"]["tokens_per_s"]
         for name, r in res["rows"].items():
             print(f"| {b} | {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | {r['tau']:.2f} | "
-                  f"{r['drafts_per_row_round']:.2f} | {r['plain_share']:.0%} |", flush=True)
+                  f"{r['drafts_per_row_round']:.2f} | {r['plain_share']:.0%} | {r['loop_call_share']:.0%} |",
+                  flush=True)
         best = max(base, res["rows"]["full blocks"]["tokens_per_s"])
         res["prefix_vs_best_baseline"] = res["rows"]["prefix"]["tokens_per_s"] / best
         res["zos_vs_best_baseline"] = res["rows"]["ZOS"]["tokens_per_s"] / best
@@ -218,7 +223,7 @@ def main(argv=None):
         print(f"|  | prefix / max(plain, full) = {res['prefix_vs_best_baseline']:.3f}, ZOS: "
               f"{res['zos_vs_best_baseline']:.3f}; prefix, of median runs {res['prefix_vs_best_medians']:.3f}, "
               f"median of per-run ratios {res['prefix_vs_best_paired']:.3f}, "
-              f"ZOS {res['zos_vs_best_paired']:.3f} | | | | | |", flush=True)
+              f"ZOS {res['zos_vs_best_paired']:.3f} | | | | | | |", flush=True)
     write_json(args.json_out, {"pair": args.pair, "args": vars(args), "results": results}, indent=1)
 
 

@@ -326,7 +326,7 @@ class SchedulePolicy:
       long enough that a probe losing as much as the EMA says costs at most SWITCH_PROBE_BUDGET of the run
       (``cost * (1 - EMA) / budget`` plain steps, ``cost = plain_sps / SPS(B)``: the round in plain steps); at most
       ``off_rounds[1]``. Across calls (``carry_switch``) the probe is the next call, so a run set after a call is
-      priced on the call: ``(1 - ratio) * its steps / budget`` (:meth:`after_call`).
+      priced on the call: ``(1 / ratio - 1) * its steps / budget`` (:meth:`after_call`).
     - **Call scale:** with ``carry_switch`` each finished call's :func:`call_scale` (rounds it ran against what the
       per-round ratios credited) becomes ``scale`` (the first call's replaces 1; later ones are averaged in with
       weight :data:`SCALE_EMA`), and the next calls' ratios are multiplied by it: the rounds a batch's slowest row
@@ -426,7 +426,7 @@ class SchedulePolicy:
         held, and its run length doubles (a probing call whose rounds switched speculation back on inside the call reset
         the loop's: without it a draft that loses call after call was probed every other call, demo pair, batch 8). The
         run (a new one, or one the loop left going) is long enough that the next call, which probes, costs at most
-        SWITCH_PROBE_BUDGET of it: ``(1 - ratio) * steps / budget``, ``steps`` = the call's longest row. ``wall``:
+        SWITCH_PROBE_BUDGET of it: ``(1 / ratio - 1) * steps / budget``, ``steps`` = the call's longest row. ``wall``:
         multiplies the ratio (the wall-clock correction of the profile's prices, :meth:`_SchedulerBase.wall_factor`). A
         call with no speculative round changes nothing."""
         if not self.switch:
@@ -445,11 +445,14 @@ class SchedulePolicy:
         if not go_off:
             return dict(out, off_left=0, next_off=self.off_rounds[0])
         # the probe that ends this run is the next call (it starts speculating, and a run inside it costs more per
-        # step than dj.generate): it loses about (1 - ratio) of the call's own steps, not of one round's (demo
-        # pair, batch 32: a round is 2.5 plain steps, a call 96; priced per round, runs of 8-64 steps each ended in
-        # a probe call, 13% of row-rounds speculated and the scheduler lost 4-6% to plain)
+        # step than dj.generate): it takes steps / ratio plain steps' time for the call's steps, so it loses
+        # steps * (1 / ratio - 1) (once priced as steps * (1 - ratio): short by the factor 1 / ratio, 1.47 at the demo
+        # pair's batch 8, where full blocks run at 0.68x plain), a call's worth, not one round's (demo pair, batch 32:
+        # a round is 2.5 plain steps, a call 96; priced per round, runs of 8-64 steps each ended in a probe call, 13%
+        # of row-rounds speculated and the scheduler lost 4-6% to plain)
         steps = max(cost, float(np.asarray(committed).sum(axis=1).max()))
-        need = int(np.ceil(np.clip(steps * (1.0 - ema) / SWITCH_PROBE_BUDGET, 0.0, float(self.off_rounds[1]))))
+        loss = steps * (1.0 / max(ema, 1e-6) - 1.0)
+        need = int(np.ceil(np.clip(loss / SWITCH_PROBE_BUDGET, 0.0, float(self.off_rounds[1]))))
         if int(state["off_left"]) > 0:         # a run the loop started is still going: long enough for that probe
             return dict(out, off_left=max(int(state["off_left"]), need))
         run = int(np.clip(max(nxt, need), 1, self.off_rounds[1]))

@@ -588,15 +588,18 @@ def test_call_ratio_weighs_every_round_by_its_time_and_after_call_sets_the_mode(
     off = pol.after_call(dict(on), committed, proposed, plain, (sps, 200.0))   # ratio 1.14: stays on
     assert not off["off_mode"] and off["off_left"] == 0 and off["ema"] == pytest.approx(ratio)
     slow = pol.after_call(dict(on), committed, proposed, plain, (sps, 400.0))  # ratio 0.62: a run starts
-    # long enough that the next call (the probe: the call's 8 steps, not one round's 6) loses <= 2% of the run
-    need = int(np.ceil(8 * (1 - 8 * 0.0025 / 0.0325) / 0.02))
-    assert need == 154 and slow["off_mode"] and slow["off_left"] == need and slow["next_off"] == 8
+    # long enough that the next call (the probe: the call's 8 steps, not one round's 6), which takes 8 / ratio steps'
+    # time, loses <= 2% of the run
+    slow_ratio = call_ratio(committed, proposed, plain, sps, 400.0)[0]
+    assert slow_ratio == pytest.approx(8 * 0.0025 / 0.0325)
+    need = int(np.ceil(8 * (1 / slow_ratio - 1) / 0.02))
+    assert need in (250, 251) and slow["off_mode"] and slow["off_left"] == need and slow["next_off"] == 8
     capped = SchedulePolicy("prefix", switch=True, off_rounds=(4, 64))
     assert capped.after_call(dict(on), committed, proposed, plain, (sps, 400.0))["off_left"] == 64
     mid = pol.after_call(dict(on, off_mode=True, off_left=9), committed, proposed, plain, (sps, 400.0))
     assert mid["off_mode"] and mid["off_left"] == need and mid["next_off"] == 4     # a run still going: lengthened
-    long = pol.after_call(dict(on, off_mode=True, off_left=200), committed, proposed, plain, (sps, 400.0))
-    assert long["off_left"] == 200                                      # ... never shortened
+    long = pol.after_call(dict(on, off_mode=True, off_left=255), committed, proposed, plain, (sps, 400.0))
+    assert long["off_left"] == 255                                      # ... never shortened
     back = pol.after_call(dict(on, off_mode=True, off_left=9), committed, proposed, plain, (sps, 150.0))
     assert not back["off_mode"] and back["off_left"] == 0 and back["next_off"] == 4     # ratio 1.52 >= 1.05
     # a probing call (started off, run over) whose rounds switched speculation back on and reset the run length:
