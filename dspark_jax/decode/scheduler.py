@@ -267,9 +267,10 @@ WALL_SAMPLES = 8
 # WALL_CALIBRATE_AFTER * 2**k timed loop calls of a batch size have passed since its last timed plain call, k the
 # calibration calls granted so far at that size (at most WALL_CALIBRATE_AFTER * 2**WALL_CALIBRATE_MAX_DOUBLINGS). 1.25:
 # the wall factors measured on the demo pair were 0.75-0.93, so a ratio above 1.25 stays above 1 for any factor seen.
-# The calls repeat, doubling apart, because one plain timing decides alone: on a shared machine one plain call priced
-# 1.41x its profile (demo pair, batch 8, where they ranged 0.93-1.41x) kept a 0.77x speculation on for every call after
-# it. A calibration call costs at most a quarter of a call: at most 1/256 of a long run's calls once the gaps are 64.
+# The calls repeat, doubling apart, because otherwise one plain timing decides alone: on a shared machine plain calls
+# ran 0.93-1.41x their prediction (demo pair, batch 8, where speculation goes off only while the factor is below
+# ~0.83), so one slow timing could keep a losing speculation on for every later call. A calibration call costs at most
+# a quarter of a call: at most 1/256 of a long run's calls once the gaps are 64.
 WALL_CALIBRATE_AFTER = 2
 WALL_CALIBRATE_BELOW = 1.25
 WALL_CALIBRATE_MAX_DOUBLINGS = 5
@@ -550,8 +551,7 @@ class _SchedulerBase:
         half (:func:`typical_seconds`) of the path's last n calls, n the fewer of the two paths' timed calls (at most
         :data:`WALL_SAMPLES`), clipped to [0.5, 2]. 1 until both kinds of call have been timed, or without
         ``wall_clock``. Equal counts: noise only adds time, so the faster half of more calls is lower, and one plain
-        call set against eight loop calls' faster half favoured speculation by the noise's mean (6-20% on this
-        machine's spread)."""
+        call set against eight loop calls' faster half favoured speculation by about the noise's mean."""
         kept = self._wall_prices.get(int(batch), {}) if self.wall_clock else {}
         if not kept.get("plain") or not kept.get("loop"):
             return 1.0
